@@ -1,0 +1,364 @@
+"""The Ideogram 4 single-stream diffusion transformer (SPEC 2).
+
+Read top to bottom: rotary embedding -> attention -> block -> timestep embedding -> final layer -> model.
+Shapes use B = batch, L = packed sequence length (text + image), D = hidden size, H = heads, Dh = head dim.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
+
+
+# Timesteps in [0, 1] are stretched to [0, TIMESTEP_SCALE] before the sinusoid.
+TIMESTEP_SCALE = 1e4
+TEXT_NORM_EPS = 1e-6
+FINAL_NORM_EPS = 1e-6
+# The only key `attention_kwargs` may carry: the LoRA scale.
+SUPPORTED_ATTENTION_KWARGS = ("scale",)
+
+
+class Ideogram4RMSNorm(nn.Module):
+    """RMSNorm normalised in float32, then scaled by its weight in the activation dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        return normed.to(hidden_states.dtype) * self.weight.to(hidden_states.dtype)
+
+
+def mrope_axis_of_slot(head_dim: int, mrope_section: tuple[int, int, int]) -> torch.Tensor:
+    """Which position axis (0 = t, 1 = h, 2 = w) drives each of the head_dim // 2 frequency slots.
+
+    Interleaved, not blocked: slot j takes h when j = 1 mod 3 and w when j = 2 mod 3, for j below 3 * section;
+    every other slot takes t.
+    """
+    axis = torch.zeros(head_dim // 2, dtype=torch.long)
+    for axis_index in (1, 2):
+        axis[axis_index : 3 * mrope_section[axis_index] : 3] = axis_index
+    return axis
+
+
+class Ideogram4MRoPE(nn.Module):
+    """Multi-axis rotary embedding. Angles are computed in float32 with autocast off: image positions sit near
+    65536, where bfloat16 cannot tell neighbouring integers apart and the image comes out flat."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dh/2,)
+        self.register_buffer("axis_of_slot", mrope_axis_of_slot(head_dim, mrope_section), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, L, 3) -> cos, sin (B, L, Dh) in float32."""
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            positions = position_ids.float()[..., self.axis_of_slot]  # (B, L, Dh/2)
+            angles = positions * self.inv_freq.float()
+            angles = torch.cat((angles, angles), dim=-1)  # (B, L, Dh)
+            return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (B, L, H, Dh) with cos/sin (B, L, 1, Dh)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class Ideogram4Attention(nn.Module):
+    """Self-attention: q/k/v projections, per-head RMSNorm on q and k before RoPE, SDPA, output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.to_k = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.to_v = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.norm_q = Ideogram4RMSNorm(self.head_dim, eps=eps)
+        self.norm_k = Ideogram4RMSNorm(self.head_dim, eps=eps)
+        self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size, bias=False)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states (B, L, D), rotary cos/sin (B, L, 1, Dh), attention_mask (B, 1, L, L) bool or None."""
+        heads = (self.num_heads, self.head_dim)
+        query = self.norm_q(self.to_q(hidden_states).unflatten(-1, heads))  # (B, L, H, Dh)
+        key = self.norm_k(self.to_k(hidden_states).unflatten(-1, heads))
+        value = self.to_v(hidden_states).unflatten(-1, heads)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        attended = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask
+        )  # (B, H, L, Dh)
+        return self.to_out[0](attended.transpose(1, 2).flatten(2))
+
+
+class Ideogram4FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(hidden_states)) * self.w3(hidden_states))
+
+
+class Ideogram4TransformerBlock(nn.Module):
+    """Sandwich-normed attention and SwiGLU, each scaled by (1 + s) and gated by tanh(g) from the timestep."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, adaln_dim: int, eps: float) -> None:
+        super().__init__()
+        self.attention = Ideogram4Attention(hidden_size, num_heads, eps=eps)
+        self.feed_forward = Ideogram4FeedForward(hidden_size, intermediate_size)
+        self.attention_norm1 = Ideogram4RMSNorm(hidden_size, eps=eps)
+        self.attention_norm2 = Ideogram4RMSNorm(hidden_size, eps=eps)
+        self.ffn_norm1 = Ideogram4RMSNorm(hidden_size, eps=eps)
+        self.ffn_norm2 = Ideogram4RMSNorm(hidden_size, eps=eps)
+        self.adaln_modulation = nn.Linear(adaln_dim, 4 * hidden_size, bias=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        adaln_input: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states (B, L, D), adaln_input (B, 1, adaln_dim) -> (B, L, D)."""
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaln_modulation(adaln_input).chunk(4, dim=-1)
+        attended = self.attention(self.attention_norm1(hidden_states) * (1 + scale_msa), rotary, attention_mask)
+        hidden_states = hidden_states + torch.tanh(gate_msa) * self.attention_norm2(attended)
+        fed = self.feed_forward(self.ffn_norm1(hidden_states) * (1 + scale_mlp))
+        return hidden_states + torch.tanh(gate_mlp) * self.ffn_norm2(fed)
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) float32 [sin | cos] of TIMESTEP_SCALE * t."""
+    half = dim // 2
+    # Same operation order as the trained model: the float32 exponent must match to the last ulp, since the angles
+    # reach 1e4 radians.
+    step = math.log(TIMESTEP_SCALE) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32, device=timestep.device) * -step)
+    angles = (TIMESTEP_SCALE * timestep.float())[..., None] * frequencies
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class Ideogram4TimestepEmbedding(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp_in = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.mlp_out = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # The time is rounded to the compute dtype before the sinusoid, as the model was trained.
+        embedding = timestep_sinusoid(timestep.to(dtype), self.mlp_in.in_features).to(dtype)
+        return self.mlp_out(F.silu(self.mlp_in(embedding)))
+
+
+class Ideogram4FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int, adaln_dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, eps=FINAL_NORM_EPS, elementwise_affine=False)
+        self.adaln_modulation = nn.Linear(adaln_dim, hidden_size, bias=True)
+        self.linear = nn.Linear(hidden_size, out_channels, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor, adaln_input: torch.Tensor) -> torch.Tensor:
+        # adaln_input already went through one SiLU; the trained model applies a second one here.
+        scale = 1 + self.adaln_modulation(F.silu(adaln_input))
+        return self.linear(self.norm_final(hidden_states) * scale)
+
+
+class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The Ideogram 4 diffusion transformer: one stream of `[text | image]` tokens, 34 blocks, flow-matching velocity.
+
+    Loads the diffusers checkpoint layout (split `to_q/to_k/to_v/to_out.0`) and the original release layout (fused
+    `attention.qkv` / `attention.o`) through `from_pretrained`, strictly: a missing, unexpected or mis-shaped key
+    raises and names it.
+
+    Args:
+        in_channels (`int`, defaults to 128): channels of one image token (32 latent channels x 2 x 2 patch).
+        num_layers (`int`, defaults to 34): transformer blocks.
+        attention_head_dim (`int`, defaults to 256): width of one attention head.
+        num_attention_heads (`int`, defaults to 18): heads; hidden size = heads x head width (4608).
+        intermediate_size (`int`, defaults to 12288): SwiGLU hidden width.
+        adaln_dim (`int`, defaults to 512): width of the timestep conditioning fed to every modulation.
+        llm_features_dim (`int`, defaults to 53248): text feature width, 13 tapped layers x 4096.
+        rope_theta (`int`, defaults to 5_000_000): MRoPE base.
+        mrope_section (`tuple[int, int, int]`, defaults to (24, 20, 20)): frequency slots of the (t, h, w) axes;
+            h and w take 20 interleaved slots each, t the rest.
+        norm_eps (`float`, defaults to 1e-5): epsilon of the RMSNorms inside the blocks.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["Ideogram4TransformerBlock"]
+    _repeated_blocks = ["Ideogram4TransformerBlock"]
+    _skip_layerwise_casting_patterns = ["t_embedding", "adaln_proj", "embed_image_indicator", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 128,
+        num_layers: int = 34,
+        attention_head_dim: int = 256,
+        num_attention_heads: int = 18,
+        intermediate_size: int = 12288,
+        adaln_dim: int = 512,
+        llm_features_dim: int = 53248,
+        rope_theta: int = 5_000_000,
+        mrope_section: tuple[int, int, int] = (24, 20, 20),
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if attention_head_dim % 2:
+            raise ValueError(f"`attention_head_dim` must be even for rotary embeddings, got {attention_head_dim}.")
+        mrope_section = tuple(mrope_section)
+        if len(mrope_section) != 3 or 3 * max(mrope_section[1:]) > attention_head_dim // 2:
+            raise ValueError(
+                f"`mrope_section` {mrope_section} does not fit `attention_head_dim` {attention_head_dim}: give three "
+                f"numbers (t, h, w) with 3 * max(h, w) <= attention_head_dim // 2."
+            )
+        hidden_size = attention_head_dim * num_attention_heads
+        self.gradient_checkpointing = False
+
+        self.input_proj = nn.Linear(in_channels, hidden_size, bias=True)
+        self.llm_cond_norm = Ideogram4RMSNorm(llm_features_dim, eps=TEXT_NORM_EPS)
+        self.llm_cond_proj = nn.Linear(llm_features_dim, hidden_size, bias=True)
+        self.embed_image_indicator = nn.Embedding(2, hidden_size)
+        self.t_embedding = Ideogram4TimestepEmbedding(hidden_size)
+        self.adaln_proj = nn.Linear(hidden_size, adaln_dim, bias=True)
+        self.rotary_emb = Ideogram4MRoPE(attention_head_dim, rope_theta, mrope_section)
+        self.layers = nn.ModuleList(
+            [
+                Ideogram4TransformerBlock(hidden_size, num_attention_heads, intermediate_size, adaln_dim, norm_eps)
+                for _ in range(num_layers)
+            ]
+        )
+        self.final_layer = Ideogram4FinalLayer(hidden_size, in_channels, adaln_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        indicator: torch.Tensor,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        r"""
+        Velocity for every token of a packed sequence; only image positions are meaningful.
+
+        Args:
+            hidden_states (`(B, L, in_channels)`): noisy image tokens; other positions are zeroed here.
+            timestep (`(B,)`): model time in [0, 1], 0 = noise, 1 = data.
+            encoder_hidden_states (`(B, T, llm_features_dim)`, T <= L, or None): text features of the first T
+                positions (T = L as in diffusers' built-in model, or just the text prefix); non-text positions are
+                zeroed here. None when the sequence holds no text (the unconditional branch).
+            position_ids (`(B, L, 3)` int): (t, h, w) MRoPE positions.
+            segment_ids (`(B, L)` int or None): tokens attend only within their segment; None means one segment.
+            indicator (`(B, L)` int): 3 = text, 2 = image, anything else = padding.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters.
+            return_dict (`bool`): return a `Transformer2DModelOutput` instead of a tuple.
+
+        Returns:
+            `(B, L, in_channels)` velocity in the compute dtype (the dtype of `hidden_states`).
+        """
+        lora_scale = self._lora_scale(attention_kwargs)
+        if USE_PEFT_BACKEND and lora_scale != 1.0:
+            scale_lora_layers(self, lora_scale)
+        try:
+            output = self._velocity(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator)
+        finally:
+            if USE_PEFT_BACKEND and lora_scale != 1.0:
+                unscale_lora_layers(self, lora_scale)
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    @staticmethod
+    def _lora_scale(attention_kwargs: dict | None) -> float:
+        attention_kwargs = attention_kwargs or {}
+        unknown = sorted(set(attention_kwargs) - set(SUPPORTED_ATTENTION_KWARGS))
+        if unknown:
+            raise ValueError(
+                f"`attention_kwargs` has unsupported keys {unknown}; Ideogram 4 accepts only {list(SUPPORTED_ATTENTION_KWARGS)} "
+                f"(the LoRA scale)."
+            )
+        return float(attention_kwargs.get("scale", 1.0))
+
+    def _velocity(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator):
+        dtype = hidden_states.dtype
+        is_image = (indicator == IMAGE_INDICATOR).unsqueeze(-1)  # (B, L, 1)
+        is_text = (indicator == TEXT_INDICATOR).unsqueeze(-1)
+        zero = hidden_states.new_zeros(())
+
+        # 1-3. Image tokens, text features and the role embedding share one residual stream.
+        hidden_states = torch.where(is_image, self.input_proj(torch.where(is_image, hidden_states, zero)), zero)
+        if encoder_hidden_states is not None:
+            # Text features may cover only a prefix of the sequence (the text part): the projection then skips the
+            # image tokens, whose text contribution is zero anyway.
+            num_text = encoder_hidden_states.shape[1]
+            is_text = is_text[:, :num_text]
+            text = torch.where(is_text, encoder_hidden_states.to(dtype), zero)
+            text = torch.where(is_text, self.llm_cond_proj(self.llm_cond_norm(text)), zero)  # (B, T, D)
+            hidden_states = hidden_states + F.pad(text, (0, 0, 0, hidden_states.shape[1] - num_text))
+        hidden_states = hidden_states + self.embed_image_indicator(is_image.squeeze(-1).long()).to(dtype)
+
+        # 4. Timestep conditioning, one vector per sample: (B, 1, adaln_dim).
+        adaln_input = F.silu(self.adaln_proj(self.t_embedding(timestep, dtype)))
+        adaln_input = adaln_input.unsqueeze(1) if adaln_input.dim() == 2 else adaln_input
+
+        # 5. Rotary tables in float32, cast once for all blocks: (B, L, 1, Dh).
+        cos, sin = self.rotary_emb(position_ids)
+        rotary = (cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2))
+        attention_mask = segment_attention_mask(segment_ids)
+
+        # 6. Blocks.
+        for block in self.layers:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, adaln_input, rotary, attention_mask
+                )
+            else:
+                hidden_states = block(hidden_states, adaln_input, rotary, attention_mask)
+
+        # 7. Final layer.
+        return self.final_layer(hidden_states, adaln_input)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a checkpoint in the diffusers or the original (fused attention) layout, strictly.
+
+        See `diffusers_ideogram4.loading.load_transformer` for the accepted arguments.
+        """
+        from .loading import load_transformer
+
+        return load_transformer(cls, pretrained_model_name_or_path, **kwargs)
+
+
+def segment_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) segment ids -> (B, 1, L, L) boolean mask, or None when every row is a single segment.
+
+    Returning None lets SDPA pick its fused kernels; a mask is only built for batches that mix lengths.
+    """
+    if segment_ids is None or bool((segment_ids == segment_ids[:, :1]).all()):
+        return None
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
