@@ -217,10 +217,12 @@ class Ideogram4Pipeline(DiffusionPipeline):
             if isinstance(side, bool) or not isinstance(side, int):
                 raise ValueError(f"`{name}` must be an int number of pixels, got {side!r}.")
             if side % PIXELS_PER_TOKEN or not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
-                nearest = min(max(round(side / PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN, MIN_IMAGE_SIDE), MAX_IMAGE_SIDE)
+                below = side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+                nearby = {min(max(v, MIN_IMAGE_SIDE), MAX_IMAGE_SIDE) for v in (below, below + PIXELS_PER_TOKEN)}
                 raise ValueError(
                     f"`{name}={side}` is not supported: Ideogram 4 needs a multiple of {PIXELS_PER_TOKEN} between "
-                    f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try `{name}={nearest}`."
+                    f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
+                    + " or ".join(f"`{name}={v}`" for v in sorted(nearby)) + "."
                 )
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
@@ -399,7 +401,8 @@ class Ideogram4Pipeline(DiffusionPipeline):
                 velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
                 latents = euler_step(latents, velocity, taus[step], taus[step + 1])
                 if callback_on_step_end is not None:
-                    tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, taus[step + 1], tensors) or {}
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()

@@ -1,0 +1,237 @@
+"""Pipeline: parity with a reference run of the sampler math, errors before model work, round trips, offload."""
+
+import json
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+
+from conftest import CAPTION, CAPTION_SHORT, seeded
+from diffusers_ideogram4 import Ideogram4Pipeline
+from diffusers_ideogram4.testing import tiny_pipeline
+
+
+H, W = 256, 320  # a 16 x 20 token grid
+
+
+def reference_latents(pipe, prompts, latents, guidance, mu, std, height, width):
+    """Ideogram 4's sampler written out from SPEC 3-5, using diffusers' built-in transformer class and text
+    encoding (left padding to the longest prompt, as the reference release), on the pipeline's weights."""
+    import diffusers
+
+    peer = {}
+    for name in ("transformer", "unconditional_transformer"):
+        ours = getattr(pipe, name)
+        peer[name] = diffusers.Ideogram4Transformer2DModel(**ours.config).eval()
+        peer[name].load_state_dict(ours.state_dict())
+    reference = diffusers.Ideogram4Pipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, **peer
+    )
+    grid_h, grid_w = height // 16, width // 16
+    lengths = [len(pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": p}]}], add_generation_prompt=True, tokenize=True,
+        return_dict=True)["input_ids"]) for p in prompts]
+    longest = max(lengths)
+    features, position_ids, segment_ids, indicator = reference.encode_prompt(
+        prompts, grid_h, grid_w, max_sequence_length=longest, device=torch.device("cpu")
+    )
+    mu_shifted = mu + 0.5 * math.log(height * width / 512**2)
+    steps = len(guidance)
+
+    def tau(u):
+        z = NormalDist().inv_cdf(u) if 0 < u < 1 else (-math.inf if u == 0 else math.inf)
+        value = 1 - (1 / (1 + math.exp(-(mu_shifted + std * z))) if math.isfinite(z) else float(z > 0))
+        return min(max(value, 1 / (1 + math.exp(9))), 1 / (1 + math.exp(-7.5)))
+
+    taus = [tau(1 - k / steps) for k in range(steps + 1)]
+    z = latents.clone()
+    batch = z.shape[0]
+    for k in range(steps):
+        t = torch.full((batch,), taus[k])
+        with torch.no_grad():
+            packed = torch.cat((torch.zeros(batch, longest, 128), z), dim=1)
+            v_cond = peer["transformer"](packed, t, features, position_ids, segment_ids, indicator).sample[:, longest:]
+            v_uncond = peer["unconditional_transformer"](
+                z, t, torch.zeros(batch, grid_h * grid_w, features.shape[-1]), position_ids[:, longest:],
+                segment_ids[:, longest:], indicator[:, longest:]
+            ).sample
+        v = guidance[k] * v_cond + (1 - guidance[k]) * v_uncond
+        z = z + v * (taus[k + 1] - taus[k])
+    return z
+
+
+@pytest.mark.parametrize("prompts", [[CAPTION], [CAPTION, CAPTION_SHORT]], ids=["one", "two-lengths"])
+def test_latents_match_reference_sampler(tiny_pipe, prompts):
+    guidance = [7.0, 7.0, 3.0, 1.0]
+    noise = torch.randn(len(prompts), (H // 16) * (W // 16), 128, generator=seeded(1))
+    ours = tiny_pipe(prompts, height=H, width=W, guidance_schedule=guidance, mu=0.3, std=1.5, latents=noise,
+                     output_type="latent").images
+    expected = reference_latents(tiny_pipe, prompts, noise, guidance, 0.3, 1.5, H, W)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_two_lengths_equals_each_alone(tiny_pipe):
+    both = tiny_pipe([CAPTION, CAPTION_SHORT], height=H, width=W, num_inference_steps=3,
+                     generator=[seeded(1), seeded(2)], output_type="latent").images
+    alone = [tiny_pipe(c, height=H, width=W, num_inference_steps=3, generator=seeded(s), output_type="latent").images
+             for c, s in ((CAPTION, 1), (CAPTION_SHORT, 2))]
+    torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_seed_determinism_and_num_images_per_prompt(tiny_pipe):
+    run = lambda seed: tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=2, generator=seeded(seed),  # noqa: E731
+                                 num_images_per_prompt=2, output_type="latent").images
+    first, again, other = run(5), run(5), run(6)
+    assert first.shape == (2, (H // 16) * (W // 16), 128)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    assert not torch.allclose(first[0], first[1])
+
+
+def test_output_types(tiny_pipe):
+    kwargs = dict(height=H, width=W, num_inference_steps=1)
+    pil = tiny_pipe(CAPTION, generator=seeded(0), **kwargs).images
+    array = tiny_pipe(CAPTION, output_type="np", generator=seeded(0), **kwargs).images
+    tensor = tiny_pipe(CAPTION, output_type="pt", generator=seeded(0), **kwargs).images
+    assert pil[0].size == (W, H)
+    assert array.shape == (1, H, W, 3) and tensor.shape == (1, 3, H, W)
+    assert float(array.min()) >= 0.0 and float(array.max()) <= 1.0
+    torch.testing.assert_close(torch.from_numpy(array).permute(0, 3, 1, 2), tensor)
+    (images,) = tiny_pipe(CAPTION, return_dict=False, generator=seeded(0), **kwargs)
+    assert images[0].tobytes() == pil[0].tobytes()
+
+
+def test_guidance_one_skips_the_unconditional_pass(tiny_pipe, monkeypatch):
+    calls = []
+    hook = tiny_pipe.unconditional_transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tiny_pipe(CAPTION, height=H, width=W, guidance_schedule=[3.0, 1.0, 1.0], output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+def test_single_branch_pipeline_runs_with_guidance_one():
+    pipe = tiny_pipeline(unconditional=False)
+    out = pipe(CAPTION, height=H, width=W, num_inference_steps=2, generator=seeded(0), output_type="latent").images
+    assert out.shape == (1, 320, 128) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"no `unconditional_transformer`.*got \[3\.0, 7\.0\]"):
+        pipe(CAPTION, height=H, width=W, preset="default_20")
+
+
+def test_callback_can_replace_latents(tiny_pipe):
+    seen = []
+
+    def callback(pipe, step, tau, tensors):
+        seen.append((step, round(tau, 6), pipe.guidance_scale))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = tiny_pipe(CAPTION, height=H, width=W, guidance_schedule=[7.0, 3.0], callback_on_step_end=callback,
+                    output_type="latent").images
+    assert [s[0] for s in seen] == [0, 1] and [s[2] for s in seen] == [7.0, 3.0]
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=1000), r"`height=1000` is not supported: .* multiple of 16 between 256 and 2048 .* Try `height=992` or `height=1008`\."),
+        (dict(width=4096), r"`width=4096` is not supported: .* Try `width=2048`"),
+        (dict(height=128), r"`height=128` is not supported"),
+        (dict(guidance_schedule=[7.0] * 3, num_inference_steps=4), r"`guidance_schedule` has 3 entries but `num_inference_steps` is 4"),
+        (dict(guidance_scale=5.0, guidance_schedule=[7.0]), r"`guidance_scale` and `guidance_schedule` were both given"),
+        (dict(latents=torch.zeros(1, 10, 128)), r"`latents` has shape \(1, 10, 128\), expected \(1, 320, 128\)"),
+        (dict(output_type="jpeg"), r"`output_type='jpeg'` is not supported; use one of \['pil', 'np', 'pt', 'latent'\]"),
+        (dict(preset="fast"), r"`preset='fast'` is not a preset"),
+        (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive int, got 0"),
+        (dict(caption_check="strict"), r"`caption_check='strict'` is not supported"),
+        (dict(attention_kwargs={"scal": 0.5}), r"`attention_kwargs` has unsupported keys \['scal'\]"),
+    ],
+)
+def test_bad_input_raises_before_model_work(tiny_pipe, kwargs, message):
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
+             for m in (tiny_pipe.text_encoder, tiny_pipe.transformer, tiny_pipe.unconditional_transformer)]
+    try:
+        with pytest.raises(ValueError, match=message):
+            tiny_pipe(CAPTION, **{"height": H, "width": W, **kwargs})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+
+
+def test_prompt_over_2048_tokens_is_refused_with_its_count(tiny_pipe):
+    long_caption = json.dumps({"compositional_deconstruction": {"background": "zq " * 3000, "elements": []}})
+    count = len(tiny_pipe.tokenize.__self__.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": long_caption}]}], add_generation_prompt=True,
+        tokenize=True, return_dict=True)["input_ids"])
+    with pytest.raises(ValueError, match=rf"prompt\[0\] has {count} tokens, over the limit of 2048"):
+        tiny_pipe(long_caption, height=H, width=W, caption_check="off")
+
+
+def test_save_and_load_round_trip(tiny_pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "Ideogram4Transformer2DModel"]
+    assert index["text_encoder"] == ["transformers", "Qwen3VLModel"]
+    kwargs = dict(height=H, width=W, num_inference_steps=2, generator=seeded(3), output_type="latent")
+    expected = tiny_pipe(CAPTION, **kwargs).images
+    for loaded in (
+        Ideogram4Pipeline.from_pretrained(tmp_path / "pipe"),
+        DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True),
+    ):
+        assert type(loaded) is Ideogram4Pipeline
+        assert type(loaded.transformer).__module__.startswith("diffusers_ideogram4")
+        assert type(loaded.text_encoder).__module__.startswith("diffusers_ideogram4")
+        loaded.set_progress_bar_config(disable=True)
+        torch.testing.assert_close(loaded(CAPTION, **{**kwargs, "generator": seeded(3)}).images, expected)
+
+
+def test_hub_layout_folder_with_fused_transformer_and_full_qwen3vl(tiny_pipe, tmp_path):
+    """A folder laid out like the hub repos: diffusers' class names, a full Qwen3-VL text encoder (vision tower
+    included), the transformers in the original fused layout."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLModel
+
+    from diffusers_ideogram4.loading import diffusers_to_original
+
+    root = tmp_path / "hub"
+    tiny_pipe.save_pretrained(root)
+    full = Qwen3VLModel(tiny_pipe.text_encoder.config)
+    full.language_model.load_state_dict(tiny_pipe.text_encoder.language_model.state_dict())
+    full.save_pretrained(root / "text_encoder")
+    for name in ("transformer", "unconditional_transformer"):
+        folder = root / name
+        for file in folder.glob("*.safetensors"):
+            file.unlink()
+        save_file(diffusers_to_original(getattr(tiny_pipe, name).state_dict()), str(folder / "model.safetensors"))
+    (root / "ideogram4_plugin_pipeline.py").unlink()
+    index = json.loads((root / "model_index.json").read_text())
+    index["_class_name"] = "Ideogram4Pipeline"
+    (root / "model_index.json").write_text(json.dumps(index))
+
+    loaded = Ideogram4Pipeline.from_pretrained(root)
+    assert type(loaded) is Ideogram4Pipeline
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(height=H, width=W, num_inference_steps=2, output_type="latent")
+    torch.testing.assert_close(
+        loaded(CAPTION, generator=seeded(4), **kwargs).images, tiny_pipe(CAPTION, generator=seeded(4), **kwargs).images
+    )
+
+
+def test_model_cpu_offload_runs_and_matches():
+    pipe = tiny_pipeline(seed=2)
+    kwargs = dict(height=H, width=W, num_inference_steps=2, output_type="latent")
+    expected = pipe(CAPTION, generator=seeded(7), **kwargs).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    fired = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda *a: fired.append(1))
+    out = pipe(CAPTION, generator=seeded(7), **kwargs).images
+    hook.remove()
+    assert fired == [1]  # the encoder runs through its own forward, where the offload hook lives
+    assert hasattr(pipe.text_encoder, "_hf_hook")
+    torch.testing.assert_close(out, expected)
