@@ -1,0 +1,101 @@
+"""The `ideogram4` command: `generate` an image from a caption, and the `caption` tools."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .sampler import PRESETS
+
+
+TINY_RANDOM = "tiny-random"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def read_caption(value: str) -> str:
+    """A caption given as a file path, `-` for stdin, or the JSON text itself."""
+    if value == "-":
+        return sys.stdin.read()
+    path = Path(value)
+    if not value.lstrip().startswith("{") and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def add_generate_command(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="Generate a PNG from a JSON caption.")
+    parser.add_argument("caption", help="caption JSON file, '-' for stdin, or the JSON text itself")
+    parser.add_argument("-o", "--output", default="ideogram4.png", help="PNG to write (default: ideogram4.png)")
+    parser.add_argument("--model", default="ideogram-ai/ideogram-4-nf4-diffusers",
+                        help=f"hub id or local folder; '{TINY_RANDOM}' builds a tiny random model offline (noise)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: quality_48")
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (16 GB cards)")
+    parser.add_argument("--caption-check", choices=["error", "warn", "off"], default="error")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from .pipeline_ideogram4 import Ideogram4Pipeline
+
+    caption = read_caption(args.caption)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == TINY_RANDOM:
+        from .testing import tiny_pipeline
+
+        pipe = tiny_pipeline(seed=args.seed)
+        print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
+    else:
+        dtype = getattr(torch, DTYPES[args.dtype])
+        pipe = Ideogram4Pipeline.from_pretrained(args.model, torch_dtype=dtype)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    image = pipe(
+        caption,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        preset=args.preset,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+        caption_check=args.caption_check,
+    ).images[0]
+    image.save(args.output)
+    print(f"Wrote {args.output} ({image.width}x{image.height}, seed {args.seed}).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ideogram4", description="Ideogram 4 with diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_command(subparsers)
+    try:
+        from .captions.cli import add_caption_commands
+    except ImportError:  # the caption tools are optional at this layer
+        add_caption_commands = None
+    if add_caption_commands is not None:
+        add_caption_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input: one clear line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
