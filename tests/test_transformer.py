@@ -188,3 +188,13 @@ def test_mrope_angles_stay_float32_under_bf16_autocast():
     assert cos.dtype == torch.float32
     torch.testing.assert_close(cos, reference[0], rtol=0, atol=0)
     torch.testing.assert_close(sin, reference[1], rtol=0, atol=0)
+
+
+def test_rotary_frequencies_survive_a_cast_to_bfloat16():
+    """A float buffer would be rounded by `model.to(torch.bfloat16)` (diffusers' built-in model loses RoPE precision
+    that way); ours computes the frequencies in float32 at every call."""
+    model = tiny_transformer()
+    positions = pack_layout([3], 4, 4).position_ids
+    reference = model.rotary_emb(positions)
+    cast = model.to(torch.bfloat16).rotary_emb(positions)
+    torch.testing.assert_close(cast[0], reference[0], rtol=0, atol=0)

@@ -6,6 +6,7 @@ and can never leave randomly initialised weights behind.
 """
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,17 +14,21 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
+from .fp8 import FP8_DTYPE, SCALE_SUFFIX, is_fp8_checkpoint, replace_linears_with_fp8
+
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-# Original-release keys that the diffusers layout stores differently; every other key is shared.
-FUSED_QKV_SUFFIX = "attention.qkv.weight"
-FUSED_OUT_SUFFIX = "attention.o.weight"
-SPLIT_QKV_SUFFIXES = ("attention.to_q.weight", "attention.to_k.weight", "attention.to_v.weight")
-SPLIT_OUT_SUFFIX = "attention.to_out.0.weight"
-# Keys that mark the quantized releases (SPEC 2.2).
-FP8_SCALE_SUFFIX = ".weight_scale"
-BNB_STATE_MARKERS = (".absmax", ".quant_map", ".quant_state.")
+# Original-release keys that the diffusers layout stores differently; every other key is shared. The parameter after
+# the module name is `weight`, or `weight_scale` in the fp8 release.
+FUSED_QKV = "attention.qkv."
+FUSED_OUT = "attention.o."
+SPLIT_QKV = ("attention.to_q.", "attention.to_k.", "attention.to_v.")
+SPLIT_OUT = "attention.to_out.0."
+_FUSED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)(?P<module>attention\.qkv\.|attention\.o\.)(?P<param>weight(?:_scale)?)$")
+_SPLIT_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)(?P<module>attention\.to_[qkv]\.|attention\.to_out\.0\.)(?P<param>weight(?:_scale)?)$"
+)
 # How many offending keys an error message lists before it summarises.
 MAX_KEYS_IN_MESSAGE = 12
 
@@ -38,22 +43,23 @@ class CheckpointMismatchError(ValueError):
 
 def is_original_layout(keys: Iterable[str]) -> bool:
     """True when the keys use the original release's fused attention (`attention.qkv` / `attention.o`)."""
-    return any(key.endswith(FUSED_QKV_SUFFIX) or key.endswith(FUSED_OUT_SUFFIX) for key in keys)
+    return any(_FUSED_KEY.match(key) for key in keys)
 
 
 def original_key_plan(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice | None]]:
     """Where one original-layout tensor goes in the diffusers layout: a list of (new key, row slice or None)."""
-    if key.endswith(FUSED_QKV_SUFFIX):
-        prefix = key[: -len(FUSED_QKV_SUFFIX)]
-        if len(shape) != 2 or shape[0] % 3:
-            raise CheckpointMismatchError(
-                f"`{key}` has shape {list(shape)}; a fused q/k/v weight needs 3 * hidden rows (contiguous [q; k; v])."
-            )
-        rows = shape[0] // 3
-        return [(prefix + suffix, slice(i * rows, (i + 1) * rows)) for i, suffix in enumerate(SPLIT_QKV_SUFFIXES)]
-    if key.endswith(FUSED_OUT_SUFFIX):
-        return [(key[: -len(FUSED_OUT_SUFFIX)] + SPLIT_OUT_SUFFIX, None)]
-    return [(key, None)]
+    match = _FUSED_KEY.match(key)
+    if match is None:
+        return [(key, None)]
+    prefix, module, param = match.group("prefix", "module", "param")
+    if module == FUSED_OUT:
+        return [(prefix + SPLIT_OUT + param, None)]
+    if not shape or shape[0] % 3:
+        raise CheckpointMismatchError(
+            f"`{key}` has shape {list(shape)}; a fused q/k/v tensor needs 3 * hidden rows (contiguous [q; k; v])."
+        )
+    rows = shape[0] // 3
+    return [(prefix + split + param, slice(i * rows, (i + 1) * rows)) for i, split in enumerate(SPLIT_QKV)]
 
 
 def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,14 +75,16 @@ def diffusers_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     """Fuse to_q/to_k/to_v into `attention.qkv` and rename `to_out.0` to `attention.o` (the reverse of the above)."""
     converted = {}
     for key, tensor in state_dict.items():
-        if key.endswith(SPLIT_OUT_SUFFIX):
-            converted[key[: -len(SPLIT_OUT_SUFFIX)] + FUSED_OUT_SUFFIX] = tensor
-        elif key.endswith(SPLIT_QKV_SUFFIXES[0]):
-            prefix = key[: -len(SPLIT_QKV_SUFFIXES[0])]
-            parts = [state_dict[prefix + suffix] for suffix in SPLIT_QKV_SUFFIXES]
-            converted[prefix + FUSED_QKV_SUFFIX] = torch.cat(parts, dim=0)
-        elif not key.endswith(SPLIT_QKV_SUFFIXES[1:]):
+        match = _SPLIT_KEY.match(key)
+        if match is None:
             converted[key] = tensor
+            continue
+        prefix, module, param = match.group("prefix", "module", "param")
+        if module == SPLIT_OUT:
+            converted[prefix + FUSED_OUT + param] = tensor
+        elif module == SPLIT_QKV[0]:
+            parts = [state_dict[prefix + split + param] for split in SPLIT_QKV]
+            converted[prefix + FUSED_QKV + param] = torch.cat(parts, dim=0)
     return converted
 
 
@@ -181,14 +189,6 @@ _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_down
 _DELEGATED_ONLY = ("max_memory", "offload_folder", "offload_state_dict")
 
 
-def _quantized_release_error(header_keys, source: str) -> None:
-    if any(key.endswith(FP8_SCALE_SUFFIX) for key in header_keys):
-        raise ValueError(
-            f"The checkpoint at {source} is in the fp8 release format (`*.weight_scale` keys). Loading it is not "
-            "supported yet by this version of diffusers-ideogram4; use the bf16 or nf4 release."
-        )
-
-
 def load_transformer(
     cls,
     pretrained_model_name_or_path,
@@ -229,12 +229,17 @@ def load_transformer(
     files = checkpoint_files(folder, variant)
     header = read_header(files)
     config = cls.load_config(folder)
-    _quantized_release_error(header, str(folder))
+    fp8 = is_fp8_checkpoint(header)
 
     single_device = device_map is None or isinstance(device_map, (torch.device, int)) or (
         isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
     )
     config_quantized = "quantization_config" in config
+    if fp8 and (quantization_config is not None or not single_device):
+        raise ValueError(
+            f"The checkpoint at {folder} is already quantized (fp8 release); drop `quantization_config` / multi-device "
+            "`device_map`, or start from a bf16 checkpoint."
+        )
     if quantization_config is not None or config_quantized or not single_device:
         return _load_through_diffusers(
             cls, folder, header, torch_dtype=torch_dtype, device_map=device_map,
@@ -242,17 +247,29 @@ def load_transformer(
             low_cpu_mem_usage=low_cpu_mem_usage, output_loading_info=output_loading_info, **delegated,
         )
 
-    with init_empty_weights():
-        model = cls.from_config(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     plans = {key: original_key_plan(key, shape) for key, (_, shape) in header.items()}
-    provided = {}
+    provided, float8_keys = {}, []
     for key, plan in plans.items():
-        shape = header[key][1]
+        dtype, shape = header[key]
         for new_key, rows in plan:
             if new_key in provided:
                 raise CheckpointMismatchError(f"`{new_key}` is given twice in {folder} (once via `{key}`).")
             provided[new_key] = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+            if dtype.startswith("F8"):
+                float8_keys.append(new_key)
+    unscaled = sorted(key for key in float8_keys if key + "_scale" not in provided)
+    if unscaled:
+        raise CheckpointMismatchError(
+            f"The checkpoint at {folder} stores float8 weights without their per-row scale: {_listing(unscaled)} "
+            f"(expected `<name>.weight_scale` beside each). The fp8 checkpoint is incomplete or corrupted."
+        )
+    with init_empty_weights():
+        model = cls.from_config(config)
+        if fp8:
+            # fp8 release: the Linears that come with a per-row scale hold float8 weights (SPEC 2.2).
+            scaled = [key[: -len("_scale")] for key in provided if key.endswith(SCALE_SUFFIX)]
+            replace_linears_with_fp8(model, scaled)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_keys(expected, provided, str(folder))
 
     state_dict = {}
@@ -264,7 +281,7 @@ def load_transformer(
                     tensor = tensor.clone()
                 for new_key, rows in plans[key]:
                     part = tensor if rows is None else tensor[rows]
-                    state_dict[new_key] = _cast(part, torch_dtype or torch.float32)
+                    state_dict[new_key] = _cast(part, torch_dtype or torch.float32, new_key)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if device_map is not None:
         model.to(device_map)
@@ -275,8 +292,10 @@ def load_transformer(
     return model
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """Floating tensors go to `dtype`, except fp8 weights and their float32 scales, which stay as stored."""
+    if tensor.is_floating_point() and tensor.dtype != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
+        tensor = tensor.to(dtype)
     return tensor.contiguous()
 
 

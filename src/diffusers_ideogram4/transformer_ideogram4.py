@@ -57,15 +57,21 @@ class Ideogram4MRoPE(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dh/2,)
+        self.head_dim = head_dim
+        self.theta = theta
         self.register_buffer("axis_of_slot", mrope_axis_of_slot(head_dim, mrope_section), persistent=False)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """(Dh/2,) float32 frequencies. Computed on the fly, not stored: a float buffer would be rounded to bfloat16
+        by `model.to(torch.bfloat16)`."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, L, 3) -> cos, sin (B, L, Dh) in float32."""
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             positions = position_ids.float()[..., self.axis_of_slot]  # (B, L, Dh/2)
-            angles = positions * self.inv_freq.float()
+            angles = positions * self.inv_freq(position_ids.device)
             angles = torch.cat((angles, angles), dim=-1)  # (B, L, Dh)
             return angles.cos(), angles.sin()
 

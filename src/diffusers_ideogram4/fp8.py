@@ -1,0 +1,137 @@
+"""The fp8 release format (SPEC 2.2): float8_e4m3fn Linear weights with float32 per-row `weight_scale`.
+
+Weight-only by default: each layer is dequantized in the compute dtype when it runs (scale cast to the compute dtype
+first, as the reference does), which works on every device and halves the weight memory of bf16. On GPUs with
+float8 matmuls, `set_fp8_matmul(model, True)` multiplies in fp8 with row-wise scales (`torch._scaled_mm`) instead.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+SCALE_SUFFIX = ".weight_scale"
+
+
+def is_fp8_checkpoint(keys) -> bool:
+    return any(key.endswith(SCALE_SUFFIX) for key in keys)
+
+
+def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> float8 weight and float32 (out,) scale = row amax / 448. All-zero rows get scale 1."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, scale
+
+
+def dequantize_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = fp8 * scale[:, None], computed in `dtype` (the scale is cast to `dtype` first)."""
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
+def quantize_fp8_state_dict(state_dict: dict, linear_weight_keys) -> dict:
+    """Quantize the named Linear weights, adding a `.weight_scale` beside each; other tensors are kept as they are."""
+    quantized = dict(state_dict)
+    for key in linear_weight_keys:
+        quantized[key], quantized[key + "_scale"] = quantize_fp8_weight(state_dict[key])
+    return quantized
+
+
+def dequantize_fp8_state_dict(state_dict: dict, dtype: torch.dtype) -> dict:
+    """Dequantize every weight that has a `.weight_scale`, dropping the scales; other floats are cast to `dtype`."""
+    result = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        scale = state_dict.get(key + "_scale")
+        if scale is not None:
+            result[key] = dequantize_fp8_weight(tensor, scale, dtype)
+        else:
+            result[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return result
+
+
+def linear_weight_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the weights of every nn.Linear of a model (the fp8 release quantizes all of them)."""
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+class FP8Linear(nn.Module):
+    """A Linear holding a float8 weight and a float32 per-row scale (buffers `weight`, `weight_scale`).
+
+    Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_fp8_matmul = False
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.use_fp8_matmul:
+            return self._fp8_matmul(hidden_states)
+        weight = dequantize_fp8_weight(self.weight, self.weight_scale, hidden_states.dtype)
+        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
+        return F.linear(hidden_states, weight, bias)
+
+    def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Quantize the activations per row and multiply in fp8 with row-wise scales on both sides."""
+        rows = hidden_states.reshape(-1, self.in_features)
+        row_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        quantized = (rows.float() / row_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
+        out = torch._scaled_mm(
+            quantized,
+            self.weight.t(),
+            scale_a=row_scale,
+            scale_b=self.weight_scale.float()[None, :],
+            bias=bias,
+            out_dtype=hidden_states.dtype,
+        )
+        return out.reshape(*hidden_states.shape[:-1], self.out_features)
+
+
+def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[str]:
+    """Swap every nn.Linear whose `<name>.weight` is in `quantized_weight_keys` for an FP8Linear (same device)."""
+    wanted = {key[: -len(".weight")] for key in quantized_weight_keys}
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if name in wanted and isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, device=module.weight.device)
+            setattr(parent, child, fp8)
+            replaced.append(name)
+    return replaced
+
+
+def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
+    """Opt in to fp8 matmuls (`torch._scaled_mm`) in every FP8Linear; returns how many layers were switched.
+
+    Needs float8 matmul support: CUDA compute capability >= 8.9 (Ada, Hopper and newer), or the CPU.
+    """
+    if enabled and torch.cuda.is_available():
+        devices = {m.weight.device for m in model.modules() if isinstance(m, FP8Linear)}
+        for device in devices:
+            if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+                raise ValueError(
+                    f"`set_fp8_matmul(True)` needs a GPU with compute capability >= 8.9; {device} has "
+                    f"{torch.cuda.get_device_capability(device)}. Keep the weight-only fp8 path (the default)."
+                )
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    if enabled and not layers:
+        raise ValueError("`set_fp8_matmul(True)`: this model has no fp8 layers; load an fp8-release checkpoint.")
+    for layer in layers:
+        layer.use_fp8_matmul = enabled
+    return len(layers)

@@ -1,0 +1,117 @@
+"""The fp8 release format: loading (split and fused), parity with the dequantized model, refusal of broken files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Transformer2DModel
+from diffusers_ideogram4.fp8 import (
+    FP8_DTYPE,
+    FP8Linear,
+    dequantize_fp8_state_dict,
+    linear_weight_keys,
+    quantize_fp8_state_dict,
+    set_fp8_matmul,
+)
+from diffusers_ideogram4.loading import diffusers_to_original
+from diffusers_ideogram4.sizes import TRANSFORMER_SIZES
+from diffusers_ideogram4.testing import tiny_transformer
+from test_transformer import image_velocity, packed_inputs
+
+
+def fp8_release(seed=0):
+    """A tiny transformer in the fp8 release format: every Linear weight float8 with a float32 row scale, the rest
+    in bf16."""
+    model = tiny_transformer(seed=seed)
+    state = {k: v.bfloat16() for k, v in model.state_dict().items()}
+    return quantize_fp8_state_dict(state, linear_weight_keys(model))
+
+
+def write(folder, state):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(TRANSFORMER_SIZES["tiny"]))
+    return folder
+
+
+def test_fp8_format_counts_one_scale_per_linear():
+    state = fp8_release()
+    scales = [k for k in state if k.endswith(".weight_scale")]
+    # 8 Linears per block (q, k, v, out, w1, w2, w3, modulation) + 7 global ones; fused, 6 per block: with 34 blocks
+    # that is the release's 34 * 6 + 7 = 211.
+    assert len(scales) == len(linear_weight_keys(tiny_transformer())) == 8 * 2 + 7
+    assert len([k for k in diffusers_to_original(state) if k.endswith(".weight_scale")]) == 6 * 2 + 7
+    assert state["layers.0.attention.to_q.weight"].dtype == FP8_DTYPE
+    assert state["layers.0.attention.to_q.weight_scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_fp8_checkpoint_equals_bf16_model_on_dequantized_weights(tmp_path, layout):
+    state = fp8_release(seed=1)
+    folder = write(tmp_path / layout, state if layout == "split" else diffusers_to_original(state))
+    model = Ideogram4Transformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert isinstance(model.layers[0].attention.to_q, FP8Linear)
+    assert model.dtype == torch.bfloat16
+    assert model.layers[1].feed_forward.w2.weight.dtype == FP8_DTYPE
+
+    reference = Ideogram4Transformer2DModel(**TRANSFORMER_SIZES["tiny"]).to(torch.bfloat16).eval()
+    reference.load_state_dict(dequantize_fp8_state_dict(state, torch.bfloat16))
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+              for k, v in packed_inputs().items()}
+    torch.testing.assert_close(image_velocity(model, inputs), image_velocity(reference, inputs), rtol=0, atol=0)
+
+
+def test_fp8_model_saves_back_to_the_release_format(tmp_path):
+    state = fp8_release(seed=2)
+    model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "a", state), torch_dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "b")
+    again = Ideogram4Transformer2DModel.from_pretrained(tmp_path / "b", torch_dtype=torch.bfloat16)
+    for key, value in state.items():
+        assert torch.equal(again.state_dict()[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s.pop("layers.0.feed_forward.w1.weight_scale"),
+         r"float8 weights without their per-row scale: layers\.0\.feed_forward\.w1\.weight"),
+        (lambda s: s.update({"input_proj.weight_scale": torch.ones(5)}),
+         r"mis-shaped keys: input_proj\.weight_scale \(checkpoint \[5\], model \[128\]\)"),
+        (lambda s: s.update({"layers.1.attention_norm1.weight_scale": torch.ones(128)}),
+         r"unexpected keys: layers\.1\.attention_norm1\.weight_scale"),
+    ],
+    ids=["scale-missing", "scale-wrong-shape", "scale-on-a-norm"],
+)
+def test_corrupted_fp8_checkpoint_is_refused_by_name(tmp_path, corrupt, message):
+    state = fp8_release(seed=3)
+    corrupt(state)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "bad", state))
+
+
+def test_fused_fp8_scale_with_wrong_rows_is_refused(tmp_path):
+    state = diffusers_to_original(fp8_release(seed=4))
+    state["layers.0.attention.qkv.weight_scale"] = state["layers.0.attention.qkv.weight_scale"][:-2]
+    with pytest.raises(CheckpointMismatchError, match=r"`layers\.0\.attention\.qkv\.weight_scale` has shape \[382\]"):
+        Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "bad", state))
+
+
+def test_fp8_matmul_path_is_close_to_weight_only(tmp_path):
+    model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "m", fp8_release(seed=5)),
+                                                        torch_dtype=torch.bfloat16)
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+              for k, v in packed_inputs().items()}
+    weight_only = image_velocity(model, inputs).float()
+    assert set_fp8_matmul(model, True) == 23
+    fast = image_velocity(model, inputs).float()
+    relative = ((fast - weight_only).norm() / weight_only.norm()).item()
+    assert 0 < relative < 0.1  # activations are rounded to fp8 too: close, not equal
+    set_fp8_matmul(model, False)
+    torch.testing.assert_close(image_velocity(model, inputs).float(), weight_only, rtol=0, atol=0)
+
+
+def test_fp8_matmul_needs_fp8_layers():
+    with pytest.raises(ValueError, match="this model has no fp8 layers"):
+        set_fp8_matmul(tiny_transformer(), True)
