@@ -115,3 +115,62 @@ def test_fp8_matmul_path_is_close_to_weight_only(tmp_path):
 def test_fp8_matmul_needs_fp8_layers():
     with pytest.raises(ValueError, match="this model has no fp8 layers"):
         set_fp8_matmul(tiny_transformer(), True)
+
+
+def fp8_text_encoder_folder(tmp_path, corrupt=None):
+    """A full Qwen3-VL checkpoint (vision tower included) with every language-model Linear in fp8."""
+    from transformers import Qwen3VLModel
+
+    from diffusers_ideogram4.testing import tiny_text_encoder_config
+
+    torch.manual_seed(0)
+    full = Qwen3VLModel(tiny_text_encoder_config())
+    linears = [f"language_model.{k}" for k in linear_weight_keys(full.language_model)]
+    state = quantize_fp8_state_dict({k: v.bfloat16() for k, v in full.state_dict().items()}, linears)
+    if corrupt:
+        corrupt(state)
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = full.config.to_dict()
+    config["ideogram_fp8_weight_only"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, state
+
+
+def test_fp8_text_encoder_equals_dequantized_model(tmp_path):
+    from diffusers_ideogram4 import Ideogram4TextEncoder
+
+    folder, state = fp8_text_encoder_folder(tmp_path)
+    encoder = Ideogram4TextEncoder.from_pretrained(folder, dtype=torch.bfloat16)
+    assert isinstance(encoder.language_model.layers[0].mlp.up_proj, FP8Linear)
+    assert not any(name.startswith("visual") for name in encoder.state_dict())
+
+    reference = Ideogram4TextEncoder(encoder.config).to(torch.bfloat16).eval()
+    language = {k: v for k, v in dequantize_fp8_state_dict(state, torch.bfloat16).items() if k.startswith("language")}
+    reference.load_state_dict(language)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids), reference(ids), rtol=0, atol=0)
+
+
+def test_fp8_text_encoder_missing_scale_is_refused(tmp_path):
+    from diffusers_ideogram4 import Ideogram4TextEncoder
+
+    folder, _ = fp8_text_encoder_folder(
+        tmp_path, corrupt=lambda s: s.pop("language_model.layers.3.self_attn.q_proj.weight_scale"))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"without their per-row scale: language_model\.layers\.3\.self_attn\.q_proj\.weight"):
+        Ideogram4TextEncoder.from_pretrained(folder)
+
+
+def test_nf4_without_cuda_says_so_and_suggests_fp8(tmp_path):
+    folder = write(tmp_path / "nf4", {k: v for k, v in tiny_transformer().state_dict().items()})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    with pytest.raises(ValueError, match=r"needs a CUDA GPU, and this machine has none\. Use the fp8 release"):
+        Ideogram4Transformer2DModel.from_pretrained(folder)

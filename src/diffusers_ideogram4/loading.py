@@ -108,9 +108,9 @@ def resolve_component_folder(pretrained_model_name_or_path, subfolder: str | Non
     return Path(root) / subfolder if subfolder else Path(root)
 
 
-def checkpoint_files(folder: Path, variant: str | None = None) -> list[Path]:
-    """The safetensors files of one component: the diffusers names, an index, or a single original-release file."""
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+def checkpoint_files(folder: Path, variant: str | None = None, name: str = "diffusion_pytorch_model") -> list[Path]:
+    """The safetensors files of one component: `<name>[.variant].safetensors`, an index, or a single file."""
+    stem = name + (f".{variant}" if variant else "")
     index = folder / f"{stem}.safetensors.index.json"
     single = folder / f"{stem}.safetensors"
     if not index.exists():
@@ -240,6 +240,8 @@ def load_transformer(
             f"The checkpoint at {folder} is already quantized (fp8 release); drop `quantization_config` / multi-device "
             "`device_map`, or start from a bf16 checkpoint."
         )
+    if _is_bitsandbytes(quantization_config) or _is_bitsandbytes(config.get("quantization_config")):
+        require_cuda_for_bitsandbytes(str(folder))
     if quantization_config is not None or config_quantized or not single_device:
         return _load_through_diffusers(
             cls, folder, header, torch_dtype=torch_dtype, device_map=device_map,
@@ -247,42 +249,10 @@ def load_transformer(
             low_cpu_mem_usage=low_cpu_mem_usage, output_loading_info=output_loading_info, **delegated,
         )
 
-    plans = {key: original_key_plan(key, shape) for key, (_, shape) in header.items()}
-    provided, float8_keys = {}, []
-    for key, plan in plans.items():
-        dtype, shape = header[key]
-        for new_key, rows in plan:
-            if new_key in provided:
-                raise CheckpointMismatchError(f"`{new_key}` is given twice in {folder} (once via `{key}`).")
-            provided[new_key] = shape if rows is None else (rows.stop - rows.start, *shape[1:])
-            if dtype.startswith("F8"):
-                float8_keys.append(new_key)
-    unscaled = sorted(key for key in float8_keys if key + "_scale" not in provided)
-    if unscaled:
-        raise CheckpointMismatchError(
-            f"The checkpoint at {folder} stores float8 weights without their per-row scale: {_listing(unscaled)} "
-            f"(expected `<name>.weight_scale` beside each). The fp8 checkpoint is incomplete or corrupted."
-        )
-    with init_empty_weights():
-        model = cls.from_config(config)
-        if fp8:
-            # fp8 release: the Linears that come with a per-row scale hold float8 weights (SPEC 2.2).
-            scaled = [key[: -len("_scale")] for key in provided if key.endswith(SCALE_SUFFIX)]
-            replace_linears_with_fp8(model, scaled)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected, provided, str(folder))
-
-    state_dict = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if disable_mmap:
-                    tensor = tensor.clone()
-                for new_key, rows in plans[key]:
-                    part = tensor if rows is None else tensor[rows]
-                    state_dict[new_key] = _cast(part, torch_dtype or torch.float32, new_key)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model = strict_load(
+        lambda: cls.from_config(config), files, header, str(folder), torch_dtype=torch_dtype,
+        key_plan=original_key_plan, disable_mmap=disable_mmap,
+    )
     if device_map is not None:
         model.to(device_map)
     model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
@@ -292,11 +262,100 @@ def load_transformer(
     return model
 
 
+def strict_load(
+    build_model,
+    files: list[Path],
+    header: dict,
+    source: str,
+    *,
+    torch_dtype: torch.dtype | None,
+    key_plan=None,
+    ignore: re.Pattern | None = None,
+    disable_mmap: bool = False,
+):
+    """Build a model on the meta device and fill it from safetensors files, every key consumed exactly once.
+
+    Args:
+        build_model: returns the model (called under `init_empty_weights`).
+        files, header: the checkpoint files and `read_header(files)`.
+        key_plan: maps a checkpoint key and shape to [(model key, row slice or None)]; default: the same key.
+        ignore: checkpoint keys to skip entirely (e.g. a vision tower that is never used).
+        torch_dtype: dtype of floating weights (default float32); fp8 weights and their scales keep theirs.
+    """
+    plans = {
+        key: key_plan(key, shape) if key_plan else [(key, None)]
+        for key, (_, shape) in header.items()
+        if not (ignore and ignore.search(key))
+    }
+    provided, float8_keys = {}, []
+    for key, plan in plans.items():
+        dtype, shape = header[key]
+        for new_key, rows in plan:
+            if new_key in provided:
+                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
+            provided[new_key] = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+            if dtype.startswith("F8"):
+                float8_keys.append(new_key)
+    unscaled = sorted(key for key in float8_keys if key + "_scale" not in provided)
+    if unscaled:
+        raise CheckpointMismatchError(
+            f"The checkpoint at {source} stores float8 weights without their per-row scale: {_listing(unscaled)} "
+            f"(expected `<name>.weight_scale` beside each). The fp8 checkpoint is incomplete or corrupted."
+        )
+    with init_empty_weights():
+        model = build_model()
+        # fp8 release: the Linears that come with a per-row scale hold float8 weights (SPEC 2.2).
+        replace_linears_with_fp8(model, [key[: -len("_scale")] for key in provided if key.endswith(SCALE_SUFFIX)])
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    check_keys(expected, provided, source)
+
+    state_dict = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key not in plans:
+                    continue
+                tensor = handle.get_tensor(key)
+                if disable_mmap:
+                    tensor = tensor.clone()
+                for new_key, rows in plans[key]:
+                    part = tensor if rows is None else tensor[rows]
+                    state_dict[new_key] = _cast(part, torch_dtype or torch.float32, new_key)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """Floating tensors go to `dtype`, except fp8 weights and their float32 scales, which stay as stored."""
     if tensor.is_floating_point() and tensor.dtype != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
         tensor = tensor.to(dtype)
     return tensor.contiguous()
+
+
+def _is_bitsandbytes(quantization_config) -> bool:
+    if quantization_config is None:
+        return False
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method", "")
+    else:
+        method = getattr(quantization_config, "quant_method", "")
+    return "bitsandbytes" in str(getattr(method, "value", method)).lower()
+
+
+def require_cuda_for_bitsandbytes(source: str) -> None:
+    """nf4 (bitsandbytes) weights run on CUDA only; say so before anything is loaded, and what to use instead."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{source} is an nf4 (bitsandbytes) checkpoint or quantization, which needs a CUDA GPU, and this machine "
+            "has none. Use the fp8 release instead (`ideogram-ai/ideogram-4-fp8`, weight-only, runs on CPU, MPS and "
+            "CUDA), or a bf16 checkpoint."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            f"{source} needs bitsandbytes: `pip install \"diffusers-ideogram4[bitsandbytes]\"`."
+        ) from error
 
 
 def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool, **kwargs):

@@ -13,6 +13,12 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedMode
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
 
 
+# The vision tower's weights in a Qwen3-VL checkpoint: never needed, never loaded.
+VISION_KEYS = r"^visual\."
+# Set in `text_encoder/config.json` of the fp8 release.
+FP8_CONFIG_FLAG = "ideogram_fp8_weight_only"
+
+
 def chat_messages(caption: str) -> list[dict]:
     """The single user turn the model was trained with; the caption is used verbatim."""
     return [{"role": "user", "content": [{"type": "text", "text": caption}]}]
@@ -67,7 +73,7 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
     """
 
     config_class = Qwen3VLConfig
-    _keys_to_ignore_on_load_unexpected = [r"^visual\."]
+    _keys_to_ignore_on_load_unexpected = [VISION_KEYS]
     _no_split_modules = ["Qwen3VLTextDecoderLayer"]
     tap_layers = TEXT_ENCODER_TAP_LAYERS
 
@@ -111,7 +117,16 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load strictly: a missing or mis-shaped language-model weight raises and names the keys."""
+        """Load strictly: a missing or mis-shaped language-model weight raises and names the keys.
+
+        A config with `"ideogram_fp8_weight_only": true` (the fp8 release) loads float8 Linear weights with their
+        per-row scales, dequantized at run time.
+        """
+        config_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only")
+                         if k in kwargs}
+        config = Qwen3VLConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+        if getattr(config, FP8_CONFIG_FLAG, False):
+            return cls._from_fp8_release(pretrained_model_name_or_path, config, *args, **kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -123,4 +138,40 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
                 f"The text encoder at {pretrained_model_name_or_path} does not match its config: {problems}. "
                 "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo)."
             )
+        return (model, info) if wants_info else model
+
+    @classmethod
+    def _from_fp8_release(cls, pretrained_model_name_or_path, config, *args, **kwargs):
+        import re
+
+        from .loading import checkpoint_files, read_header, resolve_component_folder, strict_load
+
+        if args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path: {args}.")
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        device_map = kwargs.pop("device_map", None)
+        wants_info = kwargs.pop("output_loading_info", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        subfolder = kwargs.pop("subfolder", None)
+        # Arguments diffusers' pipeline loader passes; with one device and no offload they change nothing here.
+        for name in ("max_memory", "offload_folder", "offload_state_dict", "variant", "use_safetensors"):
+            if kwargs.pop(name, None) not in (None, True):
+                raise ValueError(f"`{name}` is not supported when loading the fp8 text encoder.")
+        kwargs.pop("low_cpu_mem_usage", None)
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
+        if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError("The fp8 text encoder loads on one device: pass `device_map='cuda'` (or nothing).")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        folder = resolve_component_folder(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+        files = checkpoint_files(folder, name="model")
+        model = strict_load(
+            lambda: cls(config), files, read_header(files), str(folder),
+            torch_dtype=None if dtype == "auto" else dtype, ignore=re.compile(VISION_KEYS),
+        )
+        if device_map is not None:
+            model.to(device_map)
+        model.eval()
+        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
         return (model, info) if wants_info else model
