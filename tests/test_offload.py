@@ -51,6 +51,5 @@ def test_model_offload_hooks_every_component_in_order(expected):
         hook.remove()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # the text encoder once, then both branches at each of the 2 steps
-    assert order == ["text_encoder", "transformer", "unconditional_transformer"] * 1 + [
-        "transformer", "unconditional_transformer"]
+    assert order == ["text_encoder"] + ["transformer", "unconditional_transformer"] * 2
     assert order.count("transformer") == order.count("unconditional_transformer") == 2
