@@ -235,3 +235,25 @@ def test_model_cpu_offload_runs_and_matches():
     assert fired == [1]  # the encoder runs through its own forward, where the offload hook lives
     assert hasattr(pipe.text_encoder, "_hf_hook")
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("prompts, masked", [([CAPTION], False), ([CAPTION, CAPTION], False),
+                                             ([CAPTION, CAPTION_SHORT], True)])
+def test_attention_mask_only_for_mixed_lengths(tiny_pipe, monkeypatch, prompts, masked):
+    """Text is padded to the longest prompt, and SDPA gets no mask unless prompts differ in length."""
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.shape[2], attn_mask is not None))
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    tiny_pipe(prompts, height=H, width=W, num_inference_steps=1, guidance_scale=3.0, output_type="latent")
+    longest = max(len(tiny_pipe.tokenize([p])[0]) for p in prompts)
+    conditional = [has_mask for length, has_mask in seen if length == longest + 320]
+    unconditional = [has_mask for length, has_mask in seen if length == 320]
+    assert conditional and unconditional  # both branches ran, the conditional one on text + image tokens only
+    assert set(conditional) == {masked} and set(unconditional) == {False}
