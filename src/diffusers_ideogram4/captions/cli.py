@@ -1,0 +1,182 @@
+"""`ideogram4 caption validate | format | preview`: the caption tools on the command line.
+
+`add_caption_commands(subparsers)` adds them to any argparse parser; each handler is `args.func(args) -> int`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .builder import to_json
+from .checker import ROOT_PATH, CaptionIssue, check_caption
+from .preview import render_layout
+
+
+STDIN = "-"
+DEFAULT_SIDE = 1024
+# Exit codes: 0 success, 1 a caption has errors (or could not be read or written), 2 a usage error.
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def add_caption_commands(subparsers) -> argparse.ArgumentParser:
+    """Add the `caption` command and its subcommands to an argparse `subparsers` object.
+
+    Args:
+        subparsers: what `parser.add_subparsers()` returned.
+
+    Returns:
+        The `caption` parser.
+    """
+    parser = subparsers.add_parser(
+        "caption",
+        help="Validate, format and preview structured JSON captions.",
+        description="Tools for Ideogram 4's structured JSON captions.",
+    )
+    commands = parser.add_subparsers(dest="caption_command", required=True, metavar="{validate,format,preview}")
+
+    validate = commands.add_parser(
+        "validate",
+        help="Check caption files; exit 1 if any has errors.",
+        description="Print every issue as `FILE: path: message (hint)`; warnings end with [warning]. Exit 1 if any "
+        "file has errors, 0 otherwise.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="a file holding one caption object, '-' for stdin")
+    validate.set_defaults(func=run_validate)
+
+    format_ = commands.add_parser(
+        "format",
+        help="Print a caption in canonical form (trained key order, minified UTF-8).",
+        description="Reorder keys into the trained order and minify with literal UTF-8; values are not changed. "
+        "Remaining issues are listed on stderr.",
+    )
+    format_.add_argument("file", metavar="FILE", help="a file holding one caption object, '-' for stdin")
+    destination = format_.add_mutually_exclusive_group()
+    destination.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    destination.add_argument("--in-place", action="store_true", help="rewrite FILE")
+    format_.set_defaults(func=run_format)
+
+    preview = commands.add_parser(
+        "preview",
+        help="Draw a caption's layout (boxes, labels, palettes) to a PNG.",
+        description="Draw every element's bbox with its label and palette, on white or over --image.",
+    )
+    preview.add_argument("file", metavar="FILE", help="a file holding one caption object, '-' for stdin")
+    preview.add_argument("-o", "--output", required=True, metavar="layout.png", help="image to write")
+    preview.add_argument("--width", type=int, default=None, help=f"default: --image's width, else {DEFAULT_SIDE}")
+    preview.add_argument("--height", type=int, default=None, help=f"default: --image's height, else {DEFAULT_SIDE}")
+    preview.add_argument("--image", default=None, metavar="generated.png", help="draw over this image")
+    preview.set_defaults(func=run_preview)
+    return parser
+
+
+def _print(line: str, stream=None) -> None:
+    """print() that cannot fail on characters the terminal's encoding lacks (they are escaped)."""
+    stream = sys.stdout if stream is None else stream
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    print(line.encode(encoding, "backslashreplace").decode(encoding), file=stream)
+
+
+def _read(name: str) -> tuple[str | None, CaptionIssue | None]:
+    """The caption text of a file (or stdin), without the file's trailing newline; or the reason it cannot be read."""
+    try:
+        text = sys.stdin.read() if name == STDIN else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return None, CaptionIssue(ROOT_PATH, f"cannot read the file: {error}", "check the path; captions are UTF-8")
+    # A newline at the end is the file's, not the caption's.
+    return text.rstrip("\r\n"), None
+
+
+def _line(name: str, issue: CaptionIssue) -> str:
+    return f"{name}: {issue}" + ("" if issue.is_error else " [warning]")
+
+
+def run_validate(args) -> int:
+    """`caption validate FILE...`: print every issue; 1 if any file has errors."""
+    failed = False
+    for name in args.files:
+        text, unreadable = _read(name)
+        issues = [unreadable] if unreadable is not None else check_caption(text)
+        for issue in issues:
+            _print(_line(name, issue))
+        if not issues:
+            _print(f"{name}: ok")
+        failed = failed or any(issue.is_error for issue in issues)
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _load(name: str) -> tuple[str | None, dict | None]:
+    """(text, caption dict), or print why the file holds no caption object and return (None, None)."""
+    text, unreadable = _read(name)
+    if unreadable is not None:
+        _print(_line(name, unreadable), sys.stderr)
+        return None, None
+    try:
+        caption = json.loads(text)
+    except (ValueError, RecursionError):
+        caption = None
+    if not isinstance(caption, dict):
+        for issue in check_caption(text):
+            if issue.is_error:
+                _print(_line(name, issue), sys.stderr)
+        return None, None
+    return text, caption
+
+
+def run_format(args) -> int:
+    """`caption format FILE [-o OUT | --in-place]`: canonical key order, minified; issues left go to stderr."""
+    if args.in_place and args.file == STDIN:
+        _print("error: --in-place needs a file, not stdin; use -o OUT", sys.stderr)
+        return EXIT_USAGE
+    _, caption = _load(args.file)
+    if caption is None:
+        return EXIT_INVALID
+    try:
+        canonical = to_json(caption)
+    except (ValueError, RecursionError) as error:
+        _print(f"{args.file}: $: cannot serialize: {error}", sys.stderr)
+        return EXIT_INVALID
+    output = args.file if args.in_place else args.output
+    if output is None:
+        _print(canonical)
+    else:
+        try:
+            Path(output).write_text(canonical + "\n", encoding="utf-8")
+        except OSError as error:
+            _print(f"error: cannot write {output}: {error}", sys.stderr)
+            return EXIT_INVALID
+    for issue in check_caption(canonical):
+        _print(_line(args.file, issue), sys.stderr)
+    return EXIT_OK
+
+
+def run_preview(args) -> int:
+    """`caption preview FILE -o layout.png [--width W --height H] [--image generated.png]`."""
+    from PIL import Image
+
+    text, caption = _load(args.file)
+    if caption is None:
+        return EXIT_INVALID
+    image = None
+    if args.image is not None:
+        try:
+            image = Image.open(args.image)
+            image.load()
+        except OSError as error:
+            _print(f"error: cannot read --image {args.image}: {error}", sys.stderr)
+            return EXIT_INVALID
+    width = args.width or (image.width if image is not None else DEFAULT_SIDE)
+    height = args.height or (image.height if image is not None else DEFAULT_SIDE)
+    try:
+        layout = render_layout(caption, width, height, image=image)
+        layout.save(args.output)
+    except ValueError as error:
+        _print(f"error: {error}", sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        _print(f"error: cannot write {args.output}: {error}", sys.stderr)
+        return EXIT_INVALID
+    for issue in check_caption(text):
+        _print(_line(args.file, issue), sys.stderr)
+    _print(f"wrote {args.output} ({width}x{height})")
+    return EXIT_OK
