@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .captions.cli import add_caption_commands
 from .sampler import PRESETS
 
 
@@ -79,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ideogram4", description="Ideogram 4 with diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_command(subparsers)
-    try:
-        from .captions.cli import add_caption_commands
-    except ImportError:  # the caption tools are optional at this layer
-        add_caption_commands = None
-    if add_caption_commands is not None:
-        add_caption_commands(subparsers)
+    add_caption_commands(subparsers)
     return parser
 
 
