@@ -404,6 +404,8 @@ def test_text_level_warnings():
     pretty = json.dumps(VALID, ensure_ascii=False, indent=2)
     assert [(issue.path, issue.severity) for issue in check_caption(pretty)] == [("$", "warning")]
     assert "minified" in check_caption(pretty)[0].message and is_valid(pretty)
+    [newline] = check_caption(VALID_TEXT + "\n")
+    assert (newline.path, newline.severity) == ("$", "warning") and "whitespace around the JSON" in newline.message
     duplicated = VALID_TEXT.replace('"desc":"a singer', '"desc":"first","desc":"a singer')
     assert [(issue.path, issue.severity) for issue in check_caption(duplicated)] == [
         ("compositional_deconstruction.elements[2].desc", "warning")
@@ -918,6 +920,18 @@ def test_render_layout_over_an_image_and_legend():
         render_layout(caption, 1024, 1024, image=generated)
     with pytest.raises(ValueError, match="`width` must be a positive int"):
         render_layout(caption, 0, 100)
+
+
+def as_layout(value) -> dict:
+    """Any JSON value placed where render_layout looks: the elements list and the style."""
+    elements = value if isinstance(value, list) else [value]
+    return {"style_description": value, "compositional_deconstruction": {"background": "x", "elements": elements}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(captions | json_values.map(as_layout), st.integers(1, 96), st.integers(1, 96))
+def test_render_layout_draws_any_caption_dict(caption, width, height):
+    assert render_layout(caption, width, height).size == (width, height)
 
 
 def test_labels_are_cut_with_an_ellipsis():

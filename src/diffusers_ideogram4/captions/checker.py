@@ -15,6 +15,7 @@ import json
 import re
 import reprlib
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -236,9 +237,8 @@ class _DuplicateKeys:
     def __call__(self, pairs: list) -> dict:
         result = dict(pairs)
         if len(result) < len(pairs):
-            keys = [key for key, _ in pairs]
-            repeated = sorted({key for key in keys if keys.count(key) > 1})
-            self.repeated[id(result)] = (result, repeated)
+            counts = Counter(key for key, _ in pairs)
+            self.repeated[id(result)] = (result, [key for key, count in counts.items() if count > 1])
         return result
 
 
@@ -267,13 +267,11 @@ def _parse_text(text: str) -> tuple[object, list]:
         parsed = json.loads(text, object_pairs_hook=duplicates)
     except json.JSONDecodeError as error:
         if text.lstrip()[:1] in ("{", "[", '"'):
-            found.append(
-                _issue(
-                    (),
-                    f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno} (char {error.pos})",
-                    "fix the JSON syntax there; `ideogram4 caption format` rewrites a valid caption canonically",
-                )
-            )
+            hint = "fix the JSON syntax there"
+            if text.lstrip().startswith("{'"):
+                hint = f"this looks like a Python dict printed with str(); serialize it with {SERIALIZE_HINT}"
+            where = f"line {error.lineno} column {error.colno} (char {error.pos})"
+            found.append(_issue((), f"invalid JSON: {error.msg} at {where}", hint))
         else:
             found.append(
                 _issue(
@@ -313,12 +311,21 @@ def _parse_text(text: str) -> tuple[object, list]:
             minified = json.dumps(parsed, ensure_ascii=False, separators=(",", ":"))
         except (ValueError, RecursionError):
             minified = text
-        if minified != text:
+        if minified != text and minified == text.strip():
+            found.append(
+                _issue(
+                    (),
+                    "caption text has whitespace around the JSON (a file's trailing newline?)",
+                    "strip it (text.strip()): the prompt is tokenized verbatim and the model saw bare JSON",
+                    WARNING,
+                )
+            )
+        elif minified != text:
             found.append(
                 _issue(
                     (),
                     "caption text is not minified (extra whitespace or escapes)",
-                    f"the model was trained on minified text; serialize with {SERIALIZE_HINT}",
+                    f"the prompt is tokenized verbatim and the model saw minified text; use {SERIALIZE_HINT}",
                     WARNING,
                 )
             )

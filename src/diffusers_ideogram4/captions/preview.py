@@ -191,7 +191,9 @@ def render_layout(caption, width: int, height: int, image: Image.Image | None = 
         text = "\n".join(lines)
         bottom_edge = palette_top - margin if isinstance(palette, list) and palette else height - margin
         text_box = draw.multiline_textbbox((0, 0), text, font=font)
+        # On a canvas too small for the legend it starts at the top and runs off the bottom.
         legend_top = max(0, bottom_edge - (text_box[3] - text_box[1]) - 2 * margin)
+        bottom_edge = max(bottom_edge, legend_top)
         draw.rectangle((margin, legend_top, margin + text_box[2] + 2 * margin, bottom_edge), fill=LEGEND_BACKGROUND)
         draw.multiline_text((2 * margin, legend_top + margin - text_box[1]), text, fill=LEGEND_TEXT_COLOR, font=font)
     return canvas
