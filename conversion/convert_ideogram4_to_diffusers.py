@@ -1,0 +1,107 @@
+"""Convert an Ideogram 4 repo in the original release layout (fused attention) into the hub's diffusers layout.
+
+    python conversion/convert_ideogram4_to_diffusers.py --source ideogram-ai/ideogram-4-fp8 --output ideogram-4-bf16 \
+        --dtype bf16 --model-card bf16 --push-to-hub your-name/ideogram-4-bf16-diffusers --private
+
+The logic lives in `diffusers_ideogram4.conversion.convert_original_to_diffusers`; this file only parses arguments.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffusers_ideogram4.conversion import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_original_to_diffusers
+
+
+MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+# What a failed conversion raises: printed as one message, without a traceback.
+USER_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, RuntimeError)
+
+
+def model_card_path(value: str) -> Path:
+    """A template path, or a short name from model_cards/: `bf16` -> model_cards/ideogram4-bf16.md."""
+    named = MODEL_CARDS / f"ideogram4-{value}.md"
+    if named.is_file():
+        return named
+    if Path(value).is_file():
+        return Path(value)
+    choices = sorted(p.stem.removeprefix("ideogram4-") for p in MODEL_CARDS.glob("ideogram4-*.md"))
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor one of the model cards {choices}")
+
+
+def card_variable(value: str) -> tuple[str, str]:
+    name, sep, text = value.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=VALUE")
+    return name, text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="local folder or hub repo id in the original layout")
+    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="keep",
+        help="transformer weights: keep as stored (fp8 stays fp8), or cast / dequantize",
+    )
+    parser.add_argument("--components", default=None, help="comma-separated subset, e.g. transformer,vae")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 10GB)")
+    parser.add_argument(
+        "--model-card",
+        type=model_card_path,
+        default=None,
+        help="template (bf16, fp8, nf4, lora or a path) rendered into README.md",
+    )
+    parser.add_argument(
+        "--card-var",
+        type=card_variable,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a model card value, e.g. peak_memory='31 GB'; repeatable",
+    )
+    parser.add_argument("--base-model", default=None, help="hub id for the card's base_model")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the verified output")
+    parser.add_argument("--private", action="store_true", help="create the hub repo private")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--revision", default=None, help="source revision on the hub")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output (not with --push-to-hub)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        report = convert_original_to_diffusers(
+            args.source,
+            args.output,
+            dtype=args.dtype,
+            components=args.components,
+            max_shard_size=args.max_shard_size,
+            model_card=args.model_card,
+            card_variables=dict(args.card_var),
+            base_model=args.base_model,
+            dry_run=args.dry_run,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
+            push_to_hub_id=args.push_to_hub,
+            private=args.private,
+            commit_message=args.commit_message,
+            revision=args.revision,
+            progress=not args.no_progress,
+        )
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
