@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
+from .lora import Ideogram4LoraLoaderMixin
 from .sampler import (
     DEFAULT_PRESET,
     DISTILLED_PRESET,
@@ -73,7 +74,7 @@ def _our_entry(name: str, entry):
     return entry
 
 
-class Ideogram4Pipeline(DiffusionPipeline):
+class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
