@@ -266,6 +266,10 @@ INVALID_CASES = {
         mutated((E0 + ("bbox",), [220, 920, 60, 80])),
         [el(0, ".bbox")] * 2,
     ),
+    "bbox inverted next to a float": (
+        mutated((E0 + ("bbox",), [220, 80.5, 60, 920])),
+        [el(0, ".bbox"), el(0, ".bbox[1]")],
+    ),
     "bbox null": (mutated((E0 + ("bbox",), None)), [el(0, ".bbox")]),
     "bbox an object": (mutated((E0 + ("bbox",), {"x": 1})), [el(0, ".bbox")]),
     # palettes

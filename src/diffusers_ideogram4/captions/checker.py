@@ -545,10 +545,13 @@ def _bbox_values(bbox) -> list[int] | None:
     return bbox
 
 
-def _bbox_order(bbox: list[int], path: tuple) -> list:
+def _bbox_order(bbox, path: tuple) -> list:
+    """min <= max on each axis whose two values are integers (the others get a type error from the schema)."""
+    if not isinstance(bbox, list) or len(bbox) != len(BBOX_FIELDS):
+        return []
     found = []
     for low, high in ((0, 2), (1, 3)):
-        if bbox[low] > bbox[high]:
+        if _is_strict_integer(None, bbox[low]) and _is_strict_integer(None, bbox[high]) and bbox[low] > bbox[high]:
             found.append(
                 _issue(
                     path,
@@ -583,9 +586,8 @@ def _elements(elements: list, path: tuple) -> list:
             continue
         element_path = path + (index,)
         found += _key_order(element, element_path, _element_order(element))
+        found += _bbox_order(element.get("bbox"), element_path + ("bbox",))
         bbox = _bbox_values(element.get("bbox"))
-        if bbox is not None:
-            found += _bbox_order(bbox, element_path + ("bbox",))
         is_text = isinstance(element.get("type"), str) and element["type"] == TEXT_TYPE
         for key in ("text", "desc") if is_text else ("desc",):
             value = element.get(key)
