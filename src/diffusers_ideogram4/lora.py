@@ -623,7 +623,6 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another "
                 f"`adapter_name`, `hotswap=True` to replace its weights, or `delete_adapters({adapter_name!r})` first."
             )
-        loaded = []
         try:
             for component, modules in components.items():
                 model = getattr(self, component)
@@ -636,12 +635,12 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     hotswap=hotswap,
                 )
-                loaded.append(component)
                 _check_loaded(component, model, modules, adapter_name)
         except Exception:
-            if not hotswap:  # leave the pipeline as it was
-                for component in loaded:
-                    getattr(self, component).delete_adapters(adapter_name)
+            if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
+                for component in components:
+                    if adapter_name in getattr(getattr(self, component), "peft_config", {}):
+                        getattr(self, component).delete_adapters(adapter_name)
             raise
 
     @classmethod
