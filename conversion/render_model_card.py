@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", required=True, type=Path, help="the folder the card describes")
     parser.add_argument("--repo-id", required=True, help="the hub repo the folder is published as")
     parser.add_argument("--source", required=True, help="where the weights came from")
-    parser.add_argument("--dtype", required=True, help="the weights' dtype, in words (e.g. nf4, bfloat16)")
+    parser.add_argument("--dtype", default="not recorded", help="the weights' dtype, in words (e.g. bfloat16)")
     parser.add_argument("--base-model", default=None)
     parser.add_argument("--set", type=card_variable, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--output", type=Path, default=None, help="default: FOLDER/README.md")

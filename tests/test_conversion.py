@@ -531,3 +531,28 @@ def test_verification_reads_back_a_dequantized_text_encoder(releases, tmp_path, 
     ):
         convert_original_to_diffusers(releases["fp8"][0], tmp_path / "out", dtype="bf16", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_script_renders_a_named_card_and_pushes(releases, tmp_path, fake_hub, capsys):
+    script = load_script("convert_ideogram4_to_diffusers")
+    output = tmp_path / "out"
+    argv = [
+        "--source",
+        str(releases["fp8"][0]),
+        "--output",
+        str(output),
+        "--model-card",
+        "fp8",
+        "--card-var",
+        "seconds_per_step=1.2 s",
+        "--push-to-hub",
+        "someone/ideogram-4-fp8-diffusers",
+        "--private",
+        "--no-progress",
+    ]
+    assert script.main(argv) == 0
+    assert "pushed to https://huggingface.co/someone/ideogram-4-fp8-diffusers" in capsys.readouterr().out
+    assert fake_hub[0] == ("create_repo", "someone/ideogram-4-fp8-diffusers", True, True)
+    card = (output / "README.md").read_text()
+    assert "| time per denoising step, 1024 x 1024 | 1.2 s |" in card
+    assert "Transformer weights: bfloat16, float32, float8_e4m3fn." in card

@@ -21,7 +21,7 @@ LORA_VARIABLES = dict(
     lora_weight_name="pytorch_lora_weights.safetensors",
     lora_rank=16,
     lora_target="transformer",
-    lora_prefix="transformer",
+    base_pipeline="someone/ideogram-4-bf16",
     lora_modules="attention projections",
 )
 

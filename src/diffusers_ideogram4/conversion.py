@@ -878,13 +878,10 @@ def folder_sizes(folder) -> dict[str, int]:
 
 
 def _dtype_words(plan: ConversionPlan) -> str:
+    """`bfloat16`, or with `dtype="keep"` the dtypes found in the transformers (`bfloat16, float32, float8_e4m3fn`)."""
     if plan.dtype != "keep":
         return str(DTYPES[plan.dtype]).removeprefix("torch.")
-    return (
-        "as in the source (" + ", ".join(sorted(plan.tensor_dtypes)) + ")"
-        if plan.tensor_dtypes
-        else "as in the source"
-    )
+    return ", ".join(sorted(plan.tensor_dtypes)) or "as in the source"
 
 
 def push_to_hub(
