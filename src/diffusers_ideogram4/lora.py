@@ -105,10 +105,6 @@ class LoraFactors:
             return self.up
         return (self.up.float() * self.scale).to(self.up.dtype)
 
-    def delta(self) -> torch.Tensor:
-        """(out, in) float32 weight change."""
-        return self.scale * (self.up.float() @ self.down.float())
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Parsing any format into {component: {module: LoraFactors}}
