@@ -1,4 +1,10 @@
-"""Ideogram 4 for Hugging Face diffusers."""
+"""Ideogram 4 for Hugging Face diffusers.
+
+The caption tools import eagerly (they need neither torch nor diffusers, so `ideogram4 caption ...` starts fast);
+the models and the pipeline load on first use.
+"""
+
+import importlib
 
 from .captions import (
     CAPTION_SCHEMA_PATH,
@@ -16,14 +22,28 @@ from .captions import (
     load_caption_schema,
     render_layout,
 )
-from .loading import CheckpointMismatchError
-from .pipeline_ideogram4 import Ideogram4Pipeline, Ideogram4PipelineOutput
-from .sampler import PRESETS, SamplerPreset, model_times
-from .text_encoder import Ideogram4TextEncoder, count_caption_tokens
-from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "CheckpointMismatchError": ".loading",
+    "Ideogram4Pipeline": ".pipeline_ideogram4",
+    "Ideogram4PipelineOutput": ".pipeline_ideogram4",
+    "PRESETS": ".sampler",
+    "SamplerPreset": ".sampler",
+    "model_times": ".sampler",
+    "Ideogram4TextEncoder": ".text_encoder",
+    "count_caption_tokens": ".text_encoder",
+    "Ideogram4Transformer2DModel": ".transformer_ideogram4",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BBox",
@@ -32,21 +52,13 @@ __all__ = [
     "CaptionError",
     "CaptionIssue",
     "CaptionWarning",
-    "CheckpointMismatchError",
-    "Ideogram4Pipeline",
-    "Ideogram4PipelineOutput",
-    "Ideogram4TextEncoder",
-    "Ideogram4Transformer2DModel",
     "ObjectElement",
-    "PRESETS",
-    "SamplerPreset",
     "Style",
     "TextElement",
     "canonicalize",
     "check_caption",
     "check_prompts",
-    "count_caption_tokens",
     "load_caption_schema",
-    "model_times",
     "render_layout",
+    *_LAZY,
 ]

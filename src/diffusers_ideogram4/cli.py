@@ -15,10 +15,11 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def read_caption(value: str) -> str:
     """A caption given as a file path, `-` for stdin, or the JSON text itself."""
     if value == "-":
-        return sys.stdin.read()
+        return sys.stdin.read().rstrip("\n")
     path = Path(value)
     if not value.lstrip().startswith("{") and path.is_file():
-        return path.read_text(encoding="utf-8")
+        # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
+        return path.read_text(encoding="utf-8").rstrip("\n")
     return value
 
 

@@ -1,0 +1,45 @@
+"""README.md stays true: its JSON captions validate, its caption example runs, its test command is CI's."""
+
+import json
+import re
+from pathlib import Path
+
+from diffusers_ideogram4 import check_caption
+
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_json_examples_are_valid_captions():
+    examples = blocks("json")
+    assert examples
+    for example in examples:
+        errors = [issue for issue in check_caption(json.loads(example)) if issue.severity == "error"]
+        assert errors == [], errors
+
+
+def test_example_caption_file_is_valid_and_matches_the_readme():
+    text = (ROOT / "examples" / "poster.json").read_text(encoding="utf-8").rstrip("\n")
+    assert check_caption(text) == []
+    assert json.loads(text) == json.loads(blocks("json")[0])
+
+
+def test_caption_builder_example_runs(tmp_path, monkeypatch):
+    example = next(block for block in blocks("python") if "Caption(" in block)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert (tmp_path / "layout.png").exists()
+    assert namespace["prompt"] == (ROOT / "examples" / "poster.json").read_text(encoding="utf-8").rstrip("\n")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in blocks("bash") if "pytest" in line).strip()
+    for step in command.split(" && "):
+        assert step.replace("pip install", "python3 -m pip install --quiet").replace("python -m", "python3 -m") in ci
