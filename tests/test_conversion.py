@@ -232,12 +232,23 @@ def test_fp8_source_dequantized_to_bf16_loads_in_both_pipelines(releases, tmp_pa
 
 def test_fp32_cast_and_component_subset(releases, tmp_path):
     source, expected = releases["bf16"]
+    # The release may name its own class in model_index.json: the transformers are still converted, by folder name.
+    source = Path(shutil.copytree(source, tmp_path / "renamed"))
+    index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**index, "transformer": ["ideogram4", "Ideogram4DiT"]}))
+    config = json.loads((source / "transformer" / "config.json").read_text())
+    (source / "transformer" / "config.json").write_text(json.dumps({**config, "release_note": "x"}))
     output = tmp_path / "out"
     report = convert_original_to_diffusers(source, output, dtype="fp32", components="transformer,vae", progress=False)
     assert report.components == ["transformer", "vae"]  # model_index.json order
     assert sorted(p.name for p in output.iterdir()) == ["LICENSE.md", "model_index.json", "transformer", "vae"]
     index = json.loads((output / "model_index.json").read_text())
     assert sorted(k for k in index if not k.startswith("_")) == ["transformer", "vae"]
+    assert index["transformer"] == ["diffusers", "Ideogram4Transformer2DModel"]
+    assert "release_note" not in json.loads((output / "transformer" / "config.json").read_text())
+    assert report.notes == [
+        "transformer/config.json: fields ['release_note'] are not Ideogram4Transformer2DModel arguments; dropped"
+    ]
     assert_same_state(tensors_of(output / "transformer"), {k: v.float() for k, v in expected["transformer"].items()})
 
     with pytest.raises(ValueError, match=r"\['prompt_enhancer_head'\] are not in"):

@@ -13,6 +13,7 @@ An interrupted run leaves at most a `.<name>.partial-*` folder, never a half fol
 """
 
 import filecmp
+import inspect
 import json
 import os
 import re
@@ -56,7 +57,8 @@ MODEL_INDEX_NAME = "model_index.json"
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 PIPELINE_CLASS_NAME = "Ideogram4Pipeline"
-TRANSFORMER_CLASS_NAME = "Ideogram4Transformer2DModel"
+TRANSFORMER_LIBRARY, TRANSFORMER_CLASS_NAME = "diffusers", "Ideogram4Transformer2DModel"
+TRANSFORMER_COMPONENTS = ("transformer", "unconditional_transformer")
 TEXT_ENCODER_NAME = "text_encoder"
 # Sharded diffusers weights: diffusion_pytorch_model-00001-of-00002.safetensors (diffusers' own naming).
 SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
@@ -297,11 +299,12 @@ def _refuse_bitsandbytes(keys: Iterable[str], config: dict, source: str) -> None
 
 
 def _tensor_plan(key, origin, dtype_name, target, scale_origin=None) -> TensorPlan:
-    """The output tensor `key` read from `origin` (file, source key, rows, shape); `target` None keeps the dtype."""
+    """The output tensor `key` read from `origin` = (file, source key, rows, source shape), stored as `dtype_name`;
+    floats cast to `target` (None keeps them); with `scale_origin` (same form) an fp8 weight is dequantized."""
     file, source_key, rows, shape = origin
     stored = _torch_dtype(dtype_name)
     if scale_origin is not None:  # fp8 weight, float output: dequantize
-        scale = (SourceSlice(scale_origin[0], scale_origin[1], scale_origin[2]),)
+        scale = (SourceSlice(*scale_origin[:3]),)
         return TensorPlan(key, (SourceSlice(file, source_key, rows),), _rows(shape, rows), target, scale)
     dtype = stored
     if target is not None and stored.is_floating_point and stored != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
@@ -331,7 +334,8 @@ def _shard(tensors: list[TensorPlan], max_bytes: int, component: str) -> list[Ou
 
 
 def _meta_transformer(folder: Path, scaled_weight_keys: list[str]):
-    """The model its config.json describes, on the meta device, with fp8 layers where the checkpoint has scales."""
+    """The model its config.json describes, on the meta device, with fp8 layers where the checkpoint has scales;
+    and the config fields that are not model arguments."""
     config = Ideogram4Transformer2DModel.load_config(folder)
     if config.get("_class_name", TRANSFORMER_CLASS_NAME) != TRANSFORMER_CLASS_NAME:
         raise ValueError(
@@ -340,9 +344,11 @@ def _meta_transformer(folder: Path, scaled_weight_keys: list[str]):
     with init_empty_weights():
         model = Ideogram4Transformer2DModel.from_config(config)
         replace_linears_with_fp8(model, scaled_weight_keys)
-    known = set(model.config) | {"_class_name", "_diffusers_version", "_name_or_path"}
-    unknown = sorted(k for k in config if k not in known)
-    return model, config, unknown
+    known = set(inspect.signature(Ideogram4Transformer2DModel.__init__).parameters) | {
+        "_class_name",
+        "_diffusers_version",
+    }
+    return model, sorted(k for k in config if k not in known)
 
 
 def _load_dtype(plans: Iterable[TensorPlan]) -> torch.dtype:
@@ -359,36 +365,44 @@ def _load_dtype(plans: Iterable[TensorPlan]) -> torch.dtype:
 # Planning the two directions
 
 
-def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_bytes: int) -> None:
+def _checked_transformer(plan: ConversionPlan, name: str, key_plan):
+    """Read a transformer's headers, rename its keys with `key_plan` and check them against the model its config.json
+    describes (meta device). Returns (origin: new key -> (file, source key, rows, source shape), renamed: new key ->
+    (safetensors dtype, shape), the meta model, config fields it does not take). Reads no tensor."""
     folder = plan.root / name
     located = _locate(checkpoint_files(folder))
     source = str(folder)
-    config = Ideogram4Transformer2DModel.load_config(folder)
-    _refuse_bitsandbytes(located, config, source)
-
-    # Original-layout key -> diffusers key(s); fused q/k/v (and their fp8 scales) split by rows.
+    _refuse_bitsandbytes(located, Ideogram4Transformer2DModel.load_config(folder), source)
     origin, renamed = {}, {}
     for key, (file, dtype, shape) in located.items():
         try:
-            key_plan = original_key_plan(key, shape)
+            targets = key_plan(key, shape)
         except CheckpointMismatchError as error:
             raise CheckpointMismatchError(f"{source}: {error} Nothing was written.") from None
-        for new_key, rows in key_plan:
+        for new_key, rows in targets:
             if new_key in origin:
                 raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
             origin[new_key] = (file, key, rows, shape)
             renamed[new_key] = (dtype, _rows(shape, rows))
     _check_fp8_pairs(renamed, source)
-    scaled = [k[: -len("_scale")] for k in renamed if k.endswith(SCALE_SUFFIX)]
-    model, config, unknown = _meta_transformer(folder, scaled)
+    model, unknown = _meta_transformer(folder, [k[: -len("_scale")] for k in renamed if k.endswith(SCALE_SUFFIX)])
     expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_keys(expected_shapes, {k: shape for k, (_, shape) in renamed.items()}, source)
     if unknown:
         plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
+    return origin, renamed, model, unknown
 
+
+def _same_key(key: str, shape: tuple[int, ...]) -> list[tuple[str, None]]:
+    return [(key, None)]
+
+
+def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_bytes: int) -> None:
+    # Original-layout keys -> diffusers keys: fused q/k/v (and their fp8 scales) split by rows.
+    origin, renamed, model, unknown = _checked_transformer(plan, name, original_key_plan)
     dequantize = target is not None
     tensors = []
-    for key in expected_shapes:  # the model's own order: blocks stay together in shards
+    for key in model.state_dict():  # the model's own order: blocks stay together in shards
         if dequantize and key.endswith(SCALE_SUFFIX):
             continue  # consumed with its weight
         dtype_name = renamed[key][0]
@@ -396,54 +410,42 @@ def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_
         tensors.append(_tensor_plan(key, origin[key], dtype_name, target, scale))
 
     plan.files += _shard(tensors, max_bytes, name)
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model)))
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model, unknown)))
     plan.checks.append(TransformerCheck(name, {t.key: t for t in tensors}, _load_dtype(tensors)))
     plan.tensor_dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors}
 
 
-def _transformer_config(model) -> str:
+def _transformer_config(model, unknown: list[str]) -> str:
+    """The model's config.json: every argument (defaults filled in), without fields the class does not take."""
     config = json.loads(model.to_json_string())
-    config.pop("_name_or_path", None)
+    for name in ["_name_or_path", *unknown]:
+        config.pop(name, None)
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name: str) -> None:
-    folder = plan.root / name
-    located = _locate(checkpoint_files(folder))
-    source = str(folder)
-    _refuse_bitsandbytes(located, Ideogram4Transformer2DModel.load_config(folder), source)
-    header = {key: (dtype, shape) for key, (_, dtype, shape) in located.items()}
-    _check_fp8_pairs(header, source)
-    scaled = [k[: -len("_scale")] for k in header if k.endswith(SCALE_SUFFIX)]
-    model, _, unknown = _meta_transformer(folder, scaled)
-    expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected_shapes, {k: shape for k, (_, shape) in header.items()}, source)
-    if unknown:
-        plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
-
+    origin, renamed, model, unknown = _checked_transformer(plan, name, _same_key)
     # The fused keys and shapes come from `diffusers_to_original` run on empty tensors; the rows each fused tensor
     # takes from its parts come from `original_key_plan`, the split it reverses.
-    fused = diffusers_to_original({k: torch.empty(shape, device="meta") for k, (_, shape) in header.items()})
+    fused = diffusers_to_original({k: torch.empty(shape, device="meta") for k, (_, shape) in renamed.items()})
     tensors, consumed = [], []
     for key, meta in fused.items():
         parts = []
         for split_key, _ in original_key_plan(key, tuple(meta.shape)):
-            parts.append(SourceSlice(located[split_key][0], split_key))
+            parts.append(SourceSlice(origin[split_key][0], split_key))
             consumed.append(split_key)
-        dtypes = {header[p.key][0] for p in parts}
+        dtypes = {renamed[p.key][0] for p in parts}
         if len(dtypes) > 1:
-            raise CheckpointMismatchError(f"The parts of `{key}` in {source} have different dtypes: {sorted(dtypes)}.")
+            raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes: {sorted(dtypes)}.")
         tensors.append(TensorPlan(key, tuple(parts), tuple(meta.shape), _torch_dtype(dtypes.pop())))
-    if sorted(consumed) != sorted(header):
+    if sorted(consumed) != sorted(renamed):
         raise CheckpointMismatchError(
-            f"Fusing {source} would not use every key exactly once: {sorted(set(header) ^ set(consumed))}."
+            f"Fusing {name}/ would not use every key exactly once: {sorted(set(renamed) ^ set(consumed))}."
         )
     plan.files.append(OutputFile(f"{name}/{weights_name}", tensors=tuple(tensors)))
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model)))
-    identity = {
-        key: TensorPlan(key, (SourceSlice(file, key),), shape, _torch_dtype(dtype))
-        for key, (file, dtype, shape) in located.items()
-    }
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model, unknown)))
+    # Verified by reloading the fused file and comparing each model tensor with the source tensor of the same key.
+    identity = {key: _tensor_plan(key, origin[key], dtype, None) for key, (dtype, _) in renamed.items()}
     plan.checks.append(TransformerCheck(name, identity, _load_dtype(identity.values())))
     plan.tensor_dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors}
 
@@ -476,17 +478,12 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
     by_file: dict[Path, list[TensorPlan]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
         if key.endswith(SCALE_SUFFIX):
-            continue
-        scale = located[key + "_scale"] if dtype.startswith("F8") else None
-        by_file[file].append(
-            _tensor_plan(
-                key,
-                (file, key, None, shape),
-                dtype,
-                target,
-                None if scale is None else (scale[0], key + "_scale", None),
-            )
-        )
+            continue  # consumed with its weight
+        scale = None
+        if dtype.startswith("F8"):
+            scale_file, _, scale_shape = located[key + "_scale"]
+            scale = (scale_file, key + "_scale", None, scale_shape)
+        by_file[file].append(_tensor_plan(key, (file, key, None, shape), dtype, target, scale))
     for file, tensors in by_file.items():
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(tensors)))
     index_files = [p for p in folder.glob("*.safetensors.index.json")]
@@ -520,7 +517,8 @@ def _read_model_index(root: Path) -> dict:
 
 
 def _is_transformer(name: str, entry) -> bool:
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == TRANSFORMER_CLASS_NAME
+    """By class, or by folder name: a transformer named otherwise in model_index.json is still converted."""
+    return name in TRANSFORMER_COMPONENTS or (isinstance(entry, (list, tuple)) and entry[1] == TRANSFORMER_CLASS_NAME)
 
 
 def _select_components(index: dict, components: Iterable[str] | None, source: str) -> list[str]:
@@ -546,6 +544,8 @@ def _output_model_index(index: dict, components: list[str]) -> str:
     result = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": diffusers_version}
     for name in components:
         entry = list(index[name])
+        if _is_transformer(name, entry):
+            entry = [TRANSFORMER_LIBRARY, TRANSFORMER_CLASS_NAME]
         result[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
     return json.dumps(result, indent=2, sort_keys=True) + "\n"
 
