@@ -316,6 +316,21 @@ def test_two_adapters_with_weights_equal_both_merged_by_hand(tmp_path):
     torch.testing.assert_close(velocity(pipe.transformer), velocity(only_b), **TOLERANCE)
 
 
+def test_runtime_scale_zero_keeps_the_adapter_weights(tmp_path):
+    """`attention_kwargs={"scale": 0}` switches the adapters off for one call; the `set_adapters` weights survive
+    (diffusers' `unscale_lora_layers` would reset them to 1.0)."""
+    pipe = tiny_pipeline()
+    base = velocity(pipe.transformer)
+    path, _, tensors, scale = make_lora("diffusers", tmp_path / "a")
+    reference = merged_by_hand(pipe.transformer, tensors, scale=0.6, default_scale=scale)
+    pipe.load_lora_weights(str(path), adapter_name="a")
+    pipe.set_adapters("a", adapter_weights=0.6)
+    weighted = velocity(pipe.transformer)
+    torch.testing.assert_close(weighted, velocity(reference), **TOLERANCE)
+    torch.testing.assert_close(velocity(pipe.transformer, attention_kwargs={"scale": 0.0}), base, **TOLERANCE)
+    assert torch.equal(velocity(pipe.transformer), weighted)
+
+
 def test_disable_enable_delete_and_unload(tmp_path):
     pipe = tiny_pipeline()
     before = outputs(pipe)

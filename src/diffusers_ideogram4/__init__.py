@@ -33,6 +33,8 @@ _LAZY = {
     "PRESETS": ".sampler",
     "SamplerPreset": ".sampler",
     "model_times": ".sampler",
+    "Ideogram4LoraLoaderMixin": ".lora",
+    "convert_lora_state_dict": ".lora",
     "Ideogram4TextEncoder": ".text_encoder",
     "count_caption_tokens": ".text_encoder",
     "Ideogram4Transformer2DModel": ".transformer_ideogram4",

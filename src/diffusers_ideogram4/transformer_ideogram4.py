@@ -13,7 +13,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
 
 from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
 
@@ -290,14 +290,24 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             `(B, L, in_channels)` velocity in the compute dtype (the dtype of `hidden_states`).
         """
         lora_scale = self._lora_scale(attention_kwargs)
-        if USE_PEFT_BACKEND and lora_scale != 1.0:
-            scale_lora_layers(self, lora_scale)
+        saved_scalings = self._scale_lora(lora_scale) if lora_scale != 1.0 else []
         try:
             output = self._velocity(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator)
         finally:
-            if USE_PEFT_BACKEND and lora_scale != 1.0:
-                unscale_lora_layers(self, lora_scale)
+            for layer, scaling in saved_scalings:
+                layer.scaling = scaling
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _scale_lora(self, lora_scale: float) -> list:
+        """Scale every LoRA layer for one call and return the scalings to restore afterwards. Restoring the saved
+        values (rather than dividing back) keeps `set_adapters` weights intact even for a scale of 0."""
+        if not USE_PEFT_BACKEND or not getattr(self, "_hf_peft_config_loaded", False):
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        saved = [(m, dict(m.scaling)) for m in self.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling")]
+        scale_lora_layers(self, lora_scale)
+        return saved
 
     @staticmethod
     def _lora_scale(attention_kwargs: dict | None) -> float:
