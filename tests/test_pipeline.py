@@ -257,3 +257,26 @@ def test_attention_mask_only_for_mixed_lengths(tiny_pipe, monkeypatch, prompts, 
     unconditional = [has_mask for length, has_mask in seen if length == 320]
     assert conditional and unconditional  # both branches ran, the conditional one on text + image tokens only
     assert set(conditional) == {masked} and set(unconditional) == {False}
+
+
+def test_caption_check_modes(tiny_pipe):
+    from diffusers_ideogram4 import CaptionError, CaptionWarning
+
+    bad = json.dumps({"compositional_deconstruction": {"background": "x", "elements": [
+        {"type": "text", "bbox": [0, 0, 10.5, 10], "text": "HI", "desc": "d"}]}})
+    calls = []
+    hook = tiny_pipe.text_encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(CaptionError) as raised:
+            tiny_pipe([CAPTION, bad, "a cat on a mat"], height=H, width=W)
+    finally:
+        hook.remove()
+    assert calls == []
+    paths = [(index, issue.path) for index, issue in raised.value.issues]
+    assert (1, "compositional_deconstruction.elements[0].bbox[2]") in paths
+    assert any(index == 2 for index, _ in paths) and not any(index == 0 for index, _ in paths)
+    assert 'caption_check="off"' in str(raised.value)
+
+    with pytest.warns(CaptionWarning):
+        out = tiny_pipe(bad, height=H, width=W, num_inference_steps=1, caption_check="warn", output_type="latent")
+    assert out.images.shape == (1, 320, 128)

@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
+from .captions import CAPTION_CHECK_MODES, check_prompts
 from .constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import (
@@ -37,7 +38,6 @@ from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CAPTION_CHECK_MODES = ("error", "warn", "off")
 
 # model_index.json entries. Folders are saved with the names the hub repos use, so they stay loadable from the Hub
 # and by diffusers' built-in pipeline; on load these entries are pointed at this package's classes.
@@ -249,10 +249,6 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
 
     def check_captions(self, prompts: list[str], caption_check: str) -> None:
         """Structured-caption check of every prompt (SPEC 7): raise, warn or skip."""
-        if caption_check == "off":
-            return
-        from .captions import check_prompts
-
         check_prompts(prompts, mode=caption_check)
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
