@@ -102,7 +102,7 @@ def tiny_transformer(seed: int = 0, init_std: float = 0.05) -> Ideogram4Transfor
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator) * init_std
-            parameter.copy_(noise + 1.0 if name.endswith("norm_q.weight") or "norm" in name else noise)
+            parameter.copy_(noise + 1.0 if "norm" in name else noise)  # norm weights around 1
     return model.eval()
 
 
