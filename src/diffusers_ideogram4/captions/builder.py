@@ -378,6 +378,27 @@ def _reordered(obj: dict, order: tuple) -> dict:
     return {**known, **{key: value for key, value in obj.items() if key not in known}}
 
 
+def caption_dict(caption: "Caption | str | dict", caller: str) -> dict:
+    """A caption as a dict, from a `Caption`, JSON text or a dict (returned as is).
+
+    Raises:
+        CaptionError: `caption` is text that is not valid JSON.
+        ValueError: the caption is not a JSON object; the message names `caller`.
+    """
+    if isinstance(caption, Caption):
+        return caption.to_dict()
+    if isinstance(caption, str):
+        try:
+            caption = json.loads(caption)
+        except (ValueError, RecursionError):
+            raise CaptionError([(0, issue) for issue in check_caption(caption) if issue.is_error], 1) from None
+    if not isinstance(caption, dict):
+        raise ValueError(
+            f"{caller}: `caption` must be a Caption, a dict or JSON text of an object, got {type(caption).__name__}."
+        )
+    return caption
+
+
 def canonicalize(caption: "str | dict") -> dict:
     """The caption with every object's keys in the trained order. Values are never changed.
 
@@ -390,14 +411,7 @@ def canonicalize(caption: "str | dict") -> dict:
         CaptionError: `caption` is text that is not valid JSON.
         ValueError: the caption is not a JSON object.
     """
-    if isinstance(caption, str):
-        try:
-            caption = json.loads(caption)
-        except (ValueError, RecursionError):
-            raise CaptionError([(0, issue) for issue in check_caption(caption) if issue.is_error], 1) from None
-    if not isinstance(caption, dict):
-        raise ValueError(f"canonicalize: a caption is a JSON object (dict), got {type(caption).__name__}.")
-    result = _reordered(caption, TOP_LEVEL_KEY_ORDER)
+    result = _reordered(caption_dict(caption, "canonicalize"), TOP_LEVEL_KEY_ORDER)
     if isinstance(result.get("style_description"), dict):
         result["style_description"] = _reordered(result["style_description"], STYLE_KEY_ORDER)
     composition = result.get("compositional_deconstruction")

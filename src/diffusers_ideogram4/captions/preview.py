@@ -1,11 +1,9 @@
 """Draw a caption's layout: element boxes, labels and palettes, on a blank canvas or over a generated image."""
 
-import json
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .builder import Caption
-from .checker import CaptionError, check_caption
+from .builder import caption_dict
 from .schema import BBOX_FIELDS, BBOX_MAX, COLOR_PATTERN, TEXT_TYPE
 
 
@@ -77,20 +75,6 @@ def _label_text(text: str, font) -> str:
     return text
 
 
-def _as_dict(caption) -> dict:
-    if isinstance(caption, Caption):
-        return caption.to_dict()
-    if isinstance(caption, str):
-        try:
-            caption = json.loads(caption)
-        except (ValueError, RecursionError):
-            raise CaptionError([(0, issue) for issue in check_caption(caption) if issue.is_error], 1) from None
-    if not isinstance(caption, dict):
-        kind = type(caption).__name__
-        raise ValueError(f"render_layout: `caption` must be a Caption, a dict or JSON text, got {kind}.")
-    return caption
-
-
 def _elements(caption: dict) -> list:
     composition = caption.get("compositional_deconstruction")
     elements = composition.get("elements") if isinstance(composition, dict) else None
@@ -137,7 +121,7 @@ def render_layout(caption, width: int, height: int, image: Image.Image | None = 
         if image.size != (width, height):
             raise ValueError(f"render_layout: `image` is {image.width}x{image.height} but width x height is "
                              f"{width}x{height}; pass width={image.width}, height={image.height} or resize the image.")
-    caption = _as_dict(caption)
+    caption = caption_dict(caption, "render_layout")
     # convert() returns a new image even when the mode already matches: the caller's image is never drawn on.
     canvas = image.convert("RGB") if image is not None else Image.new("RGB", (width, height), CANVAS_COLOR)
     draw = ImageDraw.Draw(canvas)
