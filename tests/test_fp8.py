@@ -76,11 +76,11 @@ def test_fp8_model_saves_back_to_the_release_format(tmp_path):
     "corrupt, message",
     [
         (lambda s: s.pop("layers.0.feed_forward.w1.weight_scale"),
-         r"float8 weights without their per-row scale: layers\.0\.feed_forward\.w1\.weight"),
+         r"float8 weights without their `\.weight_scale`: layers\.0\.feed_forward\.w1\.weight"),
         (lambda s: s.update({"input_proj.weight_scale": torch.ones(5)}),
          r"mis-shaped keys: input_proj\.weight_scale \(checkpoint \[5\], model \[128\]\)"),
         (lambda s: s.update({"layers.1.attention_norm1.weight_scale": torch.ones(128)}),
-         r"unexpected keys: layers\.1\.attention_norm1\.weight_scale"),
+         r"`\.weight_scale` tensors without a float8 weight: layers\.1\.attention_norm1\.weight_scale"),
     ],
     ids=["scale-missing", "scale-wrong-shape", "scale-on-a-norm"],
 )
@@ -160,7 +160,7 @@ def test_fp8_text_encoder_missing_scale_is_refused(tmp_path):
     folder, _ = fp8_text_encoder_folder(
         tmp_path, corrupt=lambda s: s.pop("language_model.layers.3.self_attn.q_proj.weight_scale"))
     with pytest.raises(CheckpointMismatchError,
-                       match=r"without their per-row scale: language_model\.layers\.3\.self_attn\.q_proj\.weight"):
+                       match=r"without their `\.weight_scale`: language_model\.layers\.3\.self_attn\.q_proj\.weight"):
         Ideogram4TextEncoder.from_pretrained(folder)
 
 

@@ -36,13 +36,14 @@ from safetensors.torch import save_file
 
 from .fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_weight, replace_linears_with_fp8
 from .loading import (
-    MAX_KEYS_IN_MESSAGE,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointMismatchError,
+    check_fp8_pairs,
     check_keys,
     checkpoint_files,
     diffusers_to_original,
+    locate_tensors,
     original_key_plan,
     read_header,
 )
@@ -254,41 +255,6 @@ def _rows(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
     return shape if rows is None else (rows.stop - rows.start, *shape[1:])
 
 
-def _locate(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
-    """Key -> (file, safetensors dtype, shape), from the headers only; a key in two shards is an error."""
-    located = {}
-    for file in files:
-        for key, (dtype, shape) in read_header([file]).items():
-            if key in located:
-                raise CheckpointMismatchError(f"`{key}` appears in two shards: {located[key][0]} and {file}.")
-            located[key] = (file, dtype, shape)
-    return located
-
-
-def _names(keys: list[str]) -> str:
-    more = len(keys) - MAX_KEYS_IN_MESSAGE
-    return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + (f" and {more} more" if more > 0 else "")
-
-
-def _check_fp8_pairs(keys: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
-    """Every float8 weight has its `.weight_scale` and every scale belongs to a float8 weight (keys: key -> dtype,
-    shape, after any renaming)."""
-    unscaled = sorted(k for k, (dtype, _) in keys.items() if dtype.startswith("F8") and k + "_scale" not in keys)
-    orphans = sorted(
-        k for k in keys if k.endswith(SCALE_SUFFIX) and not keys.get(k[: -len("_scale")], ("",))[0].startswith("F8")
-    )
-    if unscaled or orphans:
-        problems = []
-        if unscaled:
-            problems.append(f"float8 weights without their `.weight_scale`: {_names(unscaled)}")
-        if orphans:
-            problems.append(f"`.weight_scale` tensors without a float8 weight: {_names(orphans)}")
-        raise CheckpointMismatchError(
-            f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was written.\n  - "
-            + "\n  - ".join(problems)
-        )
-
-
 def _refuse_bitsandbytes(keys: Iterable[str], config: dict, source: str) -> None:
     bnb = sorted(k for k in keys if any(marker in k for marker in BNB_KEY_MARKERS))
     if bnb or "quantization_config" in config:
@@ -370,7 +336,7 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan):
     describes (meta device). Returns (origin: new key -> (file, source key, rows, source shape), renamed: new key ->
     (safetensors dtype, shape), the meta model, config fields it does not take). Reads no tensor."""
     folder = plan.root / name
-    located = _locate(checkpoint_files(folder))
+    located = locate_tensors(checkpoint_files(folder))
     source = str(folder)
     _refuse_bitsandbytes(located, Ideogram4Transformer2DModel.load_config(folder), source)
     origin, renamed = {}, {}
@@ -384,7 +350,7 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan):
                 raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
             origin[new_key] = (file, key, rows, shape)
             renamed[new_key] = (dtype, _rows(shape, rows))
-    _check_fp8_pairs(renamed, source)
+    check_fp8_pairs(renamed, source)
     model, unknown = _meta_transformer(folder, [k[: -len("_scale")] for k in renamed if k.endswith(SCALE_SUFFIX)])
     expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_keys(expected_shapes, {k: shape for k, (_, shape) in renamed.items()}, source)
@@ -472,9 +438,9 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
     """The fp8 text encoder (SPEC 2.2) written in `target`: same files, each float8 weight dequantized with its
     scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag."""
     files = checkpoint_files(folder, name="model")
-    located = _locate(files)
+    located = locate_tensors(files)
     header = {key: (dtype, shape) for key, (_, dtype, shape) in located.items()}
-    _check_fp8_pairs(header, str(folder))
+    check_fp8_pairs(header, str(folder))
     by_file: dict[Path, list[TensorPlan]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
         if key.endswith(SCALE_SUFFIX):

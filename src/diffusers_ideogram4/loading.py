@@ -135,17 +135,54 @@ def checkpoint_files(folder: Path, variant: str | None = None, name: str = "diff
     )
 
 
-def read_header(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Key -> (safetensors dtype, shape) of every tensor in the files, without reading any tensor."""
-    header = {}
+def locate_tensors(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Key -> (file, safetensors dtype, shape) of every tensor in the files, without reading any tensor."""
+    located = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key in header:
-                    raise CheckpointMismatchError(f"`{key}` appears in more than one shard (again in {file.name}).")
+                if key in located:
+                    raise CheckpointMismatchError(f"`{key}` appears in two shards: {located[key][0]} and {file}.")
                 view = handle.get_slice(key)
-                header[key] = (view.get_dtype(), tuple(view.get_shape()))
-    return header
+                located[key] = (file, view.get_dtype(), tuple(view.get_shape()))
+    return located
+
+
+def read_header(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key -> (safetensors dtype, shape) of every tensor in the files, without reading any tensor."""
+    return {key: (dtype, shape) for key, (_, dtype, shape) in locate_tensors(files).items()}
+
+
+def rename_keys(header: dict, key_plan, source: str) -> tuple[dict, dict]:
+    """Apply a key plan to a header -> (origin: new key -> (source key, row slice or None), renamed: new key ->
+    (dtype, shape)). Two source tensors landing on one key is an error."""
+    origin, renamed = {}, {}
+    for key, (dtype, shape) in header.items():
+        for new_key, rows in key_plan(key, shape):
+            if new_key in origin:
+                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
+            origin[new_key] = (key, rows)
+            renamed[new_key] = (dtype, shape if rows is None else (rows.stop - rows.start, *shape[1:]))
+    return origin, renamed
+
+
+def check_fp8_pairs(renamed: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
+    """Every float8 weight has its `.weight_scale`, and every scale belongs to a float8 weight."""
+    unscaled = sorted(k for k, (dtype, _) in renamed.items() if dtype.startswith("F8") and k + "_scale" not in renamed)
+    orphans = sorted(
+        k for k in renamed
+        if k.endswith(SCALE_SUFFIX) and not renamed.get(k[: -len("_scale")], ("",))[0].startswith("F8")
+    )
+    problems = []
+    if unscaled:
+        problems.append(f"float8 weights without their `.weight_scale`: {_listing(unscaled)}")
+    if orphans:
+        problems.append(f"`.weight_scale` tensors without a float8 weight: {_listing(orphans)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.\n  - "
+            + "\n  - ".join(problems)
+        )
 
 
 def _listing(keys: list) -> str:
@@ -282,43 +319,29 @@ def strict_load(
         ignore: checkpoint keys to skip entirely (e.g. a vision tower that is never used).
         torch_dtype: dtype of floating weights (default float32); fp8 weights and their scales keep theirs.
     """
-    plans = {
-        key: key_plan(key, shape) if key_plan else [(key, None)]
-        for key, (_, shape) in header.items()
-        if not (ignore and ignore.search(key))
-    }
-    provided, float8_keys = {}, []
-    for key, plan in plans.items():
-        dtype, shape = header[key]
-        for new_key, rows in plan:
-            if new_key in provided:
-                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
-            provided[new_key] = shape if rows is None else (rows.stop - rows.start, *shape[1:])
-            if dtype.startswith("F8"):
-                float8_keys.append(new_key)
-    unscaled = sorted(key for key in float8_keys if key + "_scale" not in provided)
-    if unscaled:
-        raise CheckpointMismatchError(
-            f"The checkpoint at {source} stores float8 weights without their per-row scale: {_listing(unscaled)} "
-            f"(expected `<name>.weight_scale` beside each). The fp8 checkpoint is incomplete or corrupted."
-        )
+    kept = {key: value for key, value in header.items() if not (ignore and ignore.search(key))}
+    origin, renamed = rename_keys(kept, key_plan or (lambda key, shape: [(key, None)]), source)
+    check_fp8_pairs(renamed, source)
     with init_empty_weights():
         model = build_model()
         # fp8 release: the Linears that come with a per-row scale hold float8 weights (SPEC 2.2).
-        replace_linears_with_fp8(model, [key[: -len("_scale")] for key in provided if key.endswith(SCALE_SUFFIX)])
+        replace_linears_with_fp8(model, [key[: -len("_scale")] for key in renamed if key.endswith(SCALE_SUFFIX)])
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected, provided, source)
+    check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source)
 
+    targets = {}
+    for new_key, (key, rows) in origin.items():
+        targets.setdefault(key, []).append((new_key, rows))
     state_dict = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key not in plans:
+                if key not in targets:
                     continue
                 tensor = handle.get_tensor(key)
                 if disable_mmap:
                     tensor = tensor.clone()
-                for new_key, rows in plans[key]:
+                for new_key, rows in targets[key]:
                     part = tensor if rows is None else tensor[rows]
                     state_dict[new_key] = _cast(part, torch_dtype or torch.float32, new_key)
     model.load_state_dict(state_dict, strict=True, assign=True)

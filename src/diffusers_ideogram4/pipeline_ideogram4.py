@@ -371,7 +371,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         )
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
-        Ideogram4Transformer2DModel.lora_scale(attention_kwargs)  # validates the keys before any model work
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)  # validates the keys before any model work
         self._attention_kwargs = attention_kwargs
         device = self._execution_device
 

@@ -289,7 +289,7 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Returns:
             `(B, L, in_channels)` velocity in the compute dtype (the dtype of `hidden_states`).
         """
-        lora_scale = self.lora_scale(attention_kwargs)
+        lora_scale = self.scale_from_attention_kwargs(attention_kwargs)
         saved_scalings = self._scale_lora(lora_scale) if lora_scale != 1.0 else []
         try:
             output = self._velocity(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator)
@@ -310,7 +310,7 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return saved
 
     @staticmethod
-    def lora_scale(attention_kwargs: dict | None) -> float:
+    def scale_from_attention_kwargs(attention_kwargs: dict | None) -> float:
         """The LoRA scale in `attention_kwargs` (default 1.0); any other key is an error."""
         attention_kwargs = attention_kwargs or {}
         unknown = sorted(set(attention_kwargs) - set(SUPPORTED_ATTENTION_KWARGS))
