@@ -145,6 +145,10 @@ def test_callback_can_replace_latents(tiny_pipe):
         (dict(output_type="jpeg"), r"`output_type='jpeg'` is not supported; use one of \['pil', 'np', 'pt', 'latent'\]"),
         (dict(preset="fast"), r"`preset='fast'` is not a preset"),
         (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive int, got 0"),
+        (dict(num_images_per_prompt=True), r"`num_images_per_prompt` must be a positive int, got True"),
+        (dict(guidance_schedule=[7.0, "high"]), r"`guidance_schedule` must hold finite numbers, got 'high'"),
+        (dict(guidance_scale=float("nan")), r"`guidance_scale` must hold finite numbers, got nan"),
+        (dict(prompt={"compositional_deconstruction": {}}), r"`prompt` must be a caption string or a non-empty list"),
         (dict(caption_check="strict"), r"`caption_check='strict'` is not supported"),
         (dict(attention_kwargs={"scal": 0.5}), r"`attention_kwargs` has unsupported keys \['scal'\]"),
     ],
@@ -155,7 +159,7 @@ def test_bad_input_raises_before_model_work(tiny_pipe, kwargs, message):
              for m in (tiny_pipe.text_encoder, tiny_pipe.transformer, tiny_pipe.unconditional_transformer)]
     try:
         with pytest.raises(ValueError, match=message):
-            tiny_pipe(CAPTION, **{"height": H, "width": W, **kwargs})
+            tiny_pipe(**{"prompt": CAPTION, "height": H, "width": W, **kwargs})
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,6 +1,7 @@
 """`Ideogram4Pipeline`: structured caption in, image out, faithful to the reference sampler (SPEC 3-5)."""
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,22 @@ def _our_entry(name: str, entry):
     if name == "text_encoder" and str(entry[1]).startswith(("Qwen3VL", "Ideogram4TextEncoder")):
         return (COMPONENT_LIBRARY, "Ideogram4TextEncoder")
     return entry
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _as_guidance(name: str, value) -> float:
+    """A guidance value as a finite float, or an error naming the argument."""
+    try:
+        guidance = float(value)
+    except (TypeError, ValueError):
+        guidance = math.nan
+    if not math.isfinite(guidance):
+        raise ValueError(f"`{name}` must hold finite numbers, got {value!r}.")
+    return guidance
 
 
 class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
@@ -175,17 +192,16 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             )
         if num_inference_steps is None:
             num_inference_steps = len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        _require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
-            schedule = [float(g) for g in guidance_schedule]
+            schedule = [_as_guidance("guidance_schedule", g) for g in guidance_schedule]
             if len(schedule) != num_inference_steps:
                 raise ValueError(
                     f"`guidance_schedule` has {len(schedule)} entries but `num_inference_steps` is "
                     f"{num_inference_steps}; give one guidance value per step, first step first."
                 )
         elif guidance_scale is not None:
-            schedule = [float(guidance_scale)] * num_inference_steps
+            schedule = [_as_guidance("guidance_scale", guidance_scale)] * num_inference_steps
         else:
             schedule = settings.guidance_schedule(num_inference_steps)
         if not self.has_unconditional_branch and any(g != 1.0 for g in schedule):
@@ -225,8 +241,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                     f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
                     + " or ".join(f"`{name}={v}`" for v in sorted(nearby)) + "."
                 )
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}.")
+        _require_positive_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type={output_type!r}` is not supported; use one of {list(OUTPUT_TYPES)}.")
         if caption_check not in CAPTION_CHECK_MODES:
