@@ -198,3 +198,22 @@ def test_rotary_frequencies_survive_a_cast_to_bfloat16():
     reference = model.rotary_emb(positions)
     cast = model.to(torch.bfloat16).rotary_emb(positions)
     torch.testing.assert_close(cast[0], reference[0], rtol=0, atol=0)
+
+
+def test_device_map_load_goes_through_diffusers_and_stays_strict(tmp_path):
+    """A device map (or a quantization config) is handled by diffusers' own loader; the keys are still checked
+    first, and the fused layout is refused there with a pointer to the converter."""
+    model = tiny_transformer(seed=11)
+    model.save_pretrained(tmp_path / "ok")
+    loaded, info = Ideogram4Transformer2DModel.from_pretrained(tmp_path / "ok", device_map={"": "cpu"},
+                                                               output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    state = dict(model.state_dict())
+    state.pop("final_layer.linear.bias")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys: final_layer\.linear\.bias"):
+        Ideogram4Transformer2DModel.from_pretrained(save_checkpoint(tmp_path / "bad", state), device_map={"": "cpu"})
+    fused = save_checkpoint(tmp_path / "fused", diffusers_to_original(model.state_dict()))
+    with pytest.raises(ValueError, match=r"original fused-attention layout.*convert_ideogram4_to_diffusers\.py"):
+        Ideogram4Transformer2DModel.from_pretrained(fused, device_map={"": "cpu"})

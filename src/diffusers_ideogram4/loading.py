@@ -391,6 +391,11 @@ def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool
             "device-map loader cannot read. Convert it first: `python conversion/convert_ideogram4_to_diffusers.py "
             "--source SRC --output OUT`, or load it without `quantization_config` / `device_map`."
         )
+    config = cls.load_config(folder)
+    if "quantization_config" not in config:  # a pre-quantized checkpoint carries its quant state as extra keys
+        with init_empty_weights():
+            expected = {key: tuple(value.shape) for key, value in cls.from_config(config).state_dict().items()}
+        check_keys(expected, {key: shape for key, (_, shape) in header.items()}, str(folder))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model, info = ModelMixin.from_pretrained.__func__(cls, str(folder), output_loading_info=True, **kwargs)
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
