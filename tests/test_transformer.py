@@ -217,3 +217,16 @@ def test_device_map_load_goes_through_diffusers_and_stays_strict(tmp_path):
     fused = save_checkpoint(tmp_path / "fused", diffusers_to_original(model.state_dict()))
     with pytest.raises(ValueError, match=r"original fused-attention layout.*convert_ideogram4_to_diffusers\.py"):
         Ideogram4Transformer2DModel.from_pretrained(fused, device_map={"": "cpu"})
+
+
+def test_bfloat16_forward_equals_diffusers_builtin_bit_for_bit():
+    """In bf16 our forward is bit-identical to the built-in model's, once the built-in model's rotary buffer is
+    given back its float32 values (`.to(torch.bfloat16)` rounds it; ours has no such buffer)."""
+    ours = tiny_transformer(seed=12)
+    peer = peer_transformer(ours.state_dict())
+    inv_freq = peer.rotary_emb.inv_freq.clone()
+    ours, peer = ours.to(torch.bfloat16), peer.to(torch.bfloat16)
+    assert peer.rotary_emb.inv_freq.dtype == torch.bfloat16
+    peer.rotary_emb.inv_freq = inv_freq
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in packed_inputs().items()}
+    assert torch.equal(image_velocity(ours, inputs), image_velocity(peer, inputs))
