@@ -175,20 +175,23 @@ def check_fp8_pairs(renamed: dict[str, tuple[str, tuple[int, ...]]], source: str
     )
     problems = []
     if unscaled:
-        problems.append(f"float8 weights without their `.weight_scale`: {_listing(unscaled)}")
+        problems.append(f"float8 weights without their `.weight_scale`: {list_keys(unscaled)}")
     if orphans:
-        problems.append(f"`.weight_scale` tensors without a float8 weight: {_listing(orphans)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.\n  - "
-            + "\n  - ".join(problems)
-        )
+        problems.append(f"`.weight_scale` tensors without a float8 weight: {list_keys(orphans)}")
+    raise_problems(f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.", problems)
 
 
-def _listing(keys: list) -> str:
-    shown = ", ".join(str(k) for k in keys[:MAX_KEYS_IN_MESSAGE])
+def list_keys(keys) -> str:
+    """Sorted names for an error message, the first MAX_KEYS_IN_MESSAGE of them and a count of the rest."""
+    keys = sorted(str(key) for key in keys)
     more = len(keys) - MAX_KEYS_IN_MESSAGE
-    return shown + (f" and {more} more" if more > 0 else "")
+    return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + (f" and {more} more" if more > 0 else "")
+
+
+def raise_problems(headline: str, problems: list[str], error: type[Exception] = None) -> None:
+    """Raise one error listing every problem under its headline (nothing to do when there is none)."""
+    if problems:
+        raise (error or CheckpointMismatchError)(headline + "\n  - " + "\n  - ".join(problems))
 
 
 def check_keys(
@@ -204,18 +207,16 @@ def check_keys(
     )
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"missing keys: {list_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems.append(f"unexpected keys: {list_keys(unexpected)}")
     if mismatched:
-        problems.append(f"mis-shaped keys: {_listing(mismatched)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The checkpoint at {source} does not match the model config; nothing was loaded.\n  - "
-            + "\n  - ".join(problems)
-            + "\nCheck that the checkpoint and config.json belong together (and that this is an Ideogram 4 "
-            "transformer checkpoint)."
-        )
+        problems.append(f"mis-shaped keys: {list_keys(mismatched)}")
+    raise_problems(
+        f"The checkpoint at {source} does not match the model config; nothing was loaded. Check that the checkpoint "
+        "and config.json belong together (and that this is an Ideogram 4 transformer checkpoint).",
+        problems,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

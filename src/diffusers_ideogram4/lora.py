@@ -30,6 +30,8 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .loading import list_keys, raise_problems
+
 
 COMPONENTS = ("transformer", "unconditional_transformer")
 DEFAULT_COMPONENT = "transformer"
@@ -77,14 +79,6 @@ UNSUPPORTED_KEY_ENDINGS = {".diff": "full weight differences (`.diff`)", ".diff_
 # Saved beside the base weight of a LoRA layer while an adapter is fused, so that unfusing restores it bit for bit.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
-MAX_NAMES_IN_MESSAGE = 12
-
-
-def _names(names) -> str:
-    names = sorted(names)
-    shown = ", ".join(str(n) for n in names[:MAX_NAMES_IN_MESSAGE])
-    more = len(names) - MAX_NAMES_IN_MESSAGE
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -149,7 +143,7 @@ def refuse_unsupported(keys) -> None:
             if key.endswith(ending):
                 found[kind].append(key)
     if found:
-        kinds = "; ".join(f"{kind}: {_names(found_keys)}" for kind, found_keys in sorted(found.items()))
+        kinds = "; ".join(f"{kind}: {list_keys(found_keys)}" for kind, found_keys in sorted(found.items()))
         raise ValueError(
             f"This adapter format is not supported: only plain LoRA (lora_A/lora_B or lora_down/lora_up with alpha) "
             f"loads into Ideogram 4 transformers, and nothing is skipped. Unsupported keys - {kinds}."
@@ -263,12 +257,12 @@ def parse_lora_state_dict(
             pieces[prefix, module][part] = (key, tensor)
     problems = []
     if not_lora:
-        problems.append(f"keys that are not LoRA factors: {_names(not_lora)}")
+        problems.append(f"keys that are not LoRA factors: {list_keys(not_lora)}")
     if unknown_module:
-        problems.append(f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {_names(unknown_module)}")
+        problems.append(f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}")
     if repeated:
-        problems.append(f"factors given twice: {_names(repeated)}")
-    _raise_if(problems, "The LoRA has keys this loader does not understand; nothing was loaded.")
+        problems.append(f"factors given twice: {list_keys(repeated)}")
+    raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
 
     components = _resolve_components({prefix for prefix, _ in pieces}, target)
     metadata_by_prefix = _metadata_by_prefix(metadata)
@@ -304,13 +298,8 @@ def parse_lora_state_dict(
             if name in parsed[component]:
                 problems.append(f"`{component}.{name}` is given twice (again by {source})")
             parsed[component][name] = factors
-    _raise_if(problems, "The LoRA is malformed; nothing was loaded.")
+    raise_problems("The LoRA is malformed; nothing was loaded.", problems, ValueError)
     return dict(parsed)
-
-
-def _raise_if(problems: list[str], headline: str) -> None:
-    if problems:
-        raise ValueError(headline + "\n  - " + "\n  - ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -492,18 +481,20 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
             )
     if fp8:
         raise ValueError(
-            f"Cannot load a LoRA into fp8 weight-only layers (FP8Linear): {_names(fp8)}. PEFT cannot wrap FP8Linear, "
+            f"Cannot load a LoRA into fp8 weight-only layers (FP8Linear): {list_keys(fp8)}. PEFT cannot wrap FP8Linear, "
             f"and a LoRA cannot be fused into float8 weights either. Load the transformer in bf16 (the bf16 "
             f"checkpoint with `torch_dtype=torch.bfloat16`) to use LoRA adapters."
         )
     problems = []
     if missing:
-        problems.append(f"modules the model does not have: {_names(missing)}")
+        problems.append(f"modules the model does not have: {list_keys(missing)}")
     if unsupported:
-        problems.append(f"modules PEFT cannot wrap with LoRA: {_names(unsupported)}")
+        problems.append(f"modules PEFT cannot wrap with LoRA: {list_keys(unsupported)}")
     if mis_shaped:
-        problems.append(f"modules of another shape: {_names(mis_shaped)}")
-    _raise_if(problems, "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.")
+        problems.append(f"modules of another shape: {list_keys(mis_shaped)}")
+    raise_problems(
+        "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.", problems, ValueError
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -790,7 +781,7 @@ def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> N
         raise ValueError(
             f"`{component}_lora_layers` must be a PEFT state dict of the transformer "
             f"(`<module>.lora_A.weight` / `.lora_B.weight`, split attention, no prefix), as returned by "
-            f"`peft.utils.get_peft_model_state_dict`; these keys are not: {_names(wrong)}. Convert other formats with "
+            f"`peft.utils.get_peft_model_state_dict`; these keys are not: {list_keys(wrong)}. Convert other formats with "
             f"`convert_lora_state_dict(..., to='diffusers')`."
         )
 
@@ -803,7 +794,8 @@ def _check_loaded(component: str, model: nn.Module, modules: dict[str, LoraFacto
         for name in modules
         if not (isinstance(found.get(name), BaseTunerLayer) and adapter_name in found[name].lora_A)
     ]
-    _raise_if([f"modules without the adapter: {_names(absent)}"] if absent else [], "PEFT did not load the whole LoRA.")
+    if absent:
+        raise ValueError(f"PEFT did not load the whole LoRA: modules without the adapter: {list_keys(absent)}.")
 
 
 def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
