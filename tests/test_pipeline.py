@@ -4,6 +4,7 @@ import json
 import math
 from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +285,19 @@ def test_caption_check_modes(tiny_pipe):
     with pytest.warns(CaptionWarning):
         out = tiny_pipe(bad, height=H, width=W, num_inference_steps=1, caption_check="warn", output_type="latent")
     assert out.images.shape == (1, 320, 128)
+
+
+def test_steps_run_on_their_own(tiny_pipe):
+    """encode_prompt -> predict_velocity -> euler_step -> decode_latents, outside __call__, equal one call."""
+    from diffusers_ideogram4.sampler import euler_step, image_only_layout, model_times, pack_layout
+
+    pipe = tiny_pipeline(seed=5)
+    noise = torch.randn(1, 320, 128, generator=seeded(2))
+    expected = pipe(CAPTION, height=H, width=W, guidance_schedule=[4.0], latents=noise, output_type="np").images
+    features, lengths = pipe.encode_prompt(pipe.tokenize([CAPTION]), torch.device("cpu"))
+    taus = model_times(1, 0.0, 1.5, H, W).tolist()
+    with torch.no_grad():
+        velocity = pipe.predict_velocity(noise, taus[0], features, pack_layout(lengths, H // 16, W // 16),
+                                         image_only_layout(1, H // 16, W // 16), 4.0)
+        image = pipe.decode_latents(euler_step(noise, velocity, taus[0], taus[1]), H, W, "np")
+    assert np.array_equal(image, expected)

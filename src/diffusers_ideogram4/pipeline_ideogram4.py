@@ -298,7 +298,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             position_ids=layout.position_ids,
             segment_ids=layout.segment_ids,
             indicator=layout.indicator,
-            attention_kwargs=self._attention_kwargs,
+            attention_kwargs=self.attention_kwargs,
             return_dict=False,
         )[0][:, num_text:].float()
         v_uncond = None
@@ -310,7 +310,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 position_ids=uncond_layout.position_ids,
                 segment_ids=None,
                 indicator=uncond_layout.indicator,
-                attention_kwargs=self._attention_kwargs,
+                attention_kwargs=self.attention_kwargs,
                 return_dict=False,
             )[0].float()
         return guided_velocity(v_cond, v_uncond, guidance)
