@@ -5,18 +5,44 @@ time) and does the whole layer loop inside its own `forward`, so the model-offlo
 `enable_model_cpu_offload` fires and moves it to the accelerator.
 """
 
+import inspect
+
 import torch
 from transformers import PreTrainedModel, Qwen3VLConfig  # noqa: F401  (PreTrainedModel: diffusers' loader looks it up here)
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel, Qwen3VLTextModel
 
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
+from .loading import (
+    CheckpointMismatchError,
+    checkpoint_files,
+    read_header,
+    resolve_component_folder,
+    resolve_dtype,
+    strict_load,
+)
 
 
 # The vision tower's weights in a Qwen3-VL checkpoint: never needed, never loaded.
 VISION_KEYS = r"^visual\."
 # Set in `text_encoder/config.json` of the fp8 release.
 FP8_CONFIG_FLAG = "ideogram_fp8_weight_only"
+
+
+_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+
+
+def _causal_mask(config, hidden_states: torch.Tensor, positions: torch.Tensor):
+    """The language model's own causal mask (None where its attention can use `is_causal`), with no cache.
+
+    `create_causal_mask` changed its arguments within transformers 5.x (`cache_position` in early releases, `cache` for
+    `past_key_values` from 5.24); positional for the stable three, by name for the rest.
+    """
+    kwargs = {"position_ids": positions}
+    if "cache_position" in _MASK_PARAMETERS:
+        kwargs["cache_position"] = positions[0]
+    kwargs["cache" if "cache" in _MASK_PARAMETERS else "past_key_values"] = None
+    return create_causal_mask(config, hidden_states, None, **kwargs)
 
 
 def chat_messages(caption: str) -> list[dict]:
@@ -95,13 +121,7 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         # Text-only MRoPE: the same 1-D positions on the t, h and w rows.
         rotary = lm.rotary_emb(hidden_states, positions[None].expand(3, -1, -1))
-        causal_mask = create_causal_mask(
-            config=lm.config,
-            inputs_embeds=hidden_states,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=positions,
-        )
+        causal_mask = _causal_mask(lm.config, hidden_states, positions)
         taps = []
         last = max(self.tap_layers)
         for index, layer in enumerate(lm.layers[: last + 1]):
@@ -132,8 +152,6 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            from .loading import CheckpointMismatchError
-
             raise CheckpointMismatchError(
                 f"The text encoder at {pretrained_model_name_or_path} does not match its config: {problems}. "
                 "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo)."
@@ -144,11 +162,10 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
     def _from_fp8_release(cls, pretrained_model_name_or_path, config, *args, **kwargs):
         import re
 
-        from .loading import checkpoint_files, read_header, resolve_component_folder, strict_load
 
         if args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path: {args}.")
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         device_map = kwargs.pop("device_map", None)
         wants_info = kwargs.pop("output_loading_info", False)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
