@@ -56,7 +56,7 @@ def run_generate(args) -> int:
         print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
     else:
         dtype = getattr(torch, DTYPES[args.dtype])
-        pipe = Ideogram4Pipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = Ideogram4Pipeline.from_pretrained(args.model, dtype=dtype)
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

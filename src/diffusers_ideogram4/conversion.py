@@ -691,7 +691,7 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
 
 
 def _verify_transformer(check: TransformerCheck, folder: Path, reader: _Reader) -> list[str]:
-    model = Ideogram4Transformer2DModel.from_pretrained(folder / check.component, torch_dtype=check.load_dtype)
+    model = Ideogram4Transformer2DModel.from_pretrained(folder / check.component, dtype=check.load_dtype)
     state = model.state_dict()
     problems = []
     if set(state) != set(check.expected):

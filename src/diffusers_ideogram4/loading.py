@@ -232,6 +232,7 @@ def load_transformer(
     pretrained_model_name_or_path,
     *,
     subfolder: str | None = None,
+    dtype: torch.dtype | None = None,
     torch_dtype: torch.dtype | None = None,
     device_map=None,
     quantization_config=None,
@@ -248,12 +249,14 @@ def load_transformer(
     Args:
         pretrained_model_name_or_path: a local folder or a hub repo id.
         subfolder: the component folder (`transformer`, `unconditional_transformer`).
-        torch_dtype: dtype of the floating-point weights (default float32, like diffusers).
+        dtype: dtype of the floating-point weights (default float32, like diffusers); `torch_dtype` is its older
+            name and is accepted too.
         device_map: a single device (`"cuda"`, `torch.device`) to place the model on; any other device map, or a
             `quantization_config`, goes through diffusers' own loader (diffusers layout only), then is checked.
         variant: load `diffusion_pytorch_model.<variant>.safetensors`.
         cache_dir, revision, token, local_files_only, force_download, proxies: passed to the hub download.
     """
+    torch_dtype = resolve_dtype(dtype, torch_dtype)
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     delegated = {k: kwargs.pop(k) for k in _DELEGATED_ONLY if k in kwargs}
     if kwargs:
@@ -278,7 +281,7 @@ def load_transformer(
             f"The checkpoint at {folder} is already quantized (fp8 release); drop `quantization_config` / multi-device "
             "`device_map`, or start from a bf16 checkpoint."
         )
-    if _is_bitsandbytes(quantization_config) or _is_bitsandbytes(config.get("quantization_config")):
+    if uses_bitsandbytes(quantization_config) or uses_bitsandbytes(config.get("quantization_config")):
         require_cuda_for_bitsandbytes(str(folder))
     if quantization_config is not None or config_quantized or not single_device:
         return _load_through_diffusers(
@@ -356,10 +359,20 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _is_bitsandbytes(quantization_config) -> bool:
+def resolve_dtype(dtype, torch_dtype):
+    """`dtype` (diffusers >= 0.42, transformers 5) or its older name `torch_dtype`; never two that disagree."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"`dtype={dtype}` and `torch_dtype={torch_dtype}` disagree: pass only `dtype`.")
+    return torch_dtype if dtype is None else dtype
+
+
+def uses_bitsandbytes(quantization_config) -> bool:
+    """Whether a model's quantization config (an object, a dict, or a backend name) uses bitsandbytes."""
     if quantization_config is None:
         return False
-    if isinstance(quantization_config, dict):
+    if isinstance(quantization_config, str):
+        method = quantization_config
+    elif isinstance(quantization_config, dict):
         method = quantization_config.get("quant_method", "")
     else:
         method = getattr(quantization_config, "quant_method", "")

@@ -483,7 +483,7 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
         raise ValueError(
             f"Cannot load a LoRA into fp8 weight-only layers (FP8Linear): {list_keys(fp8)}. PEFT cannot wrap FP8Linear, "
             f"and a LoRA cannot be fused into float8 weights either. Load the transformer in bf16 (the bf16 "
-            f"checkpoint with `torch_dtype=torch.bfloat16`) to use LoRA adapters."
+            f"checkpoint with `dtype=torch.bfloat16`) to use LoRA adapters."
         )
     problems = []
     if missing:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers.utils
 import numpy as np
 import PIL.Image
 import torch
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401 
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
 from .constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
+from .loading import require_cuda_for_bitsandbytes, resolve_dtype, uses_bitsandbytes
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import (
     DEFAULT_PRESET,
@@ -39,6 +41,8 @@ from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
+DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
 # model_index.json entries. Folders are saved with the names the hub repos use, so they stay loadable from the Hub
 # and by diffusers' built-in pipeline; on load these entries are pointed at this package's classes.
@@ -91,6 +95,21 @@ def _as_guidance(name: str, value) -> float:
     return guidance
 
 
+def _quantizes_transformers_with_bitsandbytes(config) -> bool:
+    """Whether a `PipelineQuantizationConfig` asks for bitsandbytes on either transformer."""
+    if config is None:
+        return False
+    branches = ("transformer", "unconditional_transformer")
+    mapping = getattr(config, "quant_mapping", None)
+    if mapping:
+        return any(uses_bitsandbytes(mapping.get(name)) for name in branches)
+    targets = getattr(config, "components_to_quantize", None)
+    targets = [targets] if isinstance(targets, str) else targets
+    return uses_bitsandbytes(getattr(config, "quant_backend", None)) and (
+        targets is None or any(name in targets for name in branches)
+    )
+
+
 class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
@@ -131,6 +150,21 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loading and saving
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, building this package's classes from a hub-layout folder or repo id.
+
+        Takes `dtype` or its older name `torch_dtype` with every supported diffusers version. A
+        `quantization_config` that puts the transformers in bitsandbytes (nf4) on a machine without CUDA is refused
+        before anything is read (transformers' bitsandbytes runs the text encoder on CPU, so that one is allowed).
+        """
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        if dtype is not None:
+            kwargs["dtype" if DIFFUSERS_TAKES_DTYPE else "torch_dtype"] = dtype
+        if _quantizes_transformers_with_bitsandbytes(kwargs.get("quantization_config")):
+            require_cuda_for_bitsandbytes("`quantization_config`")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
