@@ -11,6 +11,7 @@ Run: `python benchmarks/bench_memory.py --size ideogram4 --device cuda` (prints 
 import argparse
 import gc
 import json
+import math
 import resource
 import time
 
@@ -85,6 +86,43 @@ def random_components(size: str, weights: str, device: str) -> dict:
     return components
 
 
+# Stored bytes per weight of a quantized Linear: fp8 = 1 byte + a float32 scale per row; nf4 (bitsandbytes,
+# compress_statistics=False, SPEC 2.2) = half a byte + a float32 absmax per block of 64. Everything else is bf16.
+NF4_BLOCK = 64
+
+
+def weight_bytes(model: torch.nn.Module, weights: str) -> int:
+    """Bytes the weights of `model` take in a format, computed from its parameter shapes (no tensor is needed)."""
+    from diffusers_ideogram4.fp8 import linear_weight_keys
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    quantized = set(linear_weight_keys(model)) if weights != "bf16" else set()
+    total = 0
+    for name, shape in shapes.items():
+        count = math.prod(shape)
+        if name not in quantized:
+            total += 2 * count
+        elif weights.startswith("fp8"):
+            total += count + 4 * shape[0]
+        else:
+            total += count // 2 + 4 * math.ceil(count / NF4_BLOCK)
+    return total
+
+
+def weights_table(size: str) -> None:
+    """Weights-only lower bounds per format and offload mode, computed on the meta device (no memory needed)."""
+    components = random_components(size, "bf16", "meta")
+    names = ("text_encoder", "transformer", "unconditional_transformer", "vae")
+    print(f"{size} architecture: bytes of the weights alone, computed from parameter shapes (activations, the CUDA "
+          "context and allocator overhead come on top; nf4 leaves the VAE in bf16).\n")
+    print("| weights | text encoder GiB | each transformer GiB | VAE GiB | all resident GiB | largest component GiB |")
+    print("|---|---|---|---|---|---|")
+    for weights in ("bf16", "fp8", "nf4"):
+        gib = {name: weight_bytes(components[name], "bf16" if name == "vae" else weights) / 2**30 for name in names}
+        print(f"| {weights} | {gib['text_encoder']:.2f} | {gib['transformer']:.2f} | {gib['vae']:.2f} | "
+              f"{sum(gib.values()):.2f} | {max(gib.values()):.2f} |")
+
+
 def measure(args, weights: str, offload: str, side: int) -> dict:
     from diffusers_ideogram4 import Ideogram4Pipeline
     from diffusers_ideogram4.fp8 import set_fp8_matmul
@@ -134,7 +172,12 @@ def main():
     parser.add_argument("--offload", default=",".join(OFFLOADS))
     parser.add_argument("--sides", default="1024,2048")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--weights-only", action="store_true",
+                        help="print the computed weight sizes per format (no device, no run) and exit")
     args = parser.parse_args()
+    if args.weights_only:
+        weights_table(args.size)
+        return
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
