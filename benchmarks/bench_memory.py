@@ -11,7 +11,6 @@ Run: `python benchmarks/bench_memory.py --size ideogram4 --device cuda` (prints 
 import argparse
 import gc
 import json
-import math
 import resource
 import time
 
@@ -86,31 +85,10 @@ def random_components(size: str, weights: str, device: str) -> dict:
     return components
 
 
-# Stored bytes per weight of a quantized Linear: fp8 = 1 byte + a float32 scale per row; nf4 (bitsandbytes,
-# compress_statistics=False, SPEC 2.2) = half a byte + a float32 absmax per block of 64. Everything else is bf16.
-NF4_BLOCK = 64
-
-
-def weight_bytes(model: torch.nn.Module, weights: str) -> int:
-    """Bytes the weights of `model` take in a format, computed from its parameter shapes (no tensor is needed)."""
-    from diffusers_ideogram4.fp8 import linear_weight_keys
-
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    quantized = set(linear_weight_keys(model)) if weights != "bf16" else set()
-    total = 0
-    for name, shape in shapes.items():
-        count = math.prod(shape)
-        if name not in quantized:
-            total += 2 * count
-        elif weights.startswith("fp8"):
-            total += count + 4 * shape[0]
-        else:
-            total += count // 2 + 4 * math.ceil(count / NF4_BLOCK)
-    return total
-
-
 def weights_table(size: str) -> None:
     """Weights-only lower bounds per format and offload mode, computed on the meta device (no memory needed)."""
+    from diffusers_ideogram4.sizes import weight_bytes
+
     components = random_components(size, "bf16", "meta")
     names = ("text_encoder", "transformer", "unconditional_transformer", "vae")
     print(f"{size} architecture: bytes of the weights alone, computed from parameter shapes (activations, the CUDA "

@@ -16,7 +16,7 @@ from diffusers_ideogram4.fp8 import (
     set_fp8_matmul,
 )
 from diffusers_ideogram4.loading import diffusers_to_original
-from diffusers_ideogram4.sizes import TRANSFORMER_SIZES
+from diffusers_ideogram4.sizes import TRANSFORMER_SIZES, weight_bytes
 from diffusers_ideogram4.testing import tiny_transformer
 from test_transformer import image_velocity, packed_inputs
 
@@ -45,6 +45,13 @@ def test_fp8_format_counts_one_scale_per_linear():
     assert len([k for k in diffusers_to_original(state) if k.endswith(".weight_scale")]) == 6 * 2 + 7
     assert state["layers.0.attention.to_q.weight"].dtype == FP8_DTYPE
     assert state["layers.0.attention.to_q.weight_scale"].dtype == torch.float32
+
+
+def test_computed_weight_bytes_equal_the_stored_tensors():
+    """The sizes `bench_memory.py --weights-only` prints for the full model, checked on the tiny one."""
+    model = tiny_transformer()
+    assert weight_bytes(model, "fp8") == sum(t.nbytes for t in fp8_release().values())
+    assert weight_bytes(model, "bf16") == sum(t.nbytes for t in model.bfloat16().state_dict().values())
 
 
 @pytest.mark.parametrize("layout", ["split", "fused"])

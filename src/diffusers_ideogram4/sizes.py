@@ -1,6 +1,11 @@
 """Named model sizes: the released model and a tiny one for tests, conversion checks and benchmarks."""
 
+import math
+
+import torch
+
 from .constants import TEXT_ENCODER_TAP_LAYERS, TOKEN_CHANNELS
+from .fp8 import linear_weight_keys
 
 
 # Transformer configs, in the hub `transformer/config.json` field names.
@@ -39,3 +44,26 @@ TEXT_ENCODER_SIZES = {
     "tiny": dict(hidden_size=16, num_hidden_layers=36, num_attention_heads=2, num_key_value_heads=1,
                  head_dim=8, intermediate_size=32, vocab_size=512),
 }
+
+
+# nf4 as released (SPEC 2.2): bitsandbytes blocks of 64 weights, one float32 absmax each (compress_statistics=False).
+NF4_BLOCK = 64
+
+
+def weight_bytes(model: torch.nn.Module, weights: str) -> int:
+    """Bytes of `model`'s weights stored as `weights` ("bf16", "fp8", "nf4"), from parameter shapes alone (a model on
+    the meta device will do). fp8: one byte per Linear weight plus a float32 scale per row; nf4: half a byte plus a
+    float32 absmax per block; everything else bf16."""
+    if weights not in ("bf16", "fp8", "nf4"):
+        raise ValueError(f"`weights` must be 'bf16', 'fp8' or 'nf4', got {weights!r}.")
+    quantized = set(linear_weight_keys(model)) if weights != "bf16" else set()
+    total = 0
+    for name, parameter in model.named_parameters():
+        count = parameter.numel()
+        if name not in quantized:
+            total += 2 * count
+        elif weights == "fp8":
+            total += count + 4 * parameter.shape[0]
+        else:
+            total += count // 2 + 4 * math.ceil(count / NF4_BLOCK)
+    return total
