@@ -54,6 +54,21 @@ def test_computed_weight_bytes_equal_the_stored_tensors():
     assert weight_bytes(model, "bf16") == sum(t.nbytes for t in model.bfloat16().state_dict().values())
 
 
+def test_dtype_cast_moves_fp8_layers_without_touching_the_stored_format(tmp_path):
+    state = fp8_release(seed=2)
+    model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "f", state), dtype=torch.float32)
+    model.to(torch.bfloat16)
+    stored = model.state_dict()
+    kept = [k for k in state if k in linear_weight_keys(model) or k.endswith("_scale")]
+    assert len(kept) == 2 * len(linear_weight_keys(model))
+    for key in kept:  # bit for bit, in the stored dtype
+        assert stored[key].dtype == state[key].dtype
+        assert torch.equal(stored[key].view(torch.uint8), state[key].view(torch.uint8)), key
+    assert stored["layers.0.attention.to_q.weight"].dtype == FP8_DTYPE
+    assert stored["layers.0.attention.to_q.weight_scale"].dtype == torch.float32
+    assert stored["layers.0.attention_norm1.weight"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("layout", ["split", "fused"])
 def test_fp8_checkpoint_equals_bf16_model_on_dequantized_weights(tmp_path, layout):
     state = fp8_release(seed=1)

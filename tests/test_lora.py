@@ -480,15 +480,50 @@ def test_alpha_twice_and_wrong_metadata_are_refused():
     refused(pipe, layers, r"DoRA", metadata={**metadata, "transformer.use_dora": True})
 
 
-def test_fp8_layers_are_refused_by_name():
-    fp8 = pytest.importorskip("diffusers_ideogram4.fp8")
+def fp8_transformer_pipeline():
+    """A tiny pipeline whose conditional transformer is in the fp8 release format, and that model's weights
+    dequantized into a plain float32 transformer (the reference)."""
+    from diffusers_ideogram4.fp8 import (
+        dequantize_fp8_state_dict,
+        linear_weight_keys,
+        quantize_fp8_state_dict,
+        replace_linears_with_fp8,
+    )
+
     pipe = tiny_pipeline()
-    names = [key for key in fp8.linear_weight_keys(pipe.transformer)]
-    quantized = fp8.quantize_fp8_state_dict(pipe.transformer.state_dict(), names)
-    fp8.replace_linears_with_fp8(pipe.transformer, names)
+    names = linear_weight_keys(pipe.transformer)
+    quantized = quantize_fp8_state_dict(pipe.transformer.state_dict(), names)
+    replace_linears_with_fp8(pipe.transformer, names)
     pipe.transformer.load_state_dict(quantized, strict=True)
-    refused(pipe, random_original(seed=5, prefix="diffusion_model."),
-            r"fp8 weight-only layers \(FP8Linear\): transformer\.adaln_proj.*Load the transformer in bf16")
+    reference = tiny_transformer()
+    reference.load_state_dict(dequantize_fp8_state_dict(quantized, torch.float32), strict=True)
+    return pipe, reference
+
+
+def test_lora_on_fp8_layers_matches_dequantized_weights_merged_by_hand():
+    from diffusers_ideogram4.fp8 import FP8_DTYPE, FP8Linear
+
+    pipe, reference = fp8_transformer_pipeline()
+    tensors = random_original(seed=5, prefix="diffusion_model.")
+    before = velocity(pipe.transformer)
+    torch.testing.assert_close(before, velocity(reference), **TOLERANCE)
+
+    pipe.load_lora_weights(tensors, adapter_name="style")
+
+    to_q = pipe.transformer.layers[0].attention.to_q
+    assert isinstance(to_q.base_layer, FP8Linear) and to_q.base_layer.weight.dtype == FP8_DTYPE
+    assert to_q.lora_A["style"].weight.dtype == torch.float32  # not cast to the float8 weight's dtype
+    torch.testing.assert_close(velocity(pipe.transformer), velocity(merged_by_hand(reference, tensors)), **TOLERANCE)
+    torch.testing.assert_close(velocity(pipe.transformer, attention_kwargs={"scale": 0.5}),
+                               velocity(merged_by_hand(reference, tensors, scale=0.5)), **TOLERANCE)
+
+    with_lora = velocity(pipe.transformer)
+    with pytest.raises(ValueError, match=r"`fuse_lora` cannot fold adapters into fp8 weight-only layers: "
+                                         r"transformer\.adaln_proj.*run the adapters unfused"):
+        pipe.fuse_lora()
+    assert torch.equal(velocity(pipe.transformer), with_lora)
+    pipe.unload_lora_weights()
+    assert torch.equal(velocity(pipe.transformer), before)
 
 
 def test_offline_hub_style_folder_and_pickle_refusal(tmp_path):

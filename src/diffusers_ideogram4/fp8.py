@@ -60,14 +60,20 @@ def linear_weight_keys(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(nn.Linear):
     """A Linear holding a float8 weight and a float32 per-row scale (buffers `weight`, `weight_scale`).
 
-    Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint.
+    Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint. It is an
+    `nn.Linear` (PEFT wraps it with its LoRA Linear; the adapter then runs beside the dequantized weight), but its
+    stored format never changes: `model.to(dtype)` moves it without casting the float8 weight or the float32 scale.
     """
 
+    # PEFT casts new adapters to a base layer's `compute_dtype` when it has one, else to its weight's dtype (float8
+    # here, which would ruin them). None: adapters keep the dtype they are created or loaded in.
+    compute_dtype = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight to allocate and initialise
         self.in_features = in_features
         self.out_features = out_features
         self.use_fp8_matmul = False
@@ -77,6 +83,14 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
+
+    def _apply(self, fn, recurse=True):
+        stored = {"weight": self.weight, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, original in stored.items():
+            if self._buffers[name].dtype != original.dtype:  # a dtype cast: redo it as a move only
+                self._buffers[name] = original.to(self._buffers[name].device)
+        return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.use_fp8_matmul:
@@ -107,7 +121,7 @@ def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[st
     wanted = {key[: -len(".weight")] for key in quantized_weight_keys}
     replaced = []
     for name, module in list(model.named_modules()):
-        if name in wanted and isinstance(module, nn.Linear):
+        if name in wanted and isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, device=module.weight.device)

@@ -30,6 +30,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fp8 import FP8Linear
 from .loading import list_keys, raise_problems
 
 
@@ -444,14 +445,6 @@ def convert_lora_file(input_path, output_path, to: str, target: str | None = Non
 # Checks against the loaded model
 
 
-def _fp8_linear_class():
-    try:
-        from .fp8 import FP8Linear
-    except ImportError:  # the fp8 module is optional
-        return None
-    return FP8Linear
-
-
 def base_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
@@ -459,32 +452,22 @@ def base_layer(module: nn.Module) -> nn.Module:
 def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFactors]) -> None:
     """Raise a ValueError naming every module the LoRA targets that the model lacks, cannot wrap, or has another shape.
 
-    fp8 weight-only layers (`FP8Linear`) are refused by name: PEFT cannot wrap them and a LoRA cannot be fused into
-    float8 weights.
+    fp8 weight-only layers (`FP8Linear`) are Linears: the adapter runs beside the dequantized weight.
     """
-    fp8_class = _fp8_linear_class()
     found = dict(model.named_modules())
-    missing, fp8, unsupported, mis_shaped = [], [], [], []
+    missing, unsupported, mis_shaped = [], [], []
     for name, factors in sorted(modules.items()):
         if name not in found:
             missing.append(f"{component}.{name}")
             continue
         layer = base_layer(found[name])
-        if fp8_class is not None and isinstance(layer, fp8_class):
-            fp8.append(f"{component}.{name}")
-        elif not isinstance(layer, nn.Linear):
+        if not isinstance(layer, nn.Linear):
             unsupported.append(f"{component}.{name} ({type(layer).__name__})")
         elif factors.down.shape[1] != layer.in_features or factors.up.shape[0] != layer.out_features:
             mis_shaped.append(
                 f"{component}.{name} (LoRA {factors.up.shape[0]}x{factors.down.shape[1]}, model "
                 f"{layer.out_features}x{layer.in_features})"
             )
-    if fp8:
-        raise ValueError(
-            f"Cannot load a LoRA into fp8 weight-only layers (FP8Linear): {list_keys(fp8)}. PEFT cannot wrap FP8Linear, "
-            f"and a LoRA cannot be fused into float8 weights either. Load the transformer in bf16 (the bf16 "
-            f"checkpoint with `dtype=torch.bfloat16`) to use LoRA adapters."
-        )
     problems = []
     if missing:
         problems.append(f"modules the model does not have: {list_keys(missing)}")
@@ -748,6 +731,15 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 Costs CPU memory for the targeted weights; False uses PEFT's subtraction.
         """
         components = list(COMPONENTS) if components is None else components
+        fp8 = [f"{component}.{name}" for component in components
+               for name, layer in _named_tuner_layers(getattr(self, component, None))
+               if isinstance(base_layer(layer), FP8Linear)]
+        if fp8:
+            raise ValueError(
+                f"`fuse_lora` cannot fold adapters into fp8 weight-only layers: {list_keys(fp8)}. Their weights stay "
+                "float8; run the adapters unfused (they apply at run time, `set_adapters` / `attention_kwargs` "
+                "scale them), or load the bf16 checkpoint to fuse."
+            )
         for component in components:
             model = getattr(self, component, None)
             if model is not None and exact_unfuse:
@@ -798,23 +790,23 @@ def _check_loaded(component: str, model: nn.Module, modules: dict[str, LoraFacto
         raise ValueError(f"PEFT did not load the whole LoRA: modules without the adapter: {list_keys(absent)}.")
 
 
+def _named_tuner_layers(model: nn.Module | None) -> list[tuple[str, BaseTunerLayer]]:
+    return [] if model is None else [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
 def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
-    return [] if model is None else [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    return [layer for _, layer in _named_tuner_layers(model)]
 
 
 def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None) -> None:
     """Before fusing: a CPU copy of each weight that will change, and of the adapters' scaling."""
-    fp8_class = _fp8_linear_class()
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not isinstance(module, BaseTunerLayer) or hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
         if not any(adapter in module.lora_A and adapter not in module.merged_adapters for adapter in wanted):
             continue
-        layer = module.get_base_layer()
-        if fp8_class is not None and isinstance(layer, fp8_class):
-            raise ValueError(f"`{name}` is an fp8 layer; a LoRA cannot be fused into float8 weights. Use a bf16 model.")
-        weight = layer.weight
+        weight = module.get_base_layer().weight
         copy = weight.detach().to("cpu", copy=True) if weight.is_floating_point() else None
         setattr(module, _UNFUSED_STATE, (copy, dict(module.scaling)))
 
