@@ -80,6 +80,33 @@ def test_batch_of_two_lengths_equals_each_alone(tiny_pipe):
     torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
+def test_two_prompts_times_two_images_equal_four_single_runs(tiny_pipe):
+    """Image i of [A, B] x 2 is prompt (A, A, B, B)[i] with generator i: text features follow their own images."""
+    four = tiny_pipe([CAPTION, CAPTION_SHORT], height=H, width=W, num_inference_steps=2, num_images_per_prompt=2,
+                     generator=[seeded(s) for s in range(4)], output_type="latent").images
+    alone = [tiny_pipe(c, height=H, width=W, num_inference_steps=2, generator=seeded(s), output_type="latent").images
+             for s, c in enumerate((CAPTION, CAPTION, CAPTION_SHORT, CAPTION_SHORT))]
+    torch.testing.assert_close(four, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_latents_follows_spec_denormalisation():
+    """SPEC 5, written out: z * sqrt(running_var + eps) + running_mean per token channel, unpatch
+    (B, gh, gw, 2, 2, 32) -> (B, 32, H/8, W/8), decode, clamp to [-1, 1]."""
+    pipe = tiny_pipeline(seed=2)
+    bn = pipe.vae.bn
+    generator = torch.Generator().manual_seed(3)
+    bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator))
+    bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 3 + 0.1)
+    tokens = torch.randn(1, (H // 16) * (W // 16), 128, generator=generator)
+
+    z = tokens * torch.sqrt(bn.running_var + bn.eps) + bn.running_mean
+    grid = z.view(1, H // 16, W // 16, 2, 2, 32).permute(0, 5, 1, 3, 2, 4).reshape(1, 32, H // 8, W // 8)
+    with torch.no_grad():
+        expected = (pipe.vae.decode(grid).sample.clamp(-1, 1) + 1) / 2
+        images = pipe.decode_latents(tokens, H, W, output_type="pt")
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_seed_determinism_and_num_images_per_prompt(tiny_pipe):
     run = lambda seed: tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=2, generator=seeded(seed),  # noqa: E731
                                  num_images_per_prompt=2, output_type="latent").images
@@ -134,6 +161,32 @@ def test_callback_can_replace_latents(tiny_pipe):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_callback_gets_each_step_start_time_and_can_interrupt(tiny_pipe):
+    from diffusers_ideogram4.sampler import model_times
+
+    taus = model_times(3, 0.0, 1.5, H, W).tolist()
+    seen, calls = [], []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def callback(pipe, step, tau, tensors):
+        seen.append(tau)
+        pipe._interrupt = step == 1
+        return {}
+
+    try:
+        stopped = tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=3, generator=seeded(4),
+                            callback_on_step_end=callback, output_type="latent").images
+    finally:
+        hook.remove()
+    assert seen == taus[:2] and len(calls) == 2  # the third step never ran
+    two_steps = []
+    tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=3, generator=seeded(4), output_type="latent",
+              callback_on_step_end=lambda pipe, step, tau, t: two_steps.append(t["latents"]) or {})
+    torch.testing.assert_close(stopped, two_steps[1], rtol=0, atol=0)
+    tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=1, generator=seeded(4), output_type="latent")
+    assert tiny_pipe.interrupt is False
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -147,8 +200,21 @@ def test_callback_can_replace_latents(tiny_pipe):
         (dict(preset="fast"), r"`preset='fast'` is not a preset"),
         (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive int, got 0"),
         (dict(num_images_per_prompt=True), r"`num_images_per_prompt` must be a positive int, got True"),
-        (dict(guidance_schedule=[7.0, "high"]), r"`guidance_schedule` must hold finite numbers, got 'high'"),
-        (dict(guidance_scale=float("nan")), r"`guidance_scale` must hold finite numbers, got nan"),
+        (dict(guidance_schedule=[7.0, "high"]), r"`guidance_schedule\[1\]` must be a finite number, got 'high'"),
+        (dict(guidance_schedule="73"), r"`guidance_schedule` must be a list of numbers, one per step, got '73'"),
+        (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a finite number, got nan"),
+        (dict(guidance_scale="7"), r"`guidance_scale` must be a finite number, got '7'"),
+        (dict(std=0.0), r"`std=0\.0` must be positive: .*the preset's is 1\.5"),
+        (dict(std=-1.5), r"`std=-1\.5` must be positive"),
+        (dict(mu="abc"), r"`mu` must be a finite number, got 'abc'"),
+        (dict(mu=float("inf")), r"`mu` must be a finite number, got inf"),
+        (dict(generator=0), r"`generator` must be a torch\.Generator or a list of them, got 0"),
+        (dict(generator=[torch.Generator()] * 3), r"`generator` is a list of 3 generators, but 1 prompt\(s\) x "
+                                                   r"`num_images_per_prompt=1` make 1 images"),
+        (dict(generator=torch.Generator(), latents=torch.zeros(1, 320, 128)), r"`generator` and `latents` were both given"),
+        (dict(callback_on_step_end="oops"), r"`callback_on_step_end` must be callable .*got 'oops'"),
+        (dict(callback_on_step_end_tensor_inputs="latents"), r"`callback_on_step_end_tensor_inputs` must be a list of names, got 'latents'"),
+        (dict(attention_kwargs={"scale": "x"}), r"`attention_kwargs\['scale'\]` must be a finite number, got 'x'"),
         (dict(prompt={"compositional_deconstruction": {}}), r"`prompt` must be a caption string or a non-empty list"),
         (dict(caption_check="strict"), r"`caption_check='strict'` is not supported"),
         (dict(attention_kwargs={"scal": 0.5}), r"`attention_kwargs` has unsupported keys \['scal'\]"),

@@ -1,7 +1,6 @@
 """`Ideogram4Pipeline`: structured caption in, image out, faithful to the reference sampler (SPEC 3-5)."""
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from .sampler import (
     DISTILLED_PRESET,
     PRESETS,
     euler_step,
+    finite_float,
     guided_velocity,
     image_grid,
     image_only_layout,
@@ -82,17 +82,6 @@ def _our_entry(name: str, entry):
 def _require_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-
-
-def _as_guidance(name: str, value) -> float:
-    """A guidance value as a finite float, or an error naming the argument."""
-    try:
-        guidance = float(value)
-    except (TypeError, ValueError):
-        guidance = math.nan
-    if not math.isfinite(guidance):
-        raise ValueError(f"`{name}` must hold finite numbers, got {value!r}.")
-    return guidance
 
 
 def _quantizes_transformers_with_bitsandbytes(config) -> bool:
@@ -228,14 +217,18 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             num_inference_steps = len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
         _require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
-            schedule = [_as_guidance("guidance_schedule", g) for g in guidance_schedule]
+            if isinstance(guidance_schedule, (str, bytes)) or not hasattr(guidance_schedule, "__len__"):
+                raise ValueError(
+                    f"`guidance_schedule` must be a list of numbers, one per step, got {guidance_schedule!r}."
+                )
+            schedule = [finite_float(f"guidance_schedule[{i}]", g) for i, g in enumerate(guidance_schedule)]
             if len(schedule) != num_inference_steps:
                 raise ValueError(
                     f"`guidance_schedule` has {len(schedule)} entries but `num_inference_steps` is "
                     f"{num_inference_steps}; give one guidance value per step, first step first."
                 )
         elif guidance_scale is not None:
-            schedule = [_as_guidance("guidance_scale", guidance_scale)] * num_inference_steps
+            schedule = [finite_float("guidance_scale", guidance_scale)] * num_inference_steps
         else:
             schedule = settings.guidance_schedule(num_inference_steps)
         if not self.has_unconditional_branch and any(g != 1.0 for g in schedule):
@@ -244,7 +237,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"1.0 at every step, got {sorted(set(schedule))}. Pass `guidance_scale=1.0`, "
                 f"`preset={DISTILLED_PRESET!r}`, or load an `unconditional_transformer`."
             )
-        return schedule, settings.mu if mu is None else float(mu), settings.std if std is None else float(std)
+        mu = settings.mu if mu is None else finite_float("mu", mu)
+        std = settings.std if std is None else finite_float("std", std)
+        if std <= 0:
+            raise ValueError(
+                f"`std={std}` must be positive: it is the spread of the logit-normal schedule (the preset's is "
+                f"{settings.std}); zero or a negative value would give NaN times or run the sampler backwards."
+            )
+        return schedule, mu, std
 
     def check_inputs(
         self,
@@ -256,6 +256,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         output_type,
         caption_check,
         callback_on_step_end_tensor_inputs,
+        generator=None,
+        callback_on_step_end=None,
     ) -> list[str]:
         """Validate every argument before any model work; return the prompts as a list."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -289,7 +291,35 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                     f"`latents` has shape {got}, expected {expected}: (prompts x num_images_per_prompt, "
                     f"(height/16) x (width/16) image tokens, {expected[2]} channels) in token layout."
                 )
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        batch_size = len(prompts) * num_images_per_prompt
+        if latents is not None and generator is not None:
+            raise ValueError(
+                "`generator` and `latents` were both given; the generator only draws the initial noise, which "
+                "`latents` replaces. Pass one of them."
+            )
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or a list of them, got {generator!r}; e.g. "
+                "`generator=torch.Generator().manual_seed(0)`."
+            )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {len(prompts)} prompt(s) x "
+                f"`num_images_per_prompt={num_images_per_prompt}` make {batch_size} images; give one per image "
+                "or a single generator."
+            )
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                f"`callback_on_step_end` must be callable as `callback(pipe, step, tau, tensors)`, got "
+                f"{callback_on_step_end!r}."
+            )
+        if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a list of names, got {callback_on_step_end_tensor_inputs!r}; "
+                f"e.g. {self._callback_tensor_inputs}."
+            )
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; the callback can receive {self._callback_tensor_inputs}."
@@ -404,16 +434,18 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             return_dict (`bool`, defaults to True): return an `Ideogram4PipelineOutput` rather than a tuple.
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, tau, tensors)` after
-                every step; may return `{"latents": ...}` to replace them.
+                every step, `tau` being the model time that step started from; may return `{"latents": ...}` to
+                replace them, and may set `pipe._interrupt = True` to stop early.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
             caption_check (`str`, defaults to "error"): "error" raises `CaptionError` on an invalid caption,
                 "warn" warns and goes on, "off" skips the check.
         """
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
         prompts = self.check_inputs(
             prompt, height, width, num_images_per_prompt, latents, output_type, caption_check,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, generator, callback_on_step_end,
         )
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
@@ -422,6 +454,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         token_ids = self.tokenize(prompts)
         Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)  # validates the keys before any model work
         self._attention_kwargs = attention_kwargs
+        self._interrupt = False
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.
@@ -443,13 +476,15 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         # 5. Denoising loop.
         with self.progress_bar(total=len(guidance)) as progress_bar:
             for step, scale in enumerate(guidance):
+                if self.interrupt:  # set by a callback: stop here and decode what there is
+                    break
                 self._guidance_scale = scale
                 velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
                 latents = euler_step(latents, velocity, taus[step], taus[step + 1])
                 if callback_on_step_end is not None:
                     available = {"latents": latents}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, taus[step + 1], tensors) or {}
+                    outputs = callback_on_step_end(self, step, taus[step], tensors) or {}
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
 
@@ -469,3 +504,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
     @property
     def attention_kwargs(self) -> dict | None:
         return getattr(self, "_attention_kwargs", None)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to stop after the current step (diffusers' convention)."""
+        return getattr(self, "_interrupt", False)

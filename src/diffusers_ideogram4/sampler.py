@@ -6,6 +6,7 @@ to tau = 1 instead).
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,19 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, tau_now: float, ta
 
 def image_grid(height: int, width: int) -> tuple[int, int]:
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+
+def finite_float(name: str, value) -> float:
+    """A real, finite number (a Python or numpy number, or a one-element tensor) as a float, or a ValueError that
+    names the argument. Strings and bools are refused rather than read."""
+    number = math.nan
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return number
 
 
 def initial_noise(batch_size: int, height: int, width: int, generator=None, device=None) -> torch.Tensor:

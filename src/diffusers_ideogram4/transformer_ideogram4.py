@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
 
 from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
+from .sampler import finite_float
 
 
 # Timesteps in [0, 1] are stretched to [0, TIMESTEP_SCALE] before the sinusoid.
@@ -319,7 +320,7 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"`attention_kwargs` has unsupported keys {unknown}; Ideogram 4 accepts only {list(SUPPORTED_ATTENTION_KWARGS)} "
                 f"(the LoRA scale)."
             )
-        return float(attention_kwargs.get("scale", 1.0))
+        return finite_float("attention_kwargs['scale']", attention_kwargs.get("scale", 1.0))
 
     def _velocity(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator):
         dtype = hidden_states.dtype
