@@ -179,15 +179,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_mrope_angles_stay_float32_under_bf16_autocast():
+def test_mrope_angles_keep_float32_precision_near_65536_under_autocast():
+    """Image positions sit near 65536, where bfloat16 cannot tell neighbouring integers apart. Under bf16 autocast
+    the angles still match float64 math to float32 precision (an angle computed through a matmul, which CPU autocast
+    runs in bfloat16, would be off by whole radians)."""
     model = tiny_transformer()
-    positions = pack_layout([3], 2, 2).position_ids
-    reference = model.rotary_emb(positions)
+    positions = pack_layout([3], 4, 4).position_ids
+    assert positions.max() > 60000
+    rotary = model.rotary_emb
+    angles = positions.double()[..., rotary.axis_of_slot] * rotary.inv_freq(positions.device).double()
+    angles = torch.cat((angles, angles), dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cos, sin = model.rotary_emb(positions)
-    assert cos.dtype == torch.float32
-    torch.testing.assert_close(cos, reference[0], rtol=0, atol=0)
-    torch.testing.assert_close(sin, reference[1], rtol=0, atol=0)
+        cos, sin = rotary(positions)
+    assert cos.dtype == sin.dtype == torch.float32
+    # float32 spacing at 65536 is 2 ** -7: the angle is exact to half of that, and so are cos and sin
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=2**-8)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2**-8)
+    # the same in bfloat16 (spacing 256 there) is far off: the check above can tell the two apart
+    coarse = angles.to(torch.bfloat16).double()
+    assert (coarse.cos() - angles.cos()).abs().max() > 0.5
 
 
 def test_rotary_frequencies_survive_a_cast_to_bfloat16():
