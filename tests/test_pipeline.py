@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
@@ -260,6 +261,35 @@ def test_save_and_load_round_trip(tiny_pipe, tmp_path):
         assert type(loaded.text_encoder).__module__.startswith("diffusers_ideogram4")
         loaded.set_progress_bar_config(disable=True)
         torch.testing.assert_close(loaded(CAPTION, **{**kwargs, "generator": seeded(3)}).images, expected)
+
+
+def test_push_to_hub_uploads_the_finished_folder(tiny_pipe, tmp_path, monkeypatch):
+    """`save_pretrained(push_to_hub=True)` uploads the folder as it ends up on disk: official entries and the shim."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    import diffusers_ideogram4.pipeline_ideogram4 as module
+
+    uploads, created = [], []
+    monkeypatch.setattr(module, "create_repo", lambda repo_id, **kw: created.append((repo_id, kw))
+                        or SimpleNamespace(repo_id=f"me/{repo_id.split('/')[-1]}"))
+    monkeypatch.setattr(module, "load_or_create_model_card", lambda *a, **kw: ModelCard("# card\n"))
+
+    def upload(self, folder, repo_id, **kwargs):
+        uploads.append((repo_id, kwargs, sorted(p.name for p in Path(folder).iterdir()),
+                        json.loads((Path(folder) / "model_index.json").read_text())))
+
+    monkeypatch.setattr(Ideogram4Pipeline, "_upload_folder", upload)
+    tiny_pipe.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/ideogram-tiny", private=True,
+                              commit_message="tiny")
+    assert created == [("me/ideogram-tiny", {"exist_ok": True, "private": True, "token": None})]
+    [(repo_id, kwargs, files, index)] = uploads
+    assert repo_id == "me/ideogram-tiny"
+    assert kwargs == {"token": None, "commit_message": "tiny", "create_pr": False}
+    assert {"ideogram4_plugin_pipeline.py", "model_index.json", "README.md", "transformer"} <= set(files)
+    assert index["_class_name"] == ["ideogram4_plugin_pipeline", "Ideogram4Pipeline"]
+    assert index["transformer"] == ["diffusers", "Ideogram4Transformer2DModel"]
 
 
 def test_hub_layout_folder_with_fused_transformer_and_full_qwen3vl(tiny_pipe, tmp_path):

@@ -16,6 +16,8 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (looked up
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (likewise)
 from diffusers.utils import BaseOutput
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
@@ -41,6 +43,8 @@ from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What diffusers' `save_pretrained(push_to_hub=True)` takes for the upload.
+_PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
 DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
@@ -170,9 +174,28 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         config_dict = {name: _our_entry(name, entry) for name, entry in config_dict.items()}
         return super().extract_init_dict(config_dict, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save in the hub layout (official class names in model_index.json) plus a one-line loader shim."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """Save in the hub layout (official class names in model_index.json) plus a one-line loader shim.
+
+        With `push_to_hub=True` (and `repo_id`, `token`, `private`, `commit_message`, `create_pr` as in diffusers),
+        the folder is uploaded once it is complete, shim and rewritten index included.
+        """
+        hub = {name: kwargs.pop(name) for name in _PUSH_KWARGS if name in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
+        self._write_hub_index(save_directory)
+        if push_to_hub:
+            self._push_folder(save_directory, **hub)
+
+    def _push_folder(self, save_directory, repo_id=None, token=None, private=None, commit_message=None,
+                     create_pr=False) -> None:
+        """diffusers' push: create the repo, add a pipeline model card, upload the folder."""
+        repo_id = create_repo(repo_id or os.path.basename(os.path.normpath(save_directory)), exist_ok=True,
+                              private=private, token=token).repo_id
+        card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        card.save(os.path.join(save_directory, "README.md"))
+        self._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+    def _write_hub_index(self, save_directory) -> None:
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)
