@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from conftest import CAPTION
@@ -20,11 +21,28 @@ def test_generate_tiny_random_writes_a_png(tmp_path, capsys):
     assert "RANDOM weights" in printed and "noise" in printed
 
 
-def test_generate_reports_bad_input_as_one_line(tmp_path, capsys):
-    code = main(["generate", CAPTION, "--model", "tiny-random", "-o", str(tmp_path / "x.png"), "--height", "250"])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--height", "250"], "error: `height=250` is not supported"),
+        (["--steps", "0"], "error: --steps 0: give a positive number of steps"),
+        (["--caption", "missing.json"], "error: caption 'missing.json' is neither a file nor JSON text"),
+        (["--caption", '{"compositional_deconstruction":{"elements":[]}}'],
+         "pass --caption-check warn to generate anyway or --caption-check off to skip it."),
+    ],
+)
+def test_generate_reports_bad_input_before_loading_a_model(tmp_path, capsys, monkeypatch, arguments, message):
+    import diffusers_ideogram4.testing
+
+    loads = []
+    monkeypatch.setattr(diffusers_ideogram4.testing, "tiny_pipeline", lambda **kw: loads.append(kw))
+    caption = CAPTION
+    if arguments[0] == "--caption":
+        caption, arguments = arguments[1], []
+    code = main(["generate", caption, "--model", "tiny-random", "-o", str(tmp_path / "x.png"), *arguments])
     assert code == 2
-    assert "error: `height=250` is not supported" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    assert message in capsys.readouterr().err
+    assert loads == [] and not (tmp_path / "x.png").exists()
 
 
 def test_caption_given_inline_equals_caption_file(tmp_path):

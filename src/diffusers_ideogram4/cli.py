@@ -4,23 +4,30 @@ import argparse
 import sys
 from pathlib import Path
 
+from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
 from .captions.cli import add_caption_commands
 from .sampler import PRESETS
 
 
 TINY_RANDOM = "tiny-random"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+CLI_OPT_OUT_HINT = "Fix the caption, or pass --caption-check warn to generate anyway or --caption-check off to skip it."
 
 
 def read_caption(value: str) -> str:
-    """A caption given as a file path, `-` for stdin, or the JSON text itself."""
+    """A caption given as a file path, `-` for stdin, or the JSON text itself (anything starting with `{`)."""
     if value == "-":
         return sys.stdin.read().rstrip("\n")
+    if value.lstrip().startswith("{"):
+        return value
     path = Path(value)
-    if not value.lstrip().startswith("{") and path.is_file():
-        # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
-        return path.read_text(encoding="utf-8").rstrip("\n")
-    return value
+    if not path.is_file():
+        raise ValueError(
+            f"caption {value!r} is neither a file nor JSON text: pass a caption file, '-' for stdin, or the JSON "
+            "caption itself (starting with '{')."
+        )
+    # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
+    return path.read_text(encoding="utf-8").rstrip("\n")
 
 
 def add_generate_command(subparsers) -> None:
@@ -38,16 +45,24 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (16 GB cards)")
-    parser.add_argument("--caption-check", choices=["error", "warn", "off"], default="error")
+    parser.add_argument("--caption-check", choices=CAPTION_CHECK_MODES, default="error")
     parser.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
     import torch
 
-    from .pipeline_ideogram4 import Ideogram4Pipeline
+    from .pipeline_ideogram4 import Ideogram4Pipeline, check_image_size
 
+    # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
     caption = read_caption(args.caption)
+    check_image_size(args.height, args.width)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: give a positive number of steps, or leave it out for the preset's.")
+    try:
+        check_prompts([caption], mode=args.caption_check)
+    except CaptionError as error:
+        raise CaptionError(error.issues, error.num_prompts, CLI_OPT_OUT_HINT) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == TINY_RANDOM:
         from .testing import tiny_pipeline
@@ -70,7 +85,7 @@ def run_generate(args) -> int:
         preset=args.preset,
         guidance_scale=args.guidance_scale,
         generator=generator,
-        caption_check=args.caption_check,
+        caption_check="off",  # checked above
     ).images[0]
     image.save(args.output)
     print(f"Wrote {args.output} ({image.width}x{image.height}, seed {args.seed}).")

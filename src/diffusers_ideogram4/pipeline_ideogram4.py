@@ -83,6 +83,21 @@ def _our_entry(name: str, entry):
     return entry
 
 
+def check_image_size(height, width) -> None:
+    """Both sides a multiple of 16 in 256..2048 (SPEC 6), or a ValueError that suggests the nearest valid sizes."""
+    for name, side in (("height", height), ("width", width)):
+        if isinstance(side, bool) or not isinstance(side, int):
+            raise ValueError(f"`{name}` must be an int number of pixels, got {side!r}.")
+        if side % PIXELS_PER_TOKEN or not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
+            below = side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+            nearby = {min(max(v, MIN_IMAGE_SIDE), MAX_IMAGE_SIDE) for v in (below, below + PIXELS_PER_TOKEN)}
+            raise ValueError(
+                f"`{name}={side}` is not supported: Ideogram 4 needs a multiple of {PIXELS_PER_TOKEN} between "
+                f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
+                + " or ".join(f"`{name}={v}`" for v in sorted(nearby)) + "."
+            )
+
+
 def _require_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -289,17 +304,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"`prompt` must be a caption string or a non-empty list of them, got {type(prompt).__name__}: "
                 f"{str(prompt)[:80]!r}. Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`."
             )
-        for name, side in (("height", height), ("width", width)):
-            if isinstance(side, bool) or not isinstance(side, int):
-                raise ValueError(f"`{name}` must be an int number of pixels, got {side!r}.")
-            if side % PIXELS_PER_TOKEN or not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
-                below = side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-                nearby = {min(max(v, MIN_IMAGE_SIDE), MAX_IMAGE_SIDE) for v in (below, below + PIXELS_PER_TOKEN)}
-                raise ValueError(
-                    f"`{name}={side}` is not supported: Ideogram 4 needs a multiple of {PIXELS_PER_TOKEN} between "
-                    f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
-                    + " or ".join(f"`{name}={v}`" for v in sorted(nearby)) + "."
-                )
+        check_image_size(height, width)
         _require_positive_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type={output_type!r}` is not supported; use one of {list(OUTPUT_TYPES)}.")
