@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
 from .captions.cli import add_caption_commands
+from .constants import DEFAULT_IMAGE_SIDE
 from .sampler import PRESETS
 
 
@@ -37,8 +38,8 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--model", default="ideogram-ai/ideogram-4-nf4-diffusers",
                         help=f"hub id or local folder; '{TINY_RANDOM}' builds a tiny random model offline (noise)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIDE)
+    parser.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIDE)
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: quality_48")
     parser.add_argument("--guidance-scale", type=float, default=None)

@@ -20,6 +20,11 @@ PIXELS_PER_TOKEN = VAE_SCALE_FACTOR * PATCH_SIZE
 LATENT_CHANNELS = 32
 TOKEN_CHANNELS = LATENT_CHANNELS * PATCH_SIZE * PATCH_SIZE  # 128
 
+# Attention Linears whose keys differ between the original release (fused) and the diffusers layout (SPEC 2.1).
+FUSED_QKV, FUSED_OUT = "attention.qkv", "attention.o"
+SPLIT_QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
+SPLIT_OUT = "attention.to_out.0"
+
 # Documented resolution range per side.
 MIN_IMAGE_SIDE = 256
 MAX_IMAGE_SIDE = 2048

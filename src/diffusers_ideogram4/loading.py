@@ -14,6 +14,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
+from .constants import FUSED_OUT, FUSED_QKV, SPLIT_OUT, SPLIT_QKV
 from .fp8 import FP8_DTYPE, SCALE_SUFFIX, is_fp8_checkpoint, replace_linears_with_fp8
 
 
@@ -21,14 +22,14 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Original-release keys that the diffusers layout stores differently; every other key is shared. The parameter after
 # the module name is `weight`, or `weight_scale` in the fp8 release.
-FUSED_QKV = "attention.qkv."
-FUSED_OUT = "attention.o."
-SPLIT_QKV = ("attention.to_q.", "attention.to_k.", "attention.to_v.")
-SPLIT_OUT = "attention.to_out.0."
-_FUSED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)(?P<module>attention\.qkv\.|attention\.o\.)(?P<param>weight(?:_scale)?)$")
-_SPLIT_KEY = re.compile(
-    r"^(?P<prefix>(?:.*\.)?)(?P<module>attention\.to_[qkv]\.|attention\.to_out\.0\.)(?P<param>weight(?:_scale)?)$"
+_FUSED_KEY = re.compile(
+    rf"^(?P<prefix>(?:.*\.)?)(?P<module>{'|'.join(map(re.escape, (FUSED_QKV, FUSED_OUT)))})\.(?P<param>weight(?:_scale)?)$"
 )
+_SPLIT_KEY = re.compile(
+    rf"^(?P<prefix>(?:.*\.)?)(?P<module>{'|'.join(map(re.escape, (*SPLIT_QKV, SPLIT_OUT)))})\.(?P<param>weight(?:_scale)?)$"
+)
+# device_map values that spread a model over devices (diffusers' loader handles those).
+MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How many offending keys an error message lists before it summarises.
 MAX_KEYS_IN_MESSAGE = 12
 
@@ -53,13 +54,13 @@ def original_key_plan(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice
         return [(key, None)]
     prefix, module, param = match.group("prefix", "module", "param")
     if module == FUSED_OUT:
-        return [(prefix + SPLIT_OUT + param, None)]
+        return [(f"{prefix}{SPLIT_OUT}.{param}", None)]
     if not shape or shape[0] % 3:
         raise CheckpointMismatchError(
             f"`{key}` has shape {list(shape)}; a fused q/k/v tensor needs 3 * hidden rows (contiguous [q; k; v])."
         )
     rows = shape[0] // 3
-    return [(prefix + split + param, slice(i * rows, (i + 1) * rows)) for i, split in enumerate(SPLIT_QKV)]
+    return [(f"{prefix}{split}.{param}", slice(i * rows, (i + 1) * rows)) for i, split in enumerate(SPLIT_QKV)]
 
 
 def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,10 +82,10 @@ def diffusers_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
             continue
         prefix, module, param = match.group("prefix", "module", "param")
         if module == SPLIT_OUT:
-            converted[prefix + FUSED_OUT + param] = tensor
+            converted[f"{prefix}{FUSED_OUT}.{param}"] = tensor
         elif module == SPLIT_QKV[0]:
-            parts = [state_dict[prefix + split + param] for split in SPLIT_QKV]
-            converted[prefix + FUSED_QKV + param] = torch.cat(parts, dim=0)
+            parts = [state_dict[f"{prefix}{split}.{param}"] for split in SPLIT_QKV]
+            converted[f"{prefix}{FUSED_QKV}.{param}"] = torch.cat(parts, dim=0)
     return converted
 
 
@@ -222,7 +223,7 @@ def check_keys(
 # --------------------------------------------------------------------------------------------------------------------
 # The transformer loader
 
-_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 # Arguments diffusers' pipeline loader passes to every model; they only matter on the delegated path below.
 _DELEGATED_ONLY = ("max_memory", "offload_folder", "offload_state_dict")
 
@@ -257,7 +258,7 @@ def load_transformer(
         cache_dir, revision, token, local_files_only, force_download, proxies: passed to the hub download.
     """
     torch_dtype = resolve_dtype(dtype, torch_dtype)
-    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs.pop(k) for k in HUB_DOWNLOAD_KWARGS if k in kwargs}
     delegated = {k: kwargs.pop(k) for k in _DELEGATED_ONLY if k in kwargs}
     if kwargs:
         raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
@@ -273,7 +274,7 @@ def load_transformer(
     fp8 = is_fp8_checkpoint(header)
 
     single_device = device_map is None or isinstance(device_map, (torch.device, int)) or (
-        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+        isinstance(device_map, str) and device_map not in MULTI_DEVICE_MAPS
     )
     config_quantized = "quantization_config" in config
     if fp8 and (quantization_config is not None or not single_device):

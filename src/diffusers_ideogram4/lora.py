@@ -30,8 +30,9 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .constants import FUSED_OUT, FUSED_QKV, SPLIT_OUT, SPLIT_QKV
 from .fp8 import FP8Linear
-from .loading import list_keys, raise_problems
+from .loading import HUB_DOWNLOAD_KWARGS, list_keys, raise_problems
 
 
 COMPONENTS = ("transformer", "unconditional_transformer")
@@ -49,9 +50,6 @@ PEFT_DOWN, PEFT_UP = DOWN_SUFFIXES[0], UP_SUFFIXES[0]
 ORIGINAL_DOWN, ORIGINAL_UP = DOWN_SUFFIXES[1], UP_SUFFIXES[1]
 
 # The Linear layers of the model (SPEC 2.1), per block and global; the original layout fuses the attention.
-FUSED_QKV, FUSED_OUT = "attention.qkv", "attention.o"
-SPLIT_QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
-SPLIT_OUT = "attention.to_out.0"
 FEED_FORWARD = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 BLOCK_MODULES = (*SPLIT_QKV, SPLIT_OUT, *FEED_FORWARD, "adaln_modulation")
 ORIGINAL_BLOCK_MODULES = (FUSED_QKV, FUSED_OUT, *FEED_FORWARD, "adaln_modulation")
@@ -79,7 +77,7 @@ UNSUPPORTED_KEY_MARKERS = {
 UNSUPPORTED_KEY_ENDINGS = {".diff": "full weight differences (`.diff`)", ".diff_b": "full bias differences (`.diff_b`)"}
 # Saved beside the base weight of a LoRA layer while an adapter is fused, so that unfusing restores it bit for bit.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+HUB_KWARGS = (*HUB_DOWNLOAD_KWARGS, "subfolder")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from huggingface_hub import create_repo
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
-from .constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
+from .constants import DEFAULT_IMAGE_SIDE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
 from .loading import require_cuda_for_bitsandbytes, resolve_dtype, uses_bitsandbytes
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import (
@@ -422,8 +422,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
     def __call__(
         self,
         prompt: str | list[str],
-        height: int = 1024,
-        width: int = 1024,
+        height: int = DEFAULT_IMAGE_SIDE,
+        width: int = DEFAULT_IMAGE_SIDE,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_schedule: list[float] | None = None,

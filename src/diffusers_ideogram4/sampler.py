@@ -23,6 +23,7 @@ from .constants import (
     TAU_MAX,
     TAU_MIN,
     TEXT_INDICATOR,
+    TOKEN_CHANNELS,
 )
 
 
@@ -112,7 +113,7 @@ def initial_noise(batch_size: int, height: int, width: int, generator=None, devi
     from diffusers.utils.torch_utils import randn_tensor
 
     grid_h, grid_w = image_grid(height, width)
-    shape = (batch_size, grid_h * grid_w, LATENT_CHANNELS * PATCH_SIZE * PATCH_SIZE)
+    shape = (batch_size, grid_h * grid_w, TOKEN_CHANNELS)
     return randn_tensor(shape, generator=generator, device=torch.device(device or "cpu"), dtype=torch.float32)
 
 

@@ -14,6 +14,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedMode
 
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
 from .loading import (
+    MULTI_DEVICE_MAPS,
     CheckpointMismatchError,
     checkpoint_files,
     read_header,
@@ -177,7 +178,7 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         kwargs.pop("low_cpu_mem_usage", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
-        if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        if isinstance(device_map, dict) or device_map in MULTI_DEVICE_MAPS:
             raise ValueError("The fp8 text encoder loads on one device: pass `device_map='cuda'` (or nothing).")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
