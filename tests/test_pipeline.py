@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 from statistics import NormalDist
 
@@ -397,3 +398,30 @@ def test_steps_run_on_their_own(tiny_pipe):
                                          image_only_layout(1, H // 16, W // 16), 4.0)
         image = pipe.decode_latents(euler_step(noise, velocity, taus[0], taus[1]), H, W, "np")
     assert np.array_equal(image, expected)
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder"])
+def test_pipeline_refuses_a_component_checkpoint_with_missing_or_stray_keys(tiny_pipe, tmp_path, component):
+    """diffusers and transformers only log such keys and initialise the missing weights at random."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_pipe.save_pretrained(tmp_path)
+    [weights] = (tmp_path / component).glob("*.safetensors")
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    state.pop(dropped)
+    state["stray.weight"] = torch.zeros(3)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"The checkpoint at {re.escape(str(tmp_path / component))} does not match the "
+                                         rf"model; it was not used\..*\n  - missing keys: {re.escape(dropped)}\n  - "
+                                         rf"unexpected keys: stray\.weight$"):
+        Ideogram4Pipeline.from_pretrained(tmp_path)
+
+
+def test_loaded_vae_is_diffusers_own_class(tiny_pipe, tmp_path):
+    from diffusers import AutoencoderKLFlux2
+
+    tiny_pipe.save_pretrained(tmp_path)
+    loaded = Ideogram4Pipeline.from_pretrained(tmp_path)
+    assert type(loaded.vae) is AutoencoderKLFlux2
+    assert all(torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), tiny_pipe.vae.state_dict().values()))

@@ -67,7 +67,8 @@ def test_missing_language_model_weight_is_refused(full_qwen3vl, tmp_path):
     state.pop("language_model.layers.7.mlp.up_proj.weight")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointMismatchError, match=r"missing_keys.*language_model\.layers\.7\.mlp\.up_proj\.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"does not match the model; it was not used\. Expected a Qwen3-VL "
+                       r"checkpoint .*\n  - missing keys: language_model\.layers\.7\.mlp\.up_proj\.weight$"):
         Ideogram4TextEncoder.from_pretrained(tmp_path)
 
 

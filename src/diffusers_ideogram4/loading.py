@@ -220,6 +220,14 @@ def check_keys(
     )
 
 
+def check_loading_info(info: dict, source: str, hint: str = "") -> None:
+    """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
+    reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
+    labels = {"missing_keys": "missing keys", "unexpected_keys": "unexpected keys", "mismatched_keys": "mis-shaped keys"}
+    problems = [f"{label}: {list_keys(info[key])}" for key, label in labels.items() if info.get(key)]
+    raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The transformer loader
 
@@ -413,7 +421,5 @@ def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool
         check_keys(expected, {key: shape for key, (_, shape) in header.items()}, str(folder))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model, info = ModelMixin.from_pretrained.__func__(cls, str(folder), output_loading_info=True, **kwargs)
-    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
-    if problems:
-        raise CheckpointMismatchError(f"The checkpoint at {folder} does not match the model: {problems}.")
+    check_loading_info(info, str(folder))
     return (model, info) if output_loading_info else model

@@ -40,6 +40,7 @@ from .sampler import (
 )
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
+from .vae import StrictAutoencoderKLFlux2  # noqa: F401  (the loader `extract_init_dict` points the VAE entry at)
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -80,6 +81,8 @@ def _our_entry(name: str, entry):
         return (COMPONENT_LIBRARY, "Ideogram4Transformer2DModel")
     if name == "text_encoder" and str(entry[1]).startswith(("Qwen3VL", "Ideogram4TextEncoder")):
         return (COMPONENT_LIBRARY, "Ideogram4TextEncoder")
+    if name == "vae" and entry[1] == "AutoencoderKLFlux2":
+        return (COMPONENT_LIBRARY, "StrictAutoencoderKLFlux2")
     return entry
 
 

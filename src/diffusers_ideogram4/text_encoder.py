@@ -6,6 +6,7 @@ time) and does the whole layer loop inside its own `forward`, so the model-offlo
 """
 
 import inspect
+import os
 
 import torch
 from transformers import PreTrainedModel, Qwen3VLConfig  # noqa: F401  (PreTrainedModel: diffusers' loader looks it up here)
@@ -15,7 +16,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedMode
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
 from .loading import (
     MULTI_DEVICE_MAPS,
-    CheckpointMismatchError,
+    check_loading_info,
     checkpoint_files,
     read_header,
     resolve_component_folder,
@@ -150,13 +151,8 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
             return cls._from_fp8_release(pretrained_model_name_or_path, config, *args, **kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        problems = {k: v for k, v in problems.items() if v}
-        if problems:
-            raise CheckpointMismatchError(
-                f"The text encoder at {pretrained_model_name_or_path} does not match its config: {problems}. "
-                "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo)."
-            )
+        source = os.path.join(str(pretrained_model_name_or_path), *filter(None, [kwargs.get("subfolder")]))
+        check_loading_info(info, source, "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo).")
         return (model, info) if wants_info else model
 
     @classmethod
