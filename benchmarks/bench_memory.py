@@ -65,7 +65,8 @@ def random_components(size: str, weights: str, device: str) -> dict:
             replace_linears_with_fp8(model, keys)
             for key, linear in linears.items():
                 layer = model.get_submodule(key[: -len(".weight")])
-                layer.weight, layer.weight_scale = quantize_fp8_weight(linear.weight.detach())
+                weight, scale = quantize_fp8_weight(linear.weight.detach())
+                layer.weight.data, layer.weight_scale.data = weight, scale
                 layer.bias = linear.bias
             del linears
     if weights == "nf4":

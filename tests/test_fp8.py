@@ -69,6 +69,27 @@ def test_dtype_cast_moves_fp8_layers_without_touching_the_stored_format(tmp_path
     assert stored["layers.0.attention_norm1.weight"].dtype == torch.bfloat16
 
 
+def test_fp8_model_reports_its_compute_dtype(tmp_path):
+    model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "f", fp8_release()), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == FP8_DTYPE  # what diffusers' `dtype` would have reported
+    assert model.dtype == torch.bfloat16
+
+
+def test_sequential_offload_streams_fp8_weights(tmp_path):
+    """diffusers' enable_sequential_cpu_offload calls accelerate's cpu_offload with offload_buffers=False for models
+    without root parameters: buffers would stay on the accelerator, so the fp8 weights are parameters."""
+    from accelerate import cpu_offload
+
+    folder = write(tmp_path / "f", fp8_release(seed=3))
+    model = Ideogram4Transformer2DModel.from_pretrained(folder, dtype=torch.bfloat16)
+    inputs = {k: v.bfloat16() if v is not None and v.is_floating_point() else v for k, v in packed_inputs().items()}
+    expected = image_velocity(model, inputs)
+    cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    assert model.layers[0].attention.to_q.weight.device.type == "meta"  # streamed in at each call, not resident
+    assert model.layers[0].attention.to_q.weight_scale.device.type == "meta"
+    torch.testing.assert_close(image_velocity(model, inputs), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", ["split", "fused"])
 def test_fp8_checkpoint_equals_bf16_model_on_dequantized_weights(tmp_path, layout):
     state = fp8_release(seed=1)

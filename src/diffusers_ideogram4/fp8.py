@@ -13,6 +13,8 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 SCALE_SUFFIX = ".weight_scale"
+# The parameters of an FP8Linear that keep the release's dtypes (float8, float32) whatever the model's dtype.
+STORED_FORMAT = ("weight", "weight_scale")
 
 
 def is_fp8_checkpoint(keys) -> bool:
@@ -61,11 +63,13 @@ def linear_weight_keys(model: nn.Module) -> list[str]:
 
 
 class FP8Linear(nn.Linear):
-    """A Linear holding a float8 weight and a float32 per-row scale (buffers `weight`, `weight_scale`).
+    """A Linear holding a float8 weight and a float32 per-row scale (frozen parameters `weight`, `weight_scale`).
 
     Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint. It is an
     `nn.Linear` (PEFT wraps it with its LoRA Linear; the adapter then runs beside the dequantized weight), but its
     stored format never changes: `model.to(dtype)` moves it without casting the float8 weight or the float32 scale.
+    Parameters rather than buffers, so that sequential CPU offload streams them like any weight (accelerate keeps
+    buffers resident on the accelerator there).
     """
 
     # PEFT casts new adapters to a base layer's `compute_dtype` when it has one, else to its weight's dtype (float8
@@ -77,19 +81,22 @@ class FP8Linear(nn.Linear):
         self.in_features = in_features
         self.out_features = out_features
         self.use_fp8_matmul = False
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
 
     def _apply(self, fn, recurse=True):
-        stored = {"weight": self.weight, "weight_scale": self.weight_scale}
+        stored = {name: self._parameters[name].data for name in STORED_FORMAT}
         super()._apply(fn, recurse)
         for name, original in stored.items():
-            if self._buffers[name].dtype != original.dtype:  # a dtype cast: redo it as a move only
-                self._buffers[name] = original.to(self._buffers[name].device)
+            parameter = self._parameters[name]
+            if parameter.dtype != original.dtype:  # a dtype cast: redo it as a move only
+                parameter.data = original.to(parameter.device)
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -114,6 +121,13 @@ class FP8Linear(nn.Linear):
             out_dtype=hidden_states.dtype,
         )
         return out.reshape(*hidden_states.shape[:-1], self.out_features)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating parameter outside the fp8 stored format (diffusers'
+    and transformers' `model.dtype` would report float8 for a model whose first parameter is an fp8 weight)."""
+    stored = {id(m._parameters[name]) for m in model.modules() if isinstance(m, FP8Linear) for name in STORED_FORMAT}
+    return next(p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in stored)
 
 
 def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[str]:

@@ -14,6 +14,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel, Qwen3VLTextModel
 
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
+from .fp8 import FP8_DTYPE, compute_dtype
 from .loading import (
     MULTI_DEVICE_MAPS,
     check_loading_info,
@@ -136,6 +137,12 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         if attention_mask is not None:
             features = torch.where(attention_mask[..., None].bool(), features, features.new_zeros(()))
         return features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype; an fp8-release model's float8 weights are storage, not what it computes in."""
+        dtype = super().dtype
+        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
 
 from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
+from .fp8 import FP8_DTYPE, compute_dtype
 from .sampler import finite_float
 
 
@@ -360,6 +361,12 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         # 7. Final layer.
         return self.final_layer(hidden_states, adaln_input)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype; an fp8-release model's float8 weights are storage, not what it computes in."""
+        dtype = super().dtype
+        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
