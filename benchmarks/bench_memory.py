@@ -69,10 +69,10 @@ def random_components(size: str, weights: str, device: str) -> dict:
                 layer.weight.data, layer.weight_scale.data = weight, scale
                 layer.bias = linear.bias
             del linears
-    if weights == "nf4":
+    if weights == "nf4":  # the nf4 release quantizes both transformers and the text encoder (SPEC 2.2)
         import bitsandbytes as bnb
 
-        for name in ("transformer", "unconditional_transformer"):
+        for name in ("text_encoder", "transformer", "unconditional_transformer"):
             model = components[name]
             for key in [k[: -len(".weight")] for k in linear_weight_keys(model)]:
                 parent_name, _, child = key.rpartition(".")
@@ -81,7 +81,7 @@ def random_components(size: str, weights: str, device: str) -> dict:
                 quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                                               compute_dtype=torch.bfloat16, quant_type="nf4",
                                               compress_statistics=False)
-                quantized.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
                 setattr(parent, child, quantized.to(device))
     return components
 
@@ -102,55 +102,71 @@ def weights_table(size: str) -> None:
               f"{sum(gib.values()):.2f} | {max(gib.values()):.2f} |")
 
 
-def measure(args, weights: str, offload: str, side: int) -> dict:
+# The order rows are measured in: what decides a card first, so that a run cut short by its time budget has them.
+DEFAULT_CONFIGS = (
+    "nf4/model/1024,fp8/model/1024,bf16/none/1024,fp8/none/1024,fp8-matmul/none/1024,nf4/none/1024,bf16/model/1024,"
+    "nf4/model/2048,fp8/model/2048,bf16/none/2048,fp8/none/2048,nf4/sequential/1024,fp8/sequential/1024,"
+    "bf16/sequential/1024"
+)
+
+
+def build_pipeline(args, weights: str, offload: str):
+    """Random-weight pipeline in a weights format with an offload mode. Built on the accelerator (fast random init
+    and quantization there), then moved to the CPU when an offload mode manages placement."""
     from diffusers_ideogram4 import Ideogram4Pipeline
     from diffusers_ideogram4.fp8 import set_fp8_matmul
 
-    cuda = args.device == "cuda"
-    if weights == "nf4" and not cuda:
-        return {"status": "skipped: nf4 needs CUDA"}
-    build_device = "cpu" if offload != "none" else args.device
-    pipe = Ideogram4Pipeline(**random_components(args.size, weights, build_device))
+    pipe = Ideogram4Pipeline(**random_components(args.size, weights, args.device))
     pipe.set_progress_bar_config(disable=True)
     if weights == "fp8-matmul":
         set_fp8_matmul(pipe.transformer, True)
         set_fp8_matmul(pipe.unconditional_transformer, True)
+    if offload != "none":
+        pipe.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif offload == "sequential":
-        if not cuda:
-            return {"status": "skipped: sequential offload needs an accelerator"}
         pipe.enable_sequential_cpu_offload(device=args.device)
+    return pipe
+
+
+def measure(args, pipe, side: int) -> dict:
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pipe(CAPTION, height=side, width=side, num_inference_steps=args.steps, output_type="latent",
-         generator=torch.Generator().manual_seed(0))
+    latents = pipe(CAPTION, height=side, width=side, num_inference_steps=args.steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    result = {
-        "status": "ok",
-        "seconds": seconds,
+    return {
+        "seconds": time.perf_counter() - start,
         "accelerator_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "latents": latents.float().cpu(),
     }
-    del pipe
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return result
+
+
+def skip_reason(args, weights: str, offload: str) -> str | None:
+    if weights == "nf4" and args.device != "cuda":
+        return "skipped: nf4 needs CUDA"
+    if offload == "sequential" and args.device == "cpu":
+        return "skipped: sequential offload needs an accelerator"
+    return None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "ideogram4"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--weights", default=",".join(WEIGHT_FORMATS))
-    parser.add_argument("--offload", default=",".join(OFFLOADS))
-    parser.add_argument("--sides", default="1024,2048")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="comma-separated weights/offload/side rows, measured in this order")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new pipeline after this many seconds (rows done so far are printed)")
     parser.add_argument("--weights-only", action="store_true",
                         help="print the computed weight sizes per format (no device, no run) and exit")
     args = parser.parse_args()
@@ -160,24 +176,47 @@ def main():
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    configs = [tuple(row.split("/")) for row in args.configs.split(",")]
+    for weights, offload, side in configs:
+        if weights not in WEIGHT_FORMATS or offload not in OFFLOADS or not side.isdigit():
+            parser.error(f"--configs row {weights}/{offload}/{side}: weights one of {WEIGHT_FORMATS}, offload one of "
+                         f"{OFFLOADS}, side in pixels")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{args.size} architecture, random weights, {args.steps} steps, {device_name}, "
-          f"{time.strftime('%Y-%m-%d')}. Host peak RSS is the process high-water mark so far.\n")
-    print("| weights | offload | size | peak accelerator GiB | host peak GiB | seconds |")
-    print("|---|---|---|---|---|---|")
-    for weights in args.weights.split(","):
-        for offload in args.offload.split(","):
-            for side in (int(s) for s in args.sides.split(",")):
-                try:
-                    row = measure(args, weights, offload, side)
-                except Exception as error:  # a benchmark row that fails is reported, not hidden
-                    row = {"status": f"failed: {type(error).__name__}: {str(error)[:80]}"}
-                if row["status"] != "ok":
-                    print(f"| {weights} | {offload} | {side} | {row['status']} | | |")
-                    continue
-                accelerator = "-" if row["accelerator_gib"] is None else f"{row['accelerator_gib']:.2f}"
-                print(f"| {weights} | {offload} | {side} | {accelerator} | {row['host_peak_gib']:.2f} | "
-                      f"{row['seconds']:.1f} |")
+          f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}. Host peak RSS is the process high-water mark "
+          "so far. The last column compares the fp8-matmul latents with fp8 weight-only at the same size.\n")
+    print("| weights | offload | size | peak accelerator GiB | host peak GiB | seconds | rel. L2 vs fp8 |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    began, pipe, built, fp8_latents = time.perf_counter(), None, None, {}
+    for weights, offload, side in configs:
+        reason = skip_reason(args, weights, offload)
+        if reason is None and args.budget_s is not None and built != (weights, offload) \
+                and time.perf_counter() - began > args.budget_s:
+            reason = "skipped: time budget spent"
+        if reason is not None:
+            print(f"| {weights} | {offload} | {side} | {reason} | | | |", flush=True)
+            continue
+        try:
+            if built != (weights, offload):
+                pipe = built = None
+                gc.collect()
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                pipe, built = build_pipeline(args, weights, offload), (weights, offload)
+            row = measure(args, pipe, int(side))
+        except Exception as error:  # a benchmark row that fails is reported, not hidden
+            print(f"| {weights} | {offload} | {side} | failed: {type(error).__name__}: {str(error)[:80]} | | | |",
+                  flush=True)
+            pipe = built = None
+            continue
+        if (weights, offload) == ("fp8", "none"):
+            fp8_latents[side] = row["latents"]
+        relative = ""
+        if weights == "fp8-matmul" and side in fp8_latents:
+            reference = fp8_latents[side]
+            relative = f"{((row['latents'] - reference).norm() / reference.norm()).item():.4f}"
+        accelerator = "-" if row["accelerator_gib"] is None else f"{row['accelerator_gib']:.2f}"
+        print(f"| {weights} | {offload} | {side} | {accelerator} | {row['host_peak_gib']:.2f} | "
+              f"{row['seconds']:.1f} | {relative} |", flush=True)
 
 
 if __name__ == "__main__":
