@@ -25,7 +25,7 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 GLOBALS = ["input_proj", "llm_cond_proj", "adaln_proj", "t_embedding.mlp_in", "t_embedding.mlp_out",
            "final_layer.linear", "final_layer.adaln_modulation"]
 # Key prefixes a test file may use; the hand merge strips them.
-PREFIXES = ("unconditional_transformer.", "conditional_transformer.", "transformer.", "diffusion_model.")
+PREFIXES = ("unconditional_transformer.", "conditional_transformer.", "transformer.", "diffusion_model.", "base_model.model.")
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 try:
@@ -298,6 +298,66 @@ def test_fuse_then_unfuse_restores_the_weights_bit_exactly(tmp_path):
     assert all(torch.equal(restored[key], original[key]) for key in original)
     # The adapter's scaling is back too (diffusers would leave it multiplied by lora_scale).
     assert torch.equal(velocity(pipe.transformer), unfused)
+
+
+def test_fusing_one_adapter_then_unfusing_restores_the_others_scaling(tmp_path):
+    """diffusers' fuse multiplies every LoRA layer's scaling by lora_scale, also the layers of adapters not fused."""
+    pipe = tiny_pipeline()
+    path_a, *_ = make_lora("original", tmp_path / "a")
+    path_b, *_ = make_lora("diffusers", tmp_path / "b")
+    pipe.load_lora_weights(str(path_a), adapter_name="a")
+    pipe.load_lora_weights(str(path_b), adapter_name="b")
+    pipe.set_adapters(["a", "b"])
+    before = velocity(pipe.transformer)
+    pipe.fuse_lora(adapter_names=["a"], lora_scale=0.5)
+    pipe.unfuse_lora()
+    assert torch.equal(velocity(pipe.transformer), before)
+
+
+def test_inexact_fuse_then_exact_fuse_unfuses_without_a_double_delta(tmp_path):
+    pipe = tiny_pipeline()
+    path_a, *_ = make_lora("original", tmp_path / "a")
+    path_b, *_ = make_lora("conditional_split_alpha", tmp_path / "b")
+    original = base_weights(pipe.transformer)
+    pipe.load_lora_weights(str(path_a), adapter_name="a")
+    pipe.load_lora_weights(str(path_b), adapter_name="b")
+    pipe.fuse_lora(adapter_names=["a"], exact_unfuse=False)
+    pipe.fuse_lora(adapter_names=["b"])
+    pipe.unfuse_lora()
+    restored = base_weights(pipe.transformer)
+    for key in original:  # PEFT's subtraction where the first fuse chose it: close, not bit-exact
+        torch.testing.assert_close(restored[key], original[key], rtol=1e-5, atol=1e-5)
+
+
+def test_peft_save_pretrained_adapter_uses_its_adapter_config_alpha(tmp_path):
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "w1", "input_proj"], init_lora_weights=False)
+    get_peft_model(tiny_transformer(seed=3), config).save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = read_lora_file(weights)[0]
+    assert all(key.startswith("base_model.model.") for key in tensors)
+    pipe = tiny_pipeline()
+    reference = merged_by_hand(pipe.transformer, tensors, default_scale=16 / 4)
+    pipe.load_lora_weights(str(weights), adapter_name="peft")
+    torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **TOLERANCE)
+
+    (tmp_path / "peft" / "adapter_config.json").unlink()
+    refused(tiny_pipeline(), str(weights), r"PEFT adapter \(`base_model\.model\.` keys\) without its "
+                                            r"adapter_config\.json, so its `lora_alpha` is unknown")
+
+
+def test_metadata_must_match_the_key_prefixes():
+    model, config = peft_adapter(r=4, alpha=16)
+    tensors = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(model, adapter_name="a").items()}
+    pipe = tiny_pipeline()
+    reference = merged_by_hand(pipe.transformer, tensors, default_scale=16 / 4)
+    pipe.load_lora_weights(tensors, metadata=config.to_dict(), adapter_name="plain")  # unprefixed: applies to all
+    torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **TOLERANCE)
+    wrong = {f"unconditional_transformer.{k}": v for k, v in config.to_dict().items()}
+    refused(tiny_pipeline(), tensors, r"metadata is for key prefixes \['unconditional_transformer\.'\], but the "
+                                      r"LoRA's keys have \['transformer\.'\]", metadata=wrong)
 
 
 def test_two_adapters_with_weights_equal_both_merged_by_hand(tmp_path):

@@ -39,7 +39,9 @@ COMPONENTS = ("transformer", "unconditional_transformer")
 DEFAULT_COMPONENT = "transformer"
 # Prefixes that name a branch; every other accepted prefix means "the denoiser" and goes to `target`.
 BRANCH_PREFIXES = {"conditional_transformer.": "transformer", "unconditional_transformer.": "unconditional_transformer"}
-GENERIC_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+# PEFT's own `save_pretrained` writes this prefix, and the adapter's alpha only into PEFT_CONFIG_NAME beside it.
+PEFT_SAVE_PREFIX, PEFT_CONFIG_NAME = "base_model.model.", "adapter_config.json"
+GENERIC_PREFIXES = ("transformer.", "diffusion_model.", PEFT_SAVE_PREFIX)
 # Prefixes written by the converter's original format, per component.
 ORIGINAL_PREFIXES = {"transformer": "diffusion_model.", "unconditional_transformer": "unconditional_transformer."}
 
@@ -197,6 +199,20 @@ def _scale_from_metadata(config: dict, module: str, rank: int, source: str) -> f
     return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
 
 
+def _peft_adapter_config(path: str, subfolder: str | None) -> dict:
+    """The `adapter_config.json` PEFT's `save_pretrained` writes beside `adapter_model.safetensors`: its alpha."""
+    folder = os.path.join(path, subfolder or "") if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, PEFT_CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise ValueError(
+            f"{path} holds a PEFT adapter (`{PEFT_SAVE_PREFIX}` keys) without its {PEFT_CONFIG_NAME}, so its "
+            f"`lora_alpha` is unknown. Put {PEFT_CONFIG_NAME} beside the weights, or pass `metadata=` (the "
+            "LoraConfig as a dict)."
+        )
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _split_attention(name: str, factors: LoraFactors) -> dict[str, LoraFactors]:
     """Original-layout module -> diffusers-layout module(s). qkv: shared down, up cut in row thirds, same scale."""
     match = _BLOCK_MODULE.match(name)
@@ -263,8 +279,17 @@ def parse_lora_state_dict(
         problems.append(f"factors given twice: {list_keys(repeated)}")
     raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
 
-    components = _resolve_components({prefix for prefix, _ in pieces}, target)
+    key_prefixes = {prefix for prefix, _ in pieces}
+    components = _resolve_components(key_prefixes, target)
     metadata_by_prefix = _metadata_by_prefix(metadata)
+    if set(metadata_by_prefix) == {""}:  # one unprefixed PEFT config: it describes every key
+        metadata_by_prefix = dict.fromkeys(key_prefixes, metadata_by_prefix[""])
+    unmatched = sorted(set(metadata_by_prefix) - key_prefixes)
+    if unmatched:
+        raise ValueError(
+            f"The LoRA metadata is for key prefixes {unmatched}, but the LoRA's keys have {sorted(key_prefixes)}; "
+            "its alpha would be lost. Pass metadata whose prefixes match the keys (or unprefixed PEFT config)."
+        )
     parsed = defaultdict(dict)
     for (prefix, module), parts in pieces.items():
         source = f"`{prefix}{module}`"
@@ -528,7 +553,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         path = str(pretrained_model_name_or_path_or_dict)
         if os.path.isfile(path) and not path.endswith(".safetensors"):
             raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
-        return _fetch_state_dict(
+        state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
             use_safetensors=True,
@@ -543,6 +568,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             allow_pickle=False,
             metadata=metadata,
         )
+        if metadata is None and any(key.startswith(PEFT_SAVE_PREFIX) for key in state_dict):
+            metadata = _peft_adapter_config(path, kwargs.get("subfolder"))
+        return state_dict, metadata
 
     def load_lora_weights(
         self,
@@ -725,8 +753,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             adapter_names (`list[str]`, *optional*): adapters to fuse; default the active ones.
             exact_unfuse (`bool`, defaults to True): keep a CPU copy of every weight about to change, so that
                 `unfuse_lora` restores it bit for bit (PEFT's own unmerge subtracts the delta again, which leaves
-                rounding residue) and restores the adapters' scaling (diffusers leaves it multiplied by `lora_scale`).
-                Costs CPU memory for the targeted weights; False uses PEFT's subtraction.
+                rounding residue). Costs CPU memory for the targeted weights; False uses PEFT's subtraction. Either
+                way `unfuse_lora` restores every adapter's scaling (diffusers leaves all of them multiplied by
+                `lora_scale`), and a weight keeps what its first fuse chose until it is unfused.
         """
         components = list(COMPONENTS) if components is None else components
         fp8 = [f"{component}.{name}" for component in components
@@ -740,8 +769,8 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             )
         for component in components:
             model = getattr(self, component, None)
-            if model is not None and exact_unfuse:
-                _keep_unfused_state(model, adapter_names)
+            if model is not None:
+                _keep_unfused_state(model, adapter_names, exact=exact_unfuse)
         super().fuse_lora(
             components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
         )
@@ -756,8 +785,8 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         fused = [c for c in components if any(m.merged for m in _tuner_layers(getattr(self, c, None)))]
         if fused:
             super().unfuse_lora(components=fused, **kwargs)
-        for component in fused:
-            _restore_unfused_state(getattr(self, component))
+        for component in components:  # scaling was changed in every LoRA layer, merged or not
+            _restore_unfused_state(getattr(self, component, None))
 
 
 def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -796,21 +825,21 @@ def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
     return [layer for _, layer in _named_tuner_layers(model)]
 
 
-def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None) -> None:
-    """Before fusing: a CPU copy of each weight that will change, and of the adapters' scaling."""
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer) or hasattr(module, _UNFUSED_STATE):
+def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact: bool) -> None:
+    """Before fusing: every LoRA layer's scaling (diffusers' fuse rescales all of them by `lora_scale`) and, with
+    `exact`, a CPU copy of each weight about to change. A layer keeps the state of the first fuse until unfused."""
+    for _, module in _named_tuner_layers(model):
+        if hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
-        if not any(adapter in module.lora_A and adapter not in module.merged_adapters for adapter in wanted):
-            continue
+        merging = any(adapter in module.lora_A and adapter not in module.merged_adapters for adapter in wanted)
         weight = module.get_base_layer().weight
-        copy = weight.detach().to("cpu", copy=True) if weight.is_floating_point() else None
+        copy = weight.detach().to("cpu", copy=True) if exact and merging and weight.is_floating_point() else None
         setattr(module, _UNFUSED_STATE, (copy, dict(module.scaling)))
 
 
-def _restore_unfused_state(model: nn.Module) -> None:
-    for module in model.modules():
+def _restore_unfused_state(model: nn.Module | None) -> None:
+    for _, module in _named_tuner_layers(model):
         state = getattr(module, _UNFUSED_STATE, None)
         if state is None or module.merged:
             continue
