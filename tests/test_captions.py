@@ -278,6 +278,9 @@ INVALID_CASES = {
         [el(0, ".color_palette[1]")],
     ),
     "named colour": (mutated((STYLE + ("color_palette",), ["orange"])), ["style_description.color_palette[0]"]),
+    # JSON Schema's `$` is ECMA's (end of string), not Python's (also before a final newline)
+    "colour with a trailing newline": (mutated((E0 + ("color_palette",), ["#FFFFFF\n"])),
+                                       [el(0, ".color_palette[0]")]),
     "short hex": (mutated((STYLE + ("color_palette",), ["#FFF"])), ["style_description.color_palette[0]"]),
     "colour not a string": (mutated((STYLE + ("color_palette",), [16777215])), ["style_description.color_palette[0]"]),
     "palette a string": (mutated((STYLE + ("color_palette",), "#FFFFFF")), ["style_description.color_palette"]),
@@ -529,6 +532,22 @@ def test_random_json_never_crashes(value):
 @given(st.text())
 def test_random_text_never_crashes(text):
     assert all(isinstance(issue, CaptionIssue) for issue in check_caption(text))
+
+
+def test_objects_that_raise_when_compared_or_shown_are_an_issue_not_a_crash():
+    class Hostile:
+        def __repr__(self):
+            raise RuntimeError("boom")
+
+        def __eq__(self, other):
+            raise RuntimeError("eq")
+
+        __hash__ = object.__hash__
+
+    for caption in ({"compositional_deconstruction": {"background": Hostile(), "elements": []}},
+                    {Hostile(): 1, "compositional_deconstruction": {"background": "x", "elements": []}}):
+        issues = check_caption(caption)
+        assert any(issue.is_error for issue in issues), issues
 
 
 def paths_in(value, path=()):
@@ -992,6 +1011,13 @@ def test_cli_format(tmp_path, capsys):
     invalid.write_text(BAD, encoding="utf-8")
     code, out, err = run_cli(["caption", "format", str(invalid)], capsys)
     assert code == 0 and out == BAD + "\n" and "y_min 220 > y_max 60" in err
+    repeated = tmp_path / "repeated.json"
+    text = VALID_TEXT.replace('"background":', '"background":"a red wall","background":', 1)
+    repeated.write_text(text, encoding="utf-8")
+    code, out, err = run_cli(["caption", "format", str(repeated), "--in-place"], capsys)
+    assert code == 1 and out == "" and "key 'background' appears more than once" in err
+    assert err.endswith("repeats keys; keep one value of each before formatting (nothing was written)\n")
+    assert repeated.read_text(encoding="utf-8") == text
 
 
 def test_cli_preview(tmp_path, capsys):
@@ -1010,3 +1036,5 @@ def test_cli_preview(tmp_path, capsys):
     code, _, err = run_cli(["caption", "preview", str(caption_file), "-o", str(layout), "--image", str(generated),
                             "--width", "300"], capsys)
     assert code == 2 and "`image` is 200x100" in err
+    code, _, err = run_cli(["caption", "preview", str(caption_file), "-o", str(layout), "--width", "0"], capsys)
+    assert code == 2 and "`width` must be a positive int (pixels), got 0" in err

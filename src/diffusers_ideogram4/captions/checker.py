@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from jsonschema import Draft202012Validator, validators
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from .schema import (
     ART_STYLE_KEY_ORDER,
@@ -388,8 +388,19 @@ def _is_strict_integer(checker, value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _ecma_pattern(validator, pattern, instance, schema):
+    """JSON Schema patterns are ECMA-262 regexes, where a final `$` ends the string; Python's `$` also matches
+    before a trailing newline (jsonschema uses `re.search`), which would let "#FFFFFF\n" through."""
+    if not validator.is_type(instance, "string"):
+        return
+    python = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+    if not re.search(python, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 _CaptionValidator = validators.extend(
     Draft202012Validator,
+    validators={"pattern": _ecma_pattern},
     type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
 )
 _validator = None
@@ -654,6 +665,9 @@ def check_caption(caption) -> list[CaptionIssue]:
         return _finish(_check(caption))
     except RecursionError:  # guarded by _guard; kept so the never-raises promise holds for exotic inputs
         return [CaptionIssue(ROOT_PATH, "caption nests too deeply to check", "a caption nests about 5 levels deep")]
+    except Exception as error:  # a non-JSON object whose __eq__, __hash__ or __repr__ raises: still an issue
+        return [CaptionIssue(ROOT_PATH, f"caption holds a value that cannot be checked ({type(error).__name__})",
+                             "a caption holds JSON values only: str, int, list, dict")]
 
 
 def _check(caption) -> list:

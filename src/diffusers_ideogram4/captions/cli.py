@@ -123,13 +123,31 @@ def _load(name: str) -> tuple[str | None, dict | None]:
     return text, caption
 
 
+def _has_duplicate_keys(text: str) -> bool:
+    repeated = []
+
+    def pairs_hook(pairs):
+        keys = [key for key, _ in pairs]
+        repeated.extend(key for key in set(keys) if keys.count(key) > 1)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=pairs_hook)
+    return bool(repeated)
+
+
 def run_format(args) -> int:
     """`caption format FILE [-o OUT | --in-place]`: canonical key order, minified; issues left go to stderr."""
     if args.in_place and args.file == STDIN:
         _print("error: --in-place needs a file, not stdin; use -o OUT", sys.stderr)
         return EXIT_USAGE
-    _, caption = _load(args.file)
+    text, caption = _load(args.file)
     if caption is None:
+        return EXIT_INVALID
+    if _has_duplicate_keys(text):  # json.loads kept only the last value of each: formatting would drop the others
+        for issue in check_caption(text):
+            _print(_line(args.file, issue), sys.stderr)
+        _print(f"error: {args.file} repeats keys; keep one value of each before formatting (nothing was written)",
+               sys.stderr)
         return EXIT_INVALID
     try:
         canonical = to_json(caption)
@@ -165,8 +183,8 @@ def run_preview(args) -> int:
         except OSError as error:
             _print(f"error: cannot read --image {args.image}: {error}", sys.stderr)
             return EXIT_INVALID
-    width = args.width or (image.width if image is not None else DEFAULT_SIDE)
-    height = args.height or (image.height if image is not None else DEFAULT_SIDE)
+    width = args.width if args.width is not None else image.width if image is not None else DEFAULT_SIDE
+    height = args.height if args.height is not None else image.height if image is not None else DEFAULT_SIDE
     try:
         layout = render_layout(caption, width, height, image=image)
         layout.save(args.output)
