@@ -10,11 +10,12 @@ the unconditional branch), lora_down / lora_up / alpha on the fused `attention.q
 """
 
 import argparse
+import sys
 
 from diffusers_ideogram4.lora import COMPONENTS, LORA_FORMATS, convert_lora_file
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="LoRA .safetensors file, any supported format")
     parser.add_argument("--output", required=True, help="where to write the converted .safetensors file")
@@ -26,9 +27,14 @@ def main(argv: list[str] | None = None) -> None:
         help="transformer that keys without a branch prefix belong to (default: the conditional transformer)",
     )
     args = parser.parse_args(argv)
-    converted = convert_lora_file(args.input, args.output, to=args.to, target=args.target)
+    try:
+        converted = convert_lora_file(args.input, args.output, to=args.to, target=args.target)
+    except (ValueError, OSError) as error:  # a LoRA this converter refuses: one message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"Wrote {len(converted)} tensors in the {args.to} format to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -239,7 +239,7 @@ def test_fp32_cast_and_component_subset(releases, tmp_path):
     config = json.loads((source / "transformer" / "config.json").read_text())
     (source / "transformer" / "config.json").write_text(json.dumps({**config, "release_note": "x"}))
     output = tmp_path / "out"
-    report = convert_original_to_diffusers(source, output, dtype="fp32", components="transformer,vae", progress=False)
+    report = convert_original_to_diffusers(source, output, dtype="fp32", components="transformer, vae", progress=False)
     assert report.components == ["transformer", "vae"]  # model_index.json order
     assert sorted(p.name for p in output.iterdir()) == ["LICENSE.md", "model_index.json", "transformer", "vae"]
     index = json.loads((output / "model_index.json").read_text())
@@ -253,6 +253,23 @@ def test_fp32_cast_and_component_subset(releases, tmp_path):
 
     with pytest.raises(ValueError, match=r"\['prompt_enhancer_head'\] are not in"):
         convert_original_to_diffusers(source, tmp_path / "x", components=["transformer", "prompt_enhancer_head"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(push_to_hub_id="not a repo id"), ValueError, r"`push_to_hub_id='not a repo id'` is not a hub repo id"),
+        (dict(dtype="fp16"), ValueError, r"`dtype='fp16'` is not supported"),
+        (dict(max_shard_size="5 parsecs"), ValueError, r"`max_shard_size='5 parsecs'` is not a size"),
+        (dict(model_card="no/such/card.md"), FileNotFoundError, r"`model_card='no/such/card\.md'` is not a file"),
+    ],
+)
+def test_bad_arguments_stop_before_the_source_is_read(tmp_path, monkeypatch, kwargs, error, message):
+    """A hub source would be downloaded (54 GB) before these could fail later."""
+    monkeypatch.setattr(conversion, "resolve_source", lambda *a, **k: pytest.fail("the source was read"))
+    with pytest.raises(error, match=message):
+        convert_original_to_diffusers("ideogram-ai/ideogram-4", tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------

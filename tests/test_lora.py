@@ -661,18 +661,23 @@ def test_converter_round_trips_keep_the_delta(tmp_path):
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in kohya.items()}
 
 
-def test_convert_lora_script(tmp_path):
+def test_convert_lora_script(tmp_path, capsys):
     source = write(tmp_path / "kohya.safetensors", random_original(seed=6, prefix="diffusion_model."))
     spec = importlib.util.spec_from_file_location("convert_lora", REPO_ROOT / "conversion" / "convert_lora.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--input", str(source), "--output", str(tmp_path / "diffusers.safetensors"), "--to", "diffusers"])
-    script.main(["--input", str(tmp_path / "diffusers.safetensors"), "--output", str(tmp_path / "original.safetensors"),
-                 "--to", "original"])
+    assert script.main(["--input", str(source), "--output", str(tmp_path / "diffusers.safetensors"),
+                        "--to", "diffusers"]) == 0
+    assert script.main(["--input", str(tmp_path / "diffusers.safetensors"), "--output",
+                        str(tmp_path / "original.safetensors"), "--to", "original"]) == 0
     converted, metadata = read_lora_file(tmp_path / "diffusers.safetensors")
     assert metadata["transformer.lora_alpha"] == metadata["transformer.r"]
     assert_same_deltas(deltas(converted, metadata), deltas(read_lora_file(source)[0]))
     assert_same_deltas(deltas(read_lora_file(tmp_path / "original.safetensors")[0]), deltas(read_lora_file(source)[0]))
+    stray = write(tmp_path / "stray.safetensors", {**read_lora_file(source)[0], "diffusion_model.x.weight": torch.ones(1)})
+    assert script.main(["--input", str(stray), "--output", str(tmp_path / "no.safetensors"), "--to", "diffusers"]) == 1
+    assert "keys that are not LoRA factors: diffusion_model.x.weight" in capsys.readouterr().err
+    assert not (tmp_path / "no.safetensors").exists()
     pipe = tiny_pipeline()
     pipe.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
     torch.testing.assert_close(

@@ -495,8 +495,8 @@ def _select_components(index: dict, components: Iterable[str] | None, source: st
     ]
     if components is None:
         return available
-    components = [c.strip() for c in ([components] if isinstance(components, str) else components) if c.strip()]
-    components = [c for part in components for c in part.split(",") if c]
+    parts = [components] if isinstance(components, str) else components
+    components = [c.strip() for part in parts for c in part.split(",") if c.strip()]
     unknown = sorted(set(components) - set(available))
     if unknown or not components:
         raise ValueError(f"`components` {unknown or components} are not in {source}; it has {available}.")
@@ -864,7 +864,7 @@ def push_to_hub(
             f"{report.output} was not verified against its source; it is not pushed. Convert without `verify=False`."
         )
     if not _REPO_ID.match(repo_id):
-        raise ValueError(f"`push_to_hub={repo_id!r}` is not a hub repo id (`owner/name`).")
+        raise ValueError(f"`repo_id={repo_id!r}` is not a hub repo id (`owner/name`).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(
@@ -918,8 +918,16 @@ def convert_original_to_diffusers(
         verify: reload every converted transformer and compare it to the source before moving the folder into place.
         push_to_hub_id: upload the verified folder to this hub repo (created if needed, `private` if asked).
     """
+    # Every argument is checked before anything is downloaded or written.
     if push_to_hub_id is not None and not verify:
-        raise ValueError("`push_to_hub` needs `verify=True`: only a folder checked against its source is pushed.")
+        raise ValueError("`push_to_hub_id` needs `verify=True`: only a folder checked against its source is pushed.")
+    if push_to_hub_id is not None and not _REPO_ID.match(push_to_hub_id):
+        raise ValueError(f"`push_to_hub_id={push_to_hub_id!r}` is not a hub repo id (`owner/name`).")
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
+    parse_size(max_shard_size)
+    if model_card is not None and not Path(model_card).is_file():
+        raise FileNotFoundError(f"`model_card={str(model_card)!r}` is not a file; pass a template from model_cards/.")
     _check_output(output, overwrite)
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size)
