@@ -18,8 +18,10 @@ import torch
 
 
 CAPTION = json.dumps(
-    {"high_level_description": "A plain wall.",
-     "compositional_deconstruction": {"background": "a plain wall " * 40, "elements": []}},
+    {
+        "high_level_description": "A plain wall.",
+        "compositional_deconstruction": {"background": "a plain wall " * 40, "elements": []},
+    },
     separators=(",", ":"),
 )
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8-matmul", "nf4")
@@ -40,9 +42,18 @@ def random_components(size: str, weights: str, device: str) -> dict:
         components = tiny_components()
     else:
         with torch.device(device):
-            config = Qwen3VLConfig(text_config=dict(TEXT_ENCODER_SIZES[size], rope_parameters={
-                "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                "mrope_interleaved": True}), vision_config=tiny_text_encoder_config().vision_config.to_dict())
+            config = Qwen3VLConfig(
+                text_config=dict(
+                    TEXT_ENCODER_SIZES[size],
+                    rope_parameters={
+                        "rope_type": "default",
+                        "rope_theta": 5_000_000.0,
+                        "mrope_section": [24, 20, 20],
+                        "mrope_interleaved": True,
+                    },
+                ),
+                vision_config=tiny_text_encoder_config().vision_config.to_dict(),
+            )
             torch.set_default_dtype(torch.bfloat16)
             try:
                 components = dict(
@@ -78,9 +89,14 @@ def random_components(size: str, weights: str, device: str) -> dict:
                 parent_name, _, child = key.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 linear = getattr(parent, child)
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                              compute_dtype=torch.bfloat16, quant_type="nf4",
-                                              compress_statistics=False)
+                quantized = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    linear.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                    compress_statistics=False,
+                )
                 quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
                 setattr(parent, child, quantized.to(device))
     return components
@@ -92,14 +108,18 @@ def weights_table(size: str) -> None:
 
     components = random_components(size, "bf16", "meta")
     names = ("text_encoder", "transformer", "unconditional_transformer", "vae")
-    print(f"{size} architecture: bytes of the weights alone, computed from parameter shapes (activations, the CUDA "
-          "context and allocator overhead come on top; nf4 leaves the VAE in bf16).\n")
+    print(
+        f"{size} architecture: bytes of the weights alone, computed from parameter shapes (activations, the CUDA "
+        "context and allocator overhead come on top; nf4 leaves the VAE in bf16).\n"
+    )
     print("| weights | text encoder GiB | each transformer GiB | VAE GiB | all resident GiB | largest component GiB |")
     print("|---|---|---|---|---|---|")
     for weights in ("bf16", "fp8", "nf4"):
         gib = {name: weight_bytes(components[name], "bf16" if name == "vae" else weights) / 2**30 for name in names}
-        print(f"| {weights} | {gib['text_encoder']:.2f} | {gib['transformer']:.2f} | {gib['vae']:.2f} | "
-              f"{sum(gib.values()):.2f} | {max(gib.values()):.2f} |")
+        print(
+            f"| {weights} | {gib['text_encoder']:.2f} | {gib['transformer']:.2f} | {gib['vae']:.2f} | "
+            f"{sum(gib.values()):.2f} | {max(gib.values()):.2f} |"
+        )
 
 
 # The order rows are measured in: what decides a card first, so that a run cut short by its time budget has them.
@@ -138,8 +158,14 @@ def measure(args, pipe, side: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    latents = pipe(CAPTION, height=side, width=side, num_inference_steps=args.steps, output_type="latent",
-                   generator=torch.Generator().manual_seed(0)).images
+    latents = pipe(
+        CAPTION,
+        height=side,
+        width=side,
+        num_inference_steps=args.steps,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     if cuda:
         torch.cuda.synchronize()
     return {
@@ -162,13 +188,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "ideogram4"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="comma-separated weights/offload/side rows, measured in this order")
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help="comma-separated weights/offload/side rows, measured in this order"
+    )
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new pipeline after this many seconds (rows done so far are printed)")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="print the computed weight sizes per format (no device, no run) and exit")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new pipeline after this many seconds (rows done so far are printed)",
+    )
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="print the computed weight sizes per format (no device, no run) and exit",
+    )
     args = parser.parse_args()
     if args.weights_only:
         weights_table(args.size)
@@ -179,19 +213,27 @@ def main():
     configs = [tuple(row.split("/")) for row in args.configs.split(",")]
     for weights, offload, side in configs:
         if weights not in WEIGHT_FORMATS or offload not in OFFLOADS or not side.isdigit():
-            parser.error(f"--configs row {weights}/{offload}/{side}: weights one of {WEIGHT_FORMATS}, offload one of "
-                         f"{OFFLOADS}, side in pixels")
+            parser.error(
+                f"--configs row {weights}/{offload}/{side}: weights one of {WEIGHT_FORMATS}, offload one of "
+                f"{OFFLOADS}, side in pixels"
+            )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{args.size} architecture, random weights, {args.steps} steps, {device_name}, "
-          f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}. Host peak RSS is the process high-water mark "
-          "so far. The last column compares the fp8-matmul latents with fp8 weight-only at the same size.\n")
+    print(
+        f"{args.size} architecture, random weights, {args.steps} steps, {device_name}, "
+        f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}. Host peak RSS is the process high-water mark "
+        "so far. The last column compares the fp8-matmul latents with fp8 weight-only at the same size.\n"
+    )
     print("| weights | offload | size | peak accelerator GiB | host peak GiB | seconds | rel. L2 vs fp8 |")
     print("|---|---|---|---|---|---|---|", flush=True)
     began, pipe, built, fp8_latents = time.perf_counter(), None, None, {}
     for weights, offload, side in configs:
         reason = skip_reason(args, weights, offload)
-        if reason is None and args.budget_s is not None and built != (weights, offload) \
-                and time.perf_counter() - began > args.budget_s:
+        if (
+            reason is None
+            and args.budget_s is not None
+            and built != (weights, offload)
+            and time.perf_counter() - began > args.budget_s
+        ):
             reason = "skipped: time budget spent"
         if reason is not None:
             print(f"| {weights} | {offload} | {side} | {reason} | | | |", flush=True)
@@ -204,8 +246,10 @@ def main():
                 pipe, built = build_pipeline(args, weights, offload), (weights, offload)
             row = measure(args, pipe, int(side))
         except Exception as error:  # a benchmark row that fails is reported, not hidden
-            print(f"| {weights} | {offload} | {side} | failed: {type(error).__name__}: {str(error)[:80]} | | | |",
-                  flush=True)
+            print(
+                f"| {weights} | {offload} | {side} | failed: {type(error).__name__}: {str(error)[:80]} | | | |",
+                flush=True,
+            )
             pipe = built = None
             continue
         if (weights, offload) == ("fp8", "none"):
@@ -215,8 +259,11 @@ def main():
             reference = fp8_latents[side]
             relative = f"{((row['latents'] - reference).norm() / reference.norm()).item():.4f}"
         accelerator = "-" if row["accelerator_gib"] is None else f"{row['accelerator_gib']:.2f}"
-        print(f"| {weights} | {offload} | {side} | {accelerator} | {row['host_peak_gib']:.2f} | "
-              f"{row['seconds']:.1f} | {relative} |", flush=True)
+        print(
+            f"| {weights} | {offload} | {side} | {accelerator} | {row['host_peak_gib']:.2f} | "
+            f"{row['seconds']:.1f} | {relative} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ import torch
 CAPTION = json.dumps(
     {
         "high_level_description": "A retro travel poster for a seaside town.",
-        "style_description": {"aesthetics": "vintage, bold", "lighting": "flat", "medium": "screen print",
-                              "art_style": "art deco", "color_palette": ["#F2C14E", "#F78154", "#4D9078"]},
+        "style_description": {
+            "aesthetics": "vintage, bold",
+            "lighting": "flat",
+            "medium": "screen print",
+            "art_style": "art deco",
+            "color_palette": ["#F2C14E", "#F78154", "#4D9078"],
+        },
         "compositional_deconstruction": {
             "background": "a calm sea under a striped sky",
             "elements": [
@@ -58,7 +63,10 @@ def main():
         peer_transformers[name] = diffusers.Ideogram4Transformer2DModel(**model.config).eval()
         peer_transformers[name].load_state_dict(model.state_dict())
     peer = diffusers.Ideogram4Pipeline(
-        scheduler=ours.scheduler, vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+        scheduler=ours.scheduler,
+        vae=ours.vae,
+        text_encoder=ours.text_encoder,
+        tokenizer=ours.tokenizer,
         **peer_transformers,
     )
     peer.set_progress_bar_config(disable=True)
@@ -69,12 +77,16 @@ def main():
     ours_s = timed(lambda: ours(CAPTION, generator=torch.Generator().manual_seed(0), **size), args.repeats)
     peer_s = timed(lambda: peer(CAPTION, generator=torch.Generator().manual_seed(0), **size), args.repeats)
 
-    print(f"Tiny random weights, {args.size}x{args.size}, default settings (48 steps, 2 branches), "
-          f"CPU, {args.threads} thread(s), best of {args.repeats}.\n")
+    print(
+        f"Tiny random weights, {args.size}x{args.size}, default settings (48 steps, 2 branches), "
+        f"CPU, {args.threads} thread(s), best of {args.repeats}.\n"
+    )
     print("| pipeline | tokens per conditional step | seconds | speed-up |")
     print("|---|---|---|---|")
     print(f"| diffusers.Ideogram4Pipeline {diffusers.__version__} | 2048 + {num_image} | {peer_s:.2f} | 1.00x |")
-    print(f"| diffusers_ideogram4.Ideogram4Pipeline | {num_text} + {num_image} | {ours_s:.2f} | {peer_s / ours_s:.2f}x |")
+    print(
+        f"| diffusers_ideogram4.Ideogram4Pipeline | {num_text} + {num_image} | {ours_s:.2f} | {peer_s / ours_s:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

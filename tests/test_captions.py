@@ -150,8 +150,11 @@ def test_schema_agrees_with_the_constants():
     assert (defs["coordinate"]["minimum"], defs["coordinate"]["maximum"]) == (0, BBOX_MAX) == (0, 1000)
     assert defs["bbox"]["minItems"] == defs["bbox"]["maxItems"] == 4
     # The merged orders agree with each variant's own order.
-    for merged, variant in ((STYLE_KEY_ORDER, PHOTO_STYLE_KEY_ORDER), (STYLE_KEY_ORDER, ART_STYLE_KEY_ORDER),
-                            (ELEMENT_KEY_ORDER, OBJECT_ELEMENT_KEY_ORDER)):
+    for merged, variant in (
+        (STYLE_KEY_ORDER, PHOTO_STYLE_KEY_ORDER),
+        (STYLE_KEY_ORDER, ART_STYLE_KEY_ORDER),
+        (ELEMENT_KEY_ORDER, OBJECT_ELEMENT_KEY_ORDER),
+    ):
         assert [key for key in merged if key in variant] == list(variant)
 
 
@@ -279,8 +282,10 @@ INVALID_CASES = {
     ),
     "named colour": (mutated((STYLE + ("color_palette",), ["orange"])), ["style_description.color_palette[0]"]),
     # JSON Schema's `$` is ECMA's (end of string), not Python's (also before a final newline)
-    "colour with a trailing newline": (mutated((E0 + ("color_palette",), ["#FFFFFF\n"])),
-                                       [el(0, ".color_palette[0]")]),
+    "colour with a trailing newline": (
+        mutated((E0 + ("color_palette",), ["#FFFFFF\n"])),
+        [el(0, ".color_palette[0]")],
+    ),
     "short hex": (mutated((STYLE + ("color_palette",), ["#FFF"])), ["style_description.color_palette[0]"]),
     "colour not a string": (mutated((STYLE + ("color_palette",), [16777215])), ["style_description.color_palette[0]"]),
     "palette a string": (mutated((STYLE + ("color_palette",), "#FFFFFF")), ["style_description.color_palette"]),
@@ -298,8 +303,12 @@ INVALID_CASES = {
         ["$"],
     ),
     "style order": (
-        mutated((STYLE, reordered(VALID["style_description"], ["aesthetics", "lighting", "medium", "photo",
-                                                               "color_palette"]))),
+        mutated(
+            (
+                STYLE,
+                reordered(VALID["style_description"], ["aesthetics", "lighting", "medium", "photo", "color_palette"]),
+            )
+        ),
         ["style_description"],
     ),
     "art style order": (
@@ -311,8 +320,15 @@ INVALID_CASES = {
         ["compositional_deconstruction"],
     ),
     "element order": (
-        mutated((E0, reordered(VALID["compositional_deconstruction"]["elements"][0],
-                        ["type", "text", "bbox", "desc", "color_palette"]))),
+        mutated(
+            (
+                E0,
+                reordered(
+                    VALID["compositional_deconstruction"]["elements"][0],
+                    ["type", "text", "bbox", "desc", "color_palette"],
+                ),
+            )
+        ),
         [el(0)],
     ),
     "palette before desc": (
@@ -340,8 +356,9 @@ def test_messages_and_hints_name_the_fix():
     assert misspelt.message == "unknown key 'colour_palette'" and misspelt.hint == "did you mean 'color_palette'?"
     [unknown] = check_caption(mutated((("negative_prompt",), "blurry")))
     assert "allowed keys here: high_level_description, style_description, compositional_deconstruction" in unknown.hint
-    [order] = check_caption(reordered(VALID, ["compositional_deconstruction", "high_level_description",
-                                             "style_description"]))
+    [order] = check_caption(
+        reordered(VALID, ["compositional_deconstruction", "high_level_description", "style_description"])
+    )
     assert order.path == "$"
     assert "high_level_description, style_description, compositional_deconstruction" in order.hint
     assert "canonicalize" in order.hint
@@ -349,8 +366,9 @@ def test_messages_and_hints_name_the_fix():
     assert floaty.message == "expected an integer, got number 10.0" and floaty.hint.startswith("write 10, not 10.0")
     [inverted] = check_caption(mutated((E0 + ("bbox",), [220, 80, 60, 920])))
     assert inverted.message == "y_min 220 > y_max 60 (bbox[0] > bbox[2])"
-    [both] = check_caption(mutated((STYLE, {"aesthetics": "a", "lighting": "b", "photo": "c", "medium": "d",
-                                            "art_style": "e"})))
+    [both] = check_caption(
+        mutated((STYLE, {"aesthetics": "a", "lighting": "b", "photo": "c", "medium": "d", "art_style": "e"}))
+    )
     assert both.message == "has both 'photo' and 'art_style'; a style is one or the other"
     [missing] = check_caption(mutated((E0 + ("text",), DELETE)))
     assert missing.message == "missing required key 'text'" and "literal string to render" in missing.hint
@@ -544,8 +562,10 @@ def test_objects_that_raise_when_compared_or_shown_are_an_issue_not_a_crash():
 
         __hash__ = object.__hash__
 
-    for caption in ({"compositional_deconstruction": {"background": Hostile(), "elements": []}},
-                    {Hostile(): 1, "compositional_deconstruction": {"background": "x", "elements": []}}):
+    for caption in (
+        {"compositional_deconstruction": {"background": Hostile(), "elements": []}},
+        {Hostile(): 1, "compositional_deconstruction": {"background": "x", "elements": []}},
+    ):
         issues = check_caption(caption)
         assert any(issue.is_error for issue in issues), issues
 
@@ -718,8 +738,9 @@ def test_builder_minimal_and_empty_palettes():
     )
     art = Style(aesthetics="a", lighting="b", medium="c", art_style="d", color_palette=["#000000"])
     assert list(art.to_dict()) == list(ART_STYLE_KEY_ORDER)
-    assert isinstance(TextElement(text="A", desc="b"), TextElement) and not isinstance(TextElement(text="A", desc="b"),
-                                                                                      ObjectElement)
+    assert isinstance(TextElement(text="A", desc="b"), TextElement) and not isinstance(
+        TextElement(text="A", desc="b"), ObjectElement
+    )
 
 
 def test_from_json_raises_caption_error_with_every_issue():
@@ -750,8 +771,10 @@ def test_from_json_raises_caption_error_with_every_issue():
         (lambda: Style(aesthetics="a", lighting="b", medium="c"), r"exactly one of photo= .* got neither"),
         (lambda: Style(aesthetics="a", lighting="b", medium="c", photo="d", art_style="e"), r"got both"),
         (lambda: Style(aesthetics=1, lighting="b", medium="c", photo="d"), r"Style\.aesthetics must be a string"),
-        (lambda: Style(aesthetics="a", lighting="b", medium="c", photo="d", color_palette=["#000000"] * 17),
-         r"Style\.color_palette has 17 colours, at most 16"),
+        (
+            lambda: Style(aesthetics="a", lighting="b", medium="c", photo="d", color_palette=["#000000"] * 17),
+            r"Style\.color_palette has 17 colours, at most 16",
+        ),
         (lambda: ObjectElement(desc="a", color_palette=["#abcdef"]), r"color_palette\[0\]='#abcdef' .* '#ABCDEF'"),
         (lambda: ObjectElement(desc="a", color_palette=["#000000"] * 6), r"has 6 colours, at most 5"),
         (lambda: ObjectElement(desc="a", color_palette="#000000"), r"got the string '#000000'; wrap it in a list"),
@@ -867,8 +890,13 @@ def test_canonicalize_only_reorders(rng, caption):
 
 
 def test_canonicalize_keeps_unknown_keys_last_and_values_untouched():
-    messy = {"extra": 1, "compositional_deconstruction": {"elements": [{"desc": "x", "zzz": 2, "type": "obj"}, "junk"],
-                                                          "background": "y"}}
+    messy = {
+        "extra": 1,
+        "compositional_deconstruction": {
+            "elements": [{"desc": "x", "zzz": 2, "type": "obj"}, "junk"],
+            "background": "y",
+        },
+    }
     result = canonicalize(messy)
     assert list(result) == ["compositional_deconstruction", "extra"]
     assert list(result["compositional_deconstruction"]) == ["background", "elements"]
@@ -895,8 +923,13 @@ WHITE = (255, 255, 255)
 def colors_of(image: Image.Image) -> set:
     return {color for _, color in image.getcolors(image.width * image.height)}
 
-ONE_BOX = {"compositional_deconstruction": {"background": "x", "elements": [
-    {"type": "obj", "bbox": [100, 200, 300, 400], "desc": "a box"}]}}
+
+ONE_BOX = {
+    "compositional_deconstruction": {
+        "background": "x",
+        "elements": [{"type": "obj", "bbox": [100, 200, 300, 400], "desc": "a box"}],
+    }
+}
 
 
 def test_bbox_to_pixels_normalizes_each_axis_by_its_side():
@@ -1023,8 +1056,9 @@ def test_cli_format(tmp_path, capsys):
 def test_cli_preview(tmp_path, capsys):
     caption_file, layout = tmp_path / "poster.json", tmp_path / "layout.png"
     caption_file.write_text(VALID_TEXT, encoding="utf-8")
-    code, out, _ = run_cli(["caption", "preview", str(caption_file), "-o", str(layout), "--width", "320",
-                            "--height", "240"], capsys)
+    code, out, _ = run_cli(
+        ["caption", "preview", str(caption_file), "-o", str(layout), "--width", "320", "--height", "240"], capsys
+    )
     assert code == 0 and out == f"wrote {layout} (320x240)\n"
     assert Image.open(layout).size == (320, 240)
     generated = tmp_path / "generated.png"
@@ -1033,8 +1067,10 @@ def test_cli_preview(tmp_path, capsys):
     code, _, _ = run_cli(argv, capsys)
     assert code == 0
     assert Image.open(layout).size == (200, 100)
-    code, _, err = run_cli(["caption", "preview", str(caption_file), "-o", str(layout), "--image", str(generated),
-                            "--width", "300"], capsys)
+    code, _, err = run_cli(
+        ["caption", "preview", str(caption_file), "-o", str(layout), "--image", str(generated), "--width", "300"],
+        capsys,
+    )
     assert code == 2 and "`image` is 200x100" in err
     code, _, err = run_cli(["caption", "preview", str(caption_file), "-o", str(layout), "--width", "0"], capsys)
     assert code == 2 and "`width` must be a positive int (pixels), got 0" in err

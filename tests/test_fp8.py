@@ -101,8 +101,10 @@ def test_fp8_checkpoint_equals_bf16_model_on_dequantized_weights(tmp_path, layou
 
     reference = Ideogram4Transformer2DModel(**TRANSFORMER_SIZES["tiny"]).to(torch.bfloat16).eval()
     reference.load_state_dict(dequantize_fp8_state_dict(state, torch.bfloat16))
-    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
-              for k, v in packed_inputs().items()}
+    inputs = {
+        k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+        for k, v in packed_inputs().items()
+    }
     torch.testing.assert_close(image_velocity(model, inputs), image_velocity(reference, inputs), rtol=0, atol=0)
 
 
@@ -118,12 +120,18 @@ def test_fp8_model_saves_back_to_the_release_format(tmp_path):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda s: s.pop("layers.0.feed_forward.w1.weight_scale"),
-         r"float8 weights without their `\.weight_scale`: layers\.0\.feed_forward\.w1\.weight"),
-        (lambda s: s.update({"input_proj.weight_scale": torch.ones(5)}),
-         r"mis-shaped keys: input_proj\.weight_scale \(checkpoint \[5\], model \[128\]\)"),
-        (lambda s: s.update({"layers.1.attention_norm1.weight_scale": torch.ones(128)}),
-         r"`\.weight_scale` tensors without a float8 weight: layers\.1\.attention_norm1\.weight_scale"),
+        (
+            lambda s: s.pop("layers.0.feed_forward.w1.weight_scale"),
+            r"float8 weights without their `\.weight_scale`: layers\.0\.feed_forward\.w1\.weight",
+        ),
+        (
+            lambda s: s.update({"input_proj.weight_scale": torch.ones(5)}),
+            r"mis-shaped keys: input_proj\.weight_scale \(checkpoint \[5\], model \[128\]\)",
+        ),
+        (
+            lambda s: s.update({"layers.1.attention_norm1.weight_scale": torch.ones(128)}),
+            r"`\.weight_scale` tensors without a float8 weight: layers\.1\.attention_norm1\.weight_scale",
+        ),
     ],
     ids=["scale-missing", "scale-wrong-shape", "scale-on-a-norm"],
 )
@@ -142,10 +150,13 @@ def test_fused_fp8_scale_with_wrong_rows_is_refused(tmp_path):
 
 
 def test_fp8_matmul_path_is_close_to_weight_only(tmp_path):
-    model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "m", fp8_release(seed=5)),
-                                                        torch_dtype=torch.bfloat16)
-    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
-              for k, v in packed_inputs().items()}
+    model = Ideogram4Transformer2DModel.from_pretrained(
+        write(tmp_path / "m", fp8_release(seed=5)), torch_dtype=torch.bfloat16
+    )
+    inputs = {
+        k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+        for k, v in packed_inputs().items()
+    }
     weight_only = image_velocity(model, inputs).float()
     assert set_fp8_matmul(model, True) == 23
     fast = image_velocity(model, inputs).float()
@@ -201,17 +212,23 @@ def test_fp8_text_encoder_missing_scale_is_refused(tmp_path):
     from diffusers_ideogram4 import Ideogram4TextEncoder
 
     folder, _ = fp8_text_encoder_folder(
-        tmp_path, corrupt=lambda s: s.pop("language_model.layers.3.self_attn.q_proj.weight_scale"))
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"without their `\.weight_scale`: language_model\.layers\.3\.self_attn\.q_proj\.weight"):
+        tmp_path, corrupt=lambda s: s.pop("language_model.layers.3.self_attn.q_proj.weight_scale")
+    )
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"without their `\.weight_scale`: language_model\.layers\.3\.self_attn\.q_proj\.weight",
+    ):
         Ideogram4TextEncoder.from_pretrained(folder)
 
 
 def test_nf4_without_cuda_says_so_and_suggests_fp8(tmp_path):
     folder = write(tmp_path / "nf4", {k: v for k, v in tiny_transformer().state_dict().items()})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_type": "nf4"}
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")

@@ -22,10 +22,23 @@ from diffusers_ideogram4.testing import tiny_pipeline, tiny_transformer
 CONFIG = TRANSFORMER_SIZES["tiny"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-GLOBALS = ["input_proj", "llm_cond_proj", "adaln_proj", "t_embedding.mlp_in", "t_embedding.mlp_out",
-           "final_layer.linear", "final_layer.adaln_modulation"]
+GLOBALS = [
+    "input_proj",
+    "llm_cond_proj",
+    "adaln_proj",
+    "t_embedding.mlp_in",
+    "t_embedding.mlp_out",
+    "final_layer.linear",
+    "final_layer.adaln_modulation",
+]
 # Key prefixes a test file may use; the hand merge strips them.
-PREFIXES = ("unconditional_transformer.", "conditional_transformer.", "transformer.", "diffusion_model.", "base_model.model.")
+PREFIXES = (
+    "unconditional_transformer.",
+    "conditional_transformer.",
+    "transformer.",
+    "diffusion_model.",
+    "base_model.model.",
+)
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 try:
@@ -137,15 +150,26 @@ def random_original(seed, prefix, with_alpha=True, split=False):
     model = tiny_transformer()
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    modules = {"layers.0.attention.qkv": 4, "layers.1.attention.qkv": 2, "layers.0.attention.o": 3,
-               "layers.1.feed_forward.w2": 2, "layers.0.adaln_modulation": 2, **dict.fromkeys(GLOBALS, 3)}
+    modules = {
+        "layers.0.attention.qkv": 4,
+        "layers.1.attention.qkv": 2,
+        "layers.0.attention.o": 3,
+        "layers.1.feed_forward.w2": 2,
+        "layers.0.adaln_modulation": 2,
+        **dict.fromkeys(GLOBALS, 3),
+    }
     if split:
-        modules = {name.replace("attention.qkv", "attention.to_k").replace("attention.o", "attention.to_out.0"): r
-                   for name, r in modules.items()}
+        modules = {
+            name.replace("attention.qkv", "attention.to_k").replace("attention.o", "attention.to_out.0"): r
+            for name, r in modules.items()
+        }
     down_name, up_name = ("lora_A", "lora_B") if split else ("lora_down", "lora_up")
     for index, (name, rank) in enumerate(modules.items()):
         if name.endswith("qkv"):
-            out, inp = 3 * model.get_submodule(name.replace("qkv", "to_q")).out_features, CONFIG["attention_head_dim"] * 2
+            out, inp = (
+                3 * model.get_submodule(name.replace("qkv", "to_q")).out_features,
+                CONFIG["attention_head_dim"] * 2,
+            )
         else:
             linear = model.get_submodule(name.replace("attention.o", "attention.to_out.0"))
             out, inp = linear.out_features, linear.in_features
@@ -169,8 +193,11 @@ def make_lora(kind, folder):
         model, config = peft_adapter()
         component = "transformer" if kind == "diffusers" else "unconditional_transformer"
         tiny_pipeline().save_lora_weights(
-            folder, **{f"{component}_lora_layers": get_peft_model_state_dict(model, adapter_name="a"),
-                       f"{component}_lora_adapter_metadata": config.to_dict()}
+            folder,
+            **{
+                f"{component}_lora_layers": get_peft_model_state_dict(model, adapter_name="a"),
+                f"{component}_lora_adapter_metadata": config.to_dict(),
+            },
         )
         path = folder / "pytorch_lora_weights.safetensors"
         return path, component, read_lora_file(path)[0], config.lora_alpha / config.r
@@ -188,8 +215,14 @@ def make_lora(kind, folder):
     return write(folder / f"{kind}.safetensors", tensors), component, tensors, 1.0
 
 
-FORMATS = ["diffusers", "original", "unprefixed", "conditional_split_alpha", "unconditional_original",
-           "unconditional_diffusers"]
+FORMATS = [
+    "diffusers",
+    "original",
+    "unprefixed",
+    "conditional_split_alpha",
+    "unconditional_original",
+    "unconditional_diffusers",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,7 +242,9 @@ def test_every_format_matches_weights_merged_by_hand(kind, tmp_path):
     pipe.load_lora_weights(str(path), adapter_name="style")
 
     assert pipe.get_list_adapters() == {component: ["style"]}
-    torch.testing.assert_close(velocity(getattr(pipe, component), component), velocity(reference, component), **TOLERANCE)
+    torch.testing.assert_close(
+        velocity(getattr(pipe, component), component), velocity(reference, component), **TOLERANCE
+    )
     assert not torch.allclose(velocity(getattr(pipe, component), component), before[component])
     # The other branch is untouched: same weights, bit-identical output.
     assert torch.equal(velocity(getattr(pipe, other), other), before[other])
@@ -218,7 +253,8 @@ def test_every_format_matches_weights_merged_by_hand(kind, tmp_path):
 
     # A runtime scale through `attention_kwargs` equals the delta scaled by hand.
     torch.testing.assert_close(
-        velocity(getattr(pipe, component), component, attention_kwargs={"scale": 0.5}), velocity(half, component),
+        velocity(getattr(pipe, component), component, attention_kwargs={"scale": 0.5}),
+        velocity(half, component),
         **TOLERANCE,
     )
 
@@ -232,7 +268,8 @@ def test_target_sends_an_unprefixed_lora_to_the_unconditional_transformer(tmp_pa
     assert pipe.get_list_adapters() == {"unconditional_transformer": ["u"]}
     torch.testing.assert_close(
         velocity(pipe.unconditional_transformer, "unconditional_transformer"),
-        velocity(reference, "unconditional_transformer"), **TOLERANCE,
+        velocity(reference, "unconditional_transformer"),
+        **TOLERANCE,
     )
     assert torch.equal(velocity(pipe.transformer), before)
 
@@ -254,8 +291,10 @@ def test_a_lora_for_both_transformers_loads_each_part_into_its_own(tmp_path):
     conditional = random_original(seed=11, prefix="diffusion_model.")
     unconditional = random_original(seed=12, prefix="unconditional_transformer.")
     path = write(tmp_path / "both.safetensors", {**conditional, **unconditional})
-    references = {"transformer": merged_by_hand(pipe.transformer, conditional),
-                  "unconditional_transformer": merged_by_hand(pipe.unconditional_transformer, unconditional)}
+    references = {
+        "transformer": merged_by_hand(pipe.transformer, conditional),
+        "unconditional_transformer": merged_by_hand(pipe.unconditional_transformer, unconditional),
+    }
     pipe.load_lora_weights(str(path), adapter_name="both")
     assert pipe.get_list_adapters() == {"transformer": ["both"], "unconditional_transformer": ["both"]}
     for component, reference in references.items():
@@ -269,8 +308,14 @@ def test_pipeline_call_with_lora_equals_pipeline_with_merged_weights(tmp_path):
     path, _, tensors, _ = make_lora("original", tmp_path)
     pipe.load_lora_weights(str(path))
     merged_pipe.transformer = merged_by_hand(merged_pipe.transformer, tensors, scale=0.8)
-    call = dict(height=256, width=256, num_inference_steps=2, guidance_scale=3.0, output_type="latent",
-                caption_check=CAPTION_CHECK)
+    call = dict(
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="latent",
+        caption_check=CAPTION_CHECK,
+    )
     with_lora = pipe(CAPTION, generator=seeded(0), attention_kwargs={"scale": 0.8}, **call).images
     expected = merged_pipe(CAPTION, generator=seeded(0), **call).images
     torch.testing.assert_close(with_lora, expected, **TOLERANCE)
@@ -344,8 +389,12 @@ def test_peft_save_pretrained_adapter_uses_its_adapter_config_alpha(tmp_path):
     torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **TOLERANCE)
 
     (tmp_path / "peft" / "adapter_config.json").unlink()
-    refused(tiny_pipeline(), str(weights), r"PEFT adapter \(`base_model\.model\.` keys\) without its "
-                                            r"adapter_config\.json, so its `lora_alpha` is unknown")
+    refused(
+        tiny_pipeline(),
+        str(weights),
+        r"PEFT adapter \(`base_model\.model\.` keys\) without its "
+        r"adapter_config\.json, so its `lora_alpha` is unknown",
+    )
 
 
 def test_metadata_must_match_the_key_prefixes():
@@ -356,8 +405,13 @@ def test_metadata_must_match_the_key_prefixes():
     pipe.load_lora_weights(tensors, metadata=config.to_dict(), adapter_name="plain")  # unprefixed: applies to all
     torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **TOLERANCE)
     wrong = {f"unconditional_transformer.{k}": v for k, v in config.to_dict().items()}
-    refused(tiny_pipeline(), tensors, r"metadata is for key prefixes \['unconditional_transformer\.'\], but the "
-                                      r"LoRA's keys have \['transformer\.'\]", metadata=wrong)
+    refused(
+        tiny_pipeline(),
+        tensors,
+        r"metadata is for key prefixes \['unconditional_transformer\.'\], but the "
+        r"LoRA's keys have \['transformer\.'\]",
+        metadata=wrong,
+    )
 
 
 def test_two_adapters_with_weights_equal_both_merged_by_hand(tmp_path):
@@ -407,8 +461,9 @@ def test_disable_enable_delete_and_unload(tmp_path):
 
     pipe.delete_adapters("u")
     assert pipe.get_list_adapters() == {"transformer": ["c"]}
-    assert torch.equal(velocity(pipe.unconditional_transformer, "unconditional_transformer"),
-                       before["unconditional_transformer"])
+    assert torch.equal(
+        velocity(pipe.unconditional_transformer, "unconditional_transformer"), before["unconditional_transformer"]
+    )
 
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {}
@@ -453,7 +508,9 @@ def test_save_lora_weights_writes_both_prefixes_with_metadata(tmp_path):
     layers = get_peft_model_state_dict(model, adapter_name="a")
     pipe = tiny_pipeline()
     pipe.save_lora_weights(
-        tmp_path, transformer_lora_layers=layers, unconditional_transformer_lora_layers=layers,
+        tmp_path,
+        transformer_lora_layers=layers,
+        unconditional_transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=config.to_dict(),
         unconditional_transformer_lora_adapter_metadata=config.to_dict(),
     )
@@ -484,49 +541,79 @@ def refused(pipe, tensors, match, **kwargs):
 def test_leftover_and_unknown_keys_are_refused_by_name():
     pipe = tiny_pipeline()
     good = random_original(seed=5, prefix="diffusion_model.")
-    refused(pipe, {**good, "diffusion_model.layers.0.attention.qkv.lora_down.bias": torch.zeros(4)},
-            r"not LoRA factors: diffusion_model\.layers\.0\.attention\.qkv\.lora_down\.bias")
-    refused(pipe, {**good, "diffusion_model.layers.0.attention_norm1.lora_up.weight": torch.zeros(4, 2)},
-            r"not Linear layers of an Ideogram 4 transformer: diffusion_model\.layers\.0\.attention_norm1")
-    refused(pipe, {**good, "text_encoder.layers.0.mlp.lora_A.weight": torch.zeros(2, 4)},
-            r"text_encoder\.layers\.0\.mlp\.lora_A\.weight")
+    refused(
+        pipe,
+        {**good, "diffusion_model.layers.0.attention.qkv.lora_down.bias": torch.zeros(4)},
+        r"not LoRA factors: diffusion_model\.layers\.0\.attention\.qkv\.lora_down\.bias",
+    )
+    refused(
+        pipe,
+        {**good, "diffusion_model.layers.0.attention_norm1.lora_up.weight": torch.zeros(4, 2)},
+        r"not Linear layers of an Ideogram 4 transformer: diffusion_model\.layers\.0\.attention_norm1",
+    )
+    refused(
+        pipe,
+        {**good, "text_encoder.layers.0.mlp.lora_A.weight": torch.zeros(2, 4)},
+        r"text_encoder\.layers\.0\.mlp\.lora_A\.weight",
+    )
     incomplete = {k: v for k, v in good.items() if k != "diffusion_model.layers.0.attention.o.lora_up.weight"}
     refused(pipe, incomplete, r"`diffusion_model\.layers\.0\.attention\.o` has no up")
-    too_deep = {**good, "diffusion_model.layers.9.feed_forward.w1.lora_down.weight": torch.zeros(2, 128),
-                "diffusion_model.layers.9.feed_forward.w1.lora_up.weight": torch.zeros(256, 2)}
+    too_deep = {
+        **good,
+        "diffusion_model.layers.9.feed_forward.w1.lora_down.weight": torch.zeros(2, 128),
+        "diffusion_model.layers.9.feed_forward.w1.lora_up.weight": torch.zeros(256, 2),
+    }
     refused(pipe, too_deep, r"does not have: transformer\.layers\.9\.feed_forward\.w1")
     wrong_shape = {**good, "diffusion_model.layers.0.attention.o.lora_down.weight": torch.zeros(3, 64)}
     refused(pipe, wrong_shape, r"of another shape: transformer\.layers\.0\.attention\.to_out\.0")
-    twice = {**good, "diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 128),
-             "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(128, 2)}
+    twice = {
+        **good,
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 128),
+        "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(128, 2),
+    }
     refused(pipe, twice, r"`transformer\.layers\.0\.attention\.to_q` is given twice")
 
 
 @pytest.mark.parametrize(
     ("key", "kind"),
-    [("diffusion_model.layers.0.attention.qkv.lokr_w1", "LoKr"),
-     ("transformer.layers.0.attention.to_q.lora_magnitude_vector", "DoRA"),
-     ("diffusion_model.layers.0.attention.qkv.dora_scale", "DoRA"),
-     ("diffusion_model.layers.0.attention.qkv.hada_w1_a", "LoHa"),
-     ("diffusion_model.layers.0.attention_norm1.diff", "full weight differences")],
+    [
+        ("diffusion_model.layers.0.attention.qkv.lokr_w1", "LoKr"),
+        ("transformer.layers.0.attention.to_q.lora_magnitude_vector", "DoRA"),
+        ("diffusion_model.layers.0.attention.qkv.dora_scale", "DoRA"),
+        ("diffusion_model.layers.0.attention.qkv.hada_w1_a", "LoHa"),
+        ("diffusion_model.layers.0.attention_norm1.diff", "full weight differences"),
+    ],
 )
 def test_other_adapter_kinds_are_refused_clearly(key, kind):
     pipe = tiny_pipeline()
-    refused(pipe, {**random_original(seed=5, prefix="diffusion_model."), key: torch.zeros(4, 4)},
-            rf"format is not supported.*{kind}")
+    refused(
+        pipe,
+        {**random_original(seed=5, prefix="diffusion_model."), key: torch.zeros(4, 4)},
+        rf"format is not supported.*{kind}",
+    )
 
 
 def test_target_conflicts_and_missing_branch_are_refused():
     pipe = tiny_pipeline()
     conditional = random_original(seed=1, prefix="conditional_transformer.")
-    refused(pipe, conditional, r"conflicts with the LoRA's key prefix 'conditional_transformer\.'",
-            target="unconditional_transformer")
-    both = {**random_original(seed=1, prefix="transformer."), **random_original(seed=2, prefix="unconditional_transformer.")}
+    refused(
+        pipe,
+        conditional,
+        r"conflicts with the LoRA's key prefix 'conditional_transformer\.'",
+        target="unconditional_transformer",
+    )
+    both = {
+        **random_original(seed=1, prefix="transformer."),
+        **random_original(seed=2, prefix="unconditional_transformer."),
+    }
     refused(pipe, both, r"holds adapters for both transformers", target="transformer")
     refused(pipe, conditional, r"`target='vae'` is not a LoRA-loadable component", target="vae")
     distilled = tiny_pipeline(unconditional=False)
-    refused(distilled, random_original(seed=2, prefix="unconditional_transformer."),
-            r"weights for `unconditional_transformer`, which this pipeline does not have")
+    refused(
+        distilled,
+        random_original(seed=2, prefix="unconditional_transformer."),
+        r"weights for `unconditional_transformer`, which this pipeline does not have",
+    )
 
 
 def test_alpha_twice_and_wrong_metadata_are_refused():
@@ -574,12 +661,18 @@ def test_lora_on_fp8_layers_matches_dequantized_weights_merged_by_hand():
     assert isinstance(to_q.base_layer, FP8Linear) and to_q.base_layer.weight.dtype == FP8_DTYPE
     assert to_q.lora_A["style"].weight.dtype == torch.float32  # not cast to the float8 weight's dtype
     torch.testing.assert_close(velocity(pipe.transformer), velocity(merged_by_hand(reference, tensors)), **TOLERANCE)
-    torch.testing.assert_close(velocity(pipe.transformer, attention_kwargs={"scale": 0.5}),
-                               velocity(merged_by_hand(reference, tensors, scale=0.5)), **TOLERANCE)
+    torch.testing.assert_close(
+        velocity(pipe.transformer, attention_kwargs={"scale": 0.5}),
+        velocity(merged_by_hand(reference, tensors, scale=0.5)),
+        **TOLERANCE,
+    )
 
     with_lora = velocity(pipe.transformer)
-    with pytest.raises(ValueError, match=r"`fuse_lora` cannot fold adapters into fp8 weight-only layers: "
-                                         r"transformer\.adaln_proj.*run the adapters unfused"):
+    with pytest.raises(
+        ValueError,
+        match=r"`fuse_lora` cannot fold adapters into fp8 weight-only layers: "
+        r"transformer\.adaln_proj.*run the adapters unfused",
+    ):
         pipe.fuse_lora()
     assert torch.equal(velocity(pipe.transformer), with_lora)
     pipe.unload_lora_weights()
@@ -651,8 +744,10 @@ def test_converter_round_trips_keep_the_delta(tmp_path):
     # Zero rank components of the block-diagonal qkv are dropped again: the ranks come back.
     assert back["transformer.layers.0.attention.to_q.lora_A.weight"].shape == (4, 128)
 
-    kohya = {**random_original(seed=4, prefix="diffusion_model."),
-             **random_original(seed=5, prefix="unconditional_transformer.")}
+    kohya = {
+        **random_original(seed=4, prefix="diffusion_model."),
+        **random_original(seed=5, prefix="unconditional_transformer."),
+    }
     diffusers_format, diffusers_metadata = convert_lora_state_dict(kohya, to="diffusers")
     again, _ = convert_lora_state_dict(diffusers_format, to="original", metadata=diffusers_metadata)
     assert_same_deltas(deltas(diffusers_format, diffusers_metadata), deltas(kohya))
@@ -666,15 +761,30 @@ def test_convert_lora_script(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_lora", REPO_ROOT / "conversion" / "convert_lora.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main(["--input", str(source), "--output", str(tmp_path / "diffusers.safetensors"),
-                        "--to", "diffusers"]) == 0
-    assert script.main(["--input", str(tmp_path / "diffusers.safetensors"), "--output",
-                        str(tmp_path / "original.safetensors"), "--to", "original"]) == 0
+    assert (
+        script.main(["--input", str(source), "--output", str(tmp_path / "diffusers.safetensors"), "--to", "diffusers"])
+        == 0
+    )
+    assert (
+        script.main(
+            [
+                "--input",
+                str(tmp_path / "diffusers.safetensors"),
+                "--output",
+                str(tmp_path / "original.safetensors"),
+                "--to",
+                "original",
+            ]
+        )
+        == 0
+    )
     converted, metadata = read_lora_file(tmp_path / "diffusers.safetensors")
     assert metadata["transformer.lora_alpha"] == metadata["transformer.r"]
     assert_same_deltas(deltas(converted, metadata), deltas(read_lora_file(source)[0]))
     assert_same_deltas(deltas(read_lora_file(tmp_path / "original.safetensors")[0]), deltas(read_lora_file(source)[0]))
-    stray = write(tmp_path / "stray.safetensors", {**read_lora_file(source)[0], "diffusion_model.x.weight": torch.ones(1)})
+    stray = write(
+        tmp_path / "stray.safetensors", {**read_lora_file(source)[0], "diffusion_model.x.weight": torch.ones(1)}
+    )
     assert script.main(["--input", str(stray), "--output", str(tmp_path / "no.safetensors"), "--to", "diffusers"]) == 1
     assert "keys that are not LoRA factors: diffusion_model.x.weight" in capsys.readouterr().err
     assert not (tmp_path / "no.safetensors").exists()
@@ -682,5 +792,6 @@ def test_convert_lora_script(tmp_path, capsys):
     pipe.load_lora_weights(str(tmp_path / "diffusers.safetensors"))
     torch.testing.assert_close(
         velocity(pipe.transformer),
-        velocity(merged_by_hand(tiny_pipeline().transformer, read_lora_file(source)[0])), **TOLERANCE,
+        velocity(merged_by_hand(tiny_pipeline().transformer, read_lora_file(source)[0])),
+        **TOLERANCE,
     )

@@ -21,8 +21,9 @@ def expected():
 def test_group_offload(expected, offload_type):
     pipe = tiny_pipeline(seed=3)
     extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
-    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                              offload_type=offload_type, **extra)
+    pipe.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload_type, **extra
+    )
     torch.testing.assert_close(pipe(CAPTION, generator=seeded(1), **KWARGS).images, expected, rtol=0, atol=0)
 
 
@@ -44,8 +45,10 @@ def test_model_offload_hooks_every_component_in_order(expected):
     order = []
     # The VAE is reached through `decode` (diffusers' `apply_forward_hook`), not `forward`.
     assert hasattr(pipe.vae, "_hf_hook")
-    hooks = [getattr(pipe, name).register_forward_pre_hook(lambda *a, name=name: order.append(name))
-             for name in COMPONENTS[:-1]]
+    hooks = [
+        getattr(pipe, name).register_forward_pre_hook(lambda *a, name=name: order.append(name))
+        for name in COMPONENTS[:-1]
+    ]
     out = pipe(CAPTION, generator=seeded(1), **KWARGS).images
     for hook in hooks:
         hook.remove()

@@ -32,9 +32,17 @@ def reference_latents(pipe, prompts, latents, guidance, mu, std, height, width):
         scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, **peer
     )
     grid_h, grid_w = height // 16, width // 16
-    lengths = [len(pipe.tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": p}]}], add_generation_prompt=True, tokenize=True,
-        return_dict=True)["input_ids"]) for p in prompts]
+    lengths = [
+        len(
+            pipe.tokenizer.apply_chat_template(
+                [{"role": "user", "content": [{"type": "text", "text": p}]}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
     longest = max(lengths)
     features, position_ids, segment_ids, indicator = reference.encode_prompt(
         prompts, grid_h, grid_w, max_sequence_length=longest, device=torch.device("cpu")
@@ -56,8 +64,12 @@ def reference_latents(pipe, prompts, latents, guidance, mu, std, height, width):
             packed = torch.cat((torch.zeros(batch, longest, 128), z), dim=1)
             v_cond = peer["transformer"](packed, t, features, position_ids, segment_ids, indicator).sample[:, longest:]
             v_uncond = peer["unconditional_transformer"](
-                z, t, torch.zeros(batch, grid_h * grid_w, features.shape[-1]), position_ids[:, longest:],
-                segment_ids[:, longest:], indicator[:, longest:]
+                z,
+                t,
+                torch.zeros(batch, grid_h * grid_w, features.shape[-1]),
+                position_ids[:, longest:],
+                segment_ids[:, longest:],
+                indicator[:, longest:],
             ).sample
         v = guidance[k] * v_cond + (1 - guidance[k]) * v_uncond
         z = z + v * (taus[k + 1] - taus[k])
@@ -68,26 +80,44 @@ def reference_latents(pipe, prompts, latents, guidance, mu, std, height, width):
 def test_latents_match_reference_sampler(tiny_pipe, prompts):
     guidance = [7.0, 7.0, 3.0, 1.0]
     noise = torch.randn(len(prompts), (H // 16) * (W // 16), 128, generator=seeded(1))
-    ours = tiny_pipe(prompts, height=H, width=W, guidance_schedule=guidance, mu=0.3, std=1.5, latents=noise,
-                     output_type="latent").images
+    ours = tiny_pipe(
+        prompts, height=H, width=W, guidance_schedule=guidance, mu=0.3, std=1.5, latents=noise, output_type="latent"
+    ).images
     expected = reference_latents(tiny_pipe, prompts, noise, guidance, 0.3, 1.5, H, W)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_of_two_lengths_equals_each_alone(tiny_pipe):
-    both = tiny_pipe([CAPTION, CAPTION_SHORT], height=H, width=W, num_inference_steps=3,
-                     generator=[seeded(1), seeded(2)], output_type="latent").images
-    alone = [tiny_pipe(c, height=H, width=W, num_inference_steps=3, generator=seeded(s), output_type="latent").images
-             for c, s in ((CAPTION, 1), (CAPTION_SHORT, 2))]
+    both = tiny_pipe(
+        [CAPTION, CAPTION_SHORT],
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        generator=[seeded(1), seeded(2)],
+        output_type="latent",
+    ).images
+    alone = [
+        tiny_pipe(c, height=H, width=W, num_inference_steps=3, generator=seeded(s), output_type="latent").images
+        for c, s in ((CAPTION, 1), (CAPTION_SHORT, 2))
+    ]
     torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
 def test_two_prompts_times_two_images_equal_four_single_runs(tiny_pipe):
     """Image i of [A, B] x 2 is prompt (A, A, B, B)[i] with generator i: text features follow their own images."""
-    four = tiny_pipe([CAPTION, CAPTION_SHORT], height=H, width=W, num_inference_steps=2, num_images_per_prompt=2,
-                     generator=[seeded(s) for s in range(4)], output_type="latent").images
-    alone = [tiny_pipe(c, height=H, width=W, num_inference_steps=2, generator=seeded(s), output_type="latent").images
-             for s, c in enumerate((CAPTION, CAPTION, CAPTION_SHORT, CAPTION_SHORT))]
+    four = tiny_pipe(
+        [CAPTION, CAPTION_SHORT],
+        height=H,
+        width=W,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        generator=[seeded(s) for s in range(4)],
+        output_type="latent",
+    ).images
+    alone = [
+        tiny_pipe(c, height=H, width=W, num_inference_steps=2, generator=seeded(s), output_type="latent").images
+        for s, c in enumerate((CAPTION, CAPTION, CAPTION_SHORT, CAPTION_SHORT))
+    ]
     torch.testing.assert_close(four, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
@@ -110,8 +140,10 @@ def test_decode_latents_follows_spec_denormalisation():
 
 
 def test_seed_determinism_and_num_images_per_prompt(tiny_pipe):
-    run = lambda seed: tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=2, generator=seeded(seed),  # noqa: E731
-                                 num_images_per_prompt=2, output_type="latent").images
+    def run(seed):
+        kwargs = dict(height=H, width=W, num_inference_steps=2, num_images_per_prompt=2, output_type="latent")
+        return tiny_pipe(CAPTION, generator=seeded(seed), **kwargs).images
+
     first, again, other = run(5), run(5), run(6)
     assert first.shape == (2, (H // 16) * (W // 16), 128)
     assert torch.equal(first, again)
@@ -157,8 +189,9 @@ def test_callback_can_replace_latents(tiny_pipe):
         seen.append((step, round(tau, 6), pipe.guidance_scale))
         return {"latents": torch.zeros_like(tensors["latents"])}
 
-    out = tiny_pipe(CAPTION, height=H, width=W, guidance_schedule=[7.0, 3.0], callback_on_step_end=callback,
-                    output_type="latent").images
+    out = tiny_pipe(
+        CAPTION, height=H, width=W, guidance_schedule=[7.0, 3.0], callback_on_step_end=callback, output_type="latent"
+    ).images
     assert [s[0] for s in seen] == [0, 1] and [s[2] for s in seen] == [7.0, 3.0]
     assert torch.equal(out, torch.zeros_like(out))
 
@@ -176,14 +209,28 @@ def test_callback_gets_each_step_start_time_and_can_interrupt(tiny_pipe):
         return {}
 
     try:
-        stopped = tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=3, generator=seeded(4),
-                            callback_on_step_end=callback, output_type="latent").images
+        stopped = tiny_pipe(
+            CAPTION,
+            height=H,
+            width=W,
+            num_inference_steps=3,
+            generator=seeded(4),
+            callback_on_step_end=callback,
+            output_type="latent",
+        ).images
     finally:
         hook.remove()
     assert seen == taus[:2] and len(calls) == 2  # the third step never ran
     two_steps = []
-    tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=3, generator=seeded(4), output_type="latent",
-              callback_on_step_end=lambda pipe, step, tau, t: two_steps.append(t["latents"]) or {})
+    tiny_pipe(
+        CAPTION,
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        generator=seeded(4),
+        output_type="latent",
+        callback_on_step_end=lambda pipe, step, tau, t: two_steps.append(t["latents"]) or {},
+    )
     torch.testing.assert_close(stopped, two_steps[1], rtol=0, atol=0)
     tiny_pipe(CAPTION, height=H, width=W, num_inference_steps=1, generator=seeded(4), output_type="latent")
     assert tiny_pipe.interrupt is False
@@ -192,13 +239,25 @@ def test_callback_gets_each_step_start_time_and_can_interrupt(tiny_pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=1000), r"`height=1000` is not supported: .* multiple of 16 between 256 and 2048 .* Try `height=992` or `height=1008`\."),
+        (
+            dict(height=1000),
+            r"`height=1000` is not supported: .* multiple of 16 between 256 and 2048 .* Try `height=992` or `height=1008`\.",
+        ),
         (dict(width=4096), r"`width=4096` is not supported: .* Try `width=2048`"),
         (dict(height=128), r"`height=128` is not supported"),
-        (dict(guidance_schedule=[7.0] * 3, num_inference_steps=4), r"`guidance_schedule` has 3 entries but `num_inference_steps` is 4"),
-        (dict(guidance_scale=5.0, guidance_schedule=[7.0]), r"`guidance_scale` and `guidance_schedule` were both given"),
+        (
+            dict(guidance_schedule=[7.0] * 3, num_inference_steps=4),
+            r"`guidance_schedule` has 3 entries but `num_inference_steps` is 4",
+        ),
+        (
+            dict(guidance_scale=5.0, guidance_schedule=[7.0]),
+            r"`guidance_scale` and `guidance_schedule` were both given",
+        ),
         (dict(latents=torch.zeros(1, 10, 128)), r"`latents` has shape \(1, 10, 128\), expected \(1, 320, 128\)"),
-        (dict(output_type="jpeg"), r"`output_type='jpeg'` is not supported; use one of \['pil', 'np', 'pt', 'latent'\]"),
+        (
+            dict(output_type="jpeg"),
+            r"`output_type='jpeg'` is not supported; use one of \['pil', 'np', 'pt', 'latent'\]",
+        ),
         (dict(preset="fast"), r"`preset='fast'` is not a preset"),
         (dict(num_inference_steps=0), r"`num_inference_steps` must be a positive int, got 0"),
         (dict(num_images_per_prompt=True), r"`num_images_per_prompt` must be a positive int, got True"),
@@ -211,11 +270,20 @@ def test_callback_gets_each_step_start_time_and_can_interrupt(tiny_pipe):
         (dict(mu="abc"), r"`mu` must be a finite number, got 'abc'"),
         (dict(mu=float("inf")), r"`mu` must be a finite number, got inf"),
         (dict(generator=0), r"`generator` must be a torch\.Generator or a list of them, got 0"),
-        (dict(generator=[torch.Generator()] * 3), r"`generator` is a list of 3 generators, but 1 prompt\(s\) x "
-                                                   r"`num_images_per_prompt=1` make 1 images"),
-        (dict(generator=torch.Generator(), latents=torch.zeros(1, 320, 128)), r"`generator` and `latents` were both given"),
+        (
+            dict(generator=[torch.Generator()] * 3),
+            r"`generator` is a list of 3 generators, but 1 prompt\(s\) x "
+            r"`num_images_per_prompt=1` make 1 images",
+        ),
+        (
+            dict(generator=torch.Generator(), latents=torch.zeros(1, 320, 128)),
+            r"`generator` and `latents` were both given",
+        ),
         (dict(callback_on_step_end="oops"), r"`callback_on_step_end` must be callable .*got 'oops'"),
-        (dict(callback_on_step_end_tensor_inputs="latents"), r"`callback_on_step_end_tensor_inputs` must be a list of names, got 'latents'"),
+        (
+            dict(callback_on_step_end_tensor_inputs="latents"),
+            r"`callback_on_step_end_tensor_inputs` must be a list of names, got 'latents'",
+        ),
         (dict(attention_kwargs={"scale": "x"}), r"`attention_kwargs\['scale'\]` must be a finite number, got 'x'"),
         (dict(prompt={"compositional_deconstruction": {}}), r"`prompt` must be a caption string or a non-empty list"),
         (dict(caption_check="strict"), r"`caption_check='strict'` is not supported"),
@@ -224,8 +292,10 @@ def test_callback_gets_each_step_start_time_and_can_interrupt(tiny_pipe):
 )
 def test_bad_input_raises_before_model_work(tiny_pipe, kwargs, message):
     calls = []
-    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
-             for m in (tiny_pipe.text_encoder, tiny_pipe.transformer, tiny_pipe.unconditional_transformer)]
+    hooks = [
+        m.register_forward_pre_hook(lambda *a: calls.append(1))
+        for m in (tiny_pipe.text_encoder, tiny_pipe.transformer, tiny_pipe.unconditional_transformer)
+    ]
     try:
         with pytest.raises(ValueError, match=message):
             tiny_pipe(**{"prompt": CAPTION, "height": H, "width": W, **kwargs})
@@ -237,9 +307,14 @@ def test_bad_input_raises_before_model_work(tiny_pipe, kwargs, message):
 
 def test_prompt_over_2048_tokens_is_refused_with_its_count(tiny_pipe):
     long_caption = json.dumps({"compositional_deconstruction": {"background": "zq " * 3000, "elements": []}})
-    count = len(tiny_pipe.tokenize.__self__.tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": long_caption}]}], add_generation_prompt=True,
-        tokenize=True, return_dict=True)["input_ids"])
+    count = len(
+        tiny_pipe.tokenize.__self__.tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": long_caption}]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
     with pytest.raises(ValueError, match=rf"prompt\[0\] has {count} tokens, over the limit of 2048"):
         tiny_pipe(long_caption, height=H, width=W, caption_check="off")
 
@@ -273,17 +348,27 @@ def test_push_to_hub_uploads_the_finished_folder(tiny_pipe, tmp_path, monkeypatc
     import diffusers_ideogram4.pipeline_ideogram4 as module
 
     uploads, created = [], []
-    monkeypatch.setattr(module, "create_repo", lambda repo_id, **kw: created.append((repo_id, kw))
-                        or SimpleNamespace(repo_id=f"me/{repo_id.split('/')[-1]}"))
+    monkeypatch.setattr(
+        module,
+        "create_repo",
+        lambda repo_id, **kw: created.append((repo_id, kw)) or SimpleNamespace(repo_id=f"me/{repo_id.split('/')[-1]}"),
+    )
     monkeypatch.setattr(module, "load_or_create_model_card", lambda *a, **kw: ModelCard("# card\n"))
 
     def upload(self, folder, repo_id, **kwargs):
-        uploads.append((repo_id, kwargs, sorted(p.name for p in Path(folder).iterdir()),
-                        json.loads((Path(folder) / "model_index.json").read_text())))
+        uploads.append(
+            (
+                repo_id,
+                kwargs,
+                sorted(p.name for p in Path(folder).iterdir()),
+                json.loads((Path(folder) / "model_index.json").read_text()),
+            )
+        )
 
     monkeypatch.setattr(Ideogram4Pipeline, "_upload_folder", upload)
-    tiny_pipe.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/ideogram-tiny", private=True,
-                              commit_message="tiny")
+    tiny_pipe.save_pretrained(
+        tmp_path / "out", push_to_hub=True, repo_id="me/ideogram-tiny", private=True, commit_message="tiny"
+    )
     assert created == [("me/ideogram-tiny", {"exist_ok": True, "private": True, "token": None})]
     [(repo_id, kwargs, files, index)] = uploads
     assert repo_id == "me/ideogram-tiny"
@@ -339,8 +424,9 @@ def test_model_cpu_offload_runs_and_matches():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("prompts, masked", [([CAPTION], False), ([CAPTION, CAPTION], False),
-                                             ([CAPTION, CAPTION_SHORT], True)])
+@pytest.mark.parametrize(
+    "prompts, masked", [([CAPTION], False), ([CAPTION, CAPTION], False), ([CAPTION, CAPTION_SHORT], True)]
+)
 def test_attention_mask_only_for_mixed_lengths(tiny_pipe, monkeypatch, prompts, masked):
     """Text is padded to the longest prompt, and SDPA gets no mask unless prompts differ in length."""
     import torch.nn.functional as F
@@ -364,8 +450,14 @@ def test_attention_mask_only_for_mixed_lengths(tiny_pipe, monkeypatch, prompts, 
 def test_caption_check_modes(tiny_pipe):
     from diffusers_ideogram4 import CaptionError, CaptionWarning
 
-    bad = json.dumps({"compositional_deconstruction": {"background": "x", "elements": [
-        {"type": "text", "bbox": [0, 0, 10.5, 10], "text": "HI", "desc": "d"}]}})
+    bad = json.dumps(
+        {
+            "compositional_deconstruction": {
+                "background": "x",
+                "elements": [{"type": "text", "bbox": [0, 0, 10.5, 10], "text": "HI", "desc": "d"}],
+            }
+        }
+    )
     calls = []
     hook = tiny_pipe.text_encoder.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
@@ -394,8 +486,14 @@ def test_steps_run_on_their_own(tiny_pipe):
     features, lengths = pipe.encode_prompt(pipe.tokenize([CAPTION]), torch.device("cpu"))
     taus = model_times(1, 0.0, 1.5, H, W).tolist()
     with torch.no_grad():
-        velocity = pipe.predict_velocity(noise, taus[0], features, pack_layout(lengths, H // 16, W // 16),
-                                         image_only_layout(1, H // 16, W // 16), 4.0)
+        velocity = pipe.predict_velocity(
+            noise,
+            taus[0],
+            features,
+            pack_layout(lengths, H // 16, W // 16),
+            image_only_layout(1, H // 16, W // 16),
+            4.0,
+        )
         image = pipe.decode_latents(euler_step(noise, velocity, taus[0], taus[1]), H, W, "np")
     assert np.array_equal(image, expected)
 
@@ -412,9 +510,12 @@ def test_pipeline_refuses_a_component_checkpoint_with_missing_or_stray_keys(tiny
     state.pop(dropped)
     state["stray.weight"] = torch.zeros(3)
     save_file(state, str(weights))
-    with pytest.raises(ValueError, match=rf"The checkpoint at {re.escape(str(tmp_path / component))} does not match the "
-                                         rf"model; it was not used\..*\n  - missing keys: {re.escape(dropped)}\n  - "
-                                         rf"unexpected keys: stray\.weight$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"The checkpoint at {re.escape(str(tmp_path / component))} does not match the "
+        rf"model; it was not used\..*\n  - missing keys: {re.escape(dropped)}\n  - "
+        rf"unexpected keys: stray\.weight$",
+    ):
         Ideogram4Pipeline.from_pretrained(tmp_path)
 
 
@@ -424,4 +525,6 @@ def test_loaded_vae_is_diffusers_own_class(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path)
     loaded = Ideogram4Pipeline.from_pretrained(tmp_path)
     assert type(loaded.vae) is AutoencoderKLFlux2
-    assert all(torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), tiny_pipe.vae.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), tiny_pipe.vae.state_dict().values())
+    )

@@ -25,7 +25,9 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
 def test_each_component_takes_dtype_under_either_name(folder, name):
-    transformer = Ideogram4Transformer2DModel.from_pretrained(folder, subfolder="transformer", **{name: torch.bfloat16})
+    transformer = Ideogram4Transformer2DModel.from_pretrained(
+        folder, subfolder="transformer", **{name: torch.bfloat16}
+    )
     text_encoder = Ideogram4TextEncoder.from_pretrained(folder, subfolder="text_encoder", **{name: torch.bfloat16})
     assert transformer.dtype == text_encoder.dtype == torch.bfloat16
 
@@ -34,16 +36,18 @@ def test_pipeline_takes_dtype_without_deprecation_warning(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         pipe = Ideogram4Pipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    dtypes = {name: getattr(pipe, name).dtype
-              for name in ("transformer", "unconditional_transformer", "text_encoder", "vae")}
+    dtypes = {
+        name: getattr(pipe, name).dtype for name in ("transformer", "unconditional_transformer", "text_encoder", "vae")
+    }
     assert set(dtypes.values()) == {torch.bfloat16}, dtypes
 
 
 def test_disagreeing_dtype_names_are_refused(folder):
     message = r"`dtype=torch\.bfloat16` and `torch_dtype=torch\.float32` disagree: pass only `dtype`\."
     with pytest.raises(ValueError, match=message):
-        Ideogram4Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=torch.bfloat16,
-                                                    torch_dtype=torch.float32)
+        Ideogram4Transformer2DModel.from_pretrained(
+            folder, subfolder="transformer", dtype=torch.bfloat16, torch_dtype=torch.float32
+        )
     with pytest.raises(ValueError, match=message):
         Ideogram4Pipeline.from_pretrained(folder, dtype=torch.bfloat16, torch_dtype=torch.float32)
 
@@ -53,7 +57,8 @@ def test_nf4_pipeline_quantization_without_cuda_is_refused_before_loading(folder
     from diffusers.quantizers import PipelineQuantizationConfig
 
     config = PipelineQuantizationConfig(
-        quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        quant_backend="bitsandbytes_4bit",
+        quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
         components_to_quantize=["transformer", "unconditional_transformer", "text_encoder"],
     )
     with pytest.raises(ValueError, match=r"`quantization_config` is an nf4 \(bitsandbytes\) .*" + NO_CUDA):
@@ -77,7 +82,9 @@ def test_which_pipeline_quantization_configs_need_cuda(fields, refused):
 
     from diffusers_ideogram4.pipeline_ideogram4 import _quantizes_transformers_with_bitsandbytes
 
-    config = SimpleNamespace(**{"quant_backend": None, "components_to_quantize": None, "quant_mapping": None, **fields})
+    config = SimpleNamespace(
+        **{"quant_backend": None, "components_to_quantize": None, "quant_mapping": None, **fields}
+    )
     assert _quantizes_transformers_with_bitsandbytes(config) is refused
 
 
@@ -89,7 +96,9 @@ def test_torchao_int8_weight_only_on_the_fly(folder):
     from torchao.quantization import Int8WeightOnlyConfig
 
     branches = ("transformer", "unconditional_transformer")
-    config = PipelineQuantizationConfig(quant_mapping={name: TorchAoConfig(Int8WeightOnlyConfig()) for name in branches})
+    config = PipelineQuantizationConfig(
+        quant_mapping={name: TorchAoConfig(Int8WeightOnlyConfig()) for name in branches}
+    )
     quantized = Ideogram4Pipeline.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
     reference = Ideogram4Pipeline.from_pretrained(folder, dtype=torch.bfloat16)
     for name in branches:

@@ -27,8 +27,12 @@ def test_features_are_interleaved_raw_layer_outputs(full_qwen3vl):
     with torch.no_grad():
         features = encoder(input_ids)
         captured = {}
-        hooks = [reference.language_model.layers[i].register_forward_hook(
-            lambda module, args, output, i=i: captured.__setitem__(i, output)) for i in TEXT_ENCODER_TAP_LAYERS]
+        hooks = [
+            reference.language_model.layers[i].register_forward_hook(
+                lambda module, args, output, i=i: captured.__setitem__(i, output)
+            )
+            for i in TEXT_ENCODER_TAP_LAYERS
+        ]
         reference.language_model(input_ids=input_ids)
         for hook in hooks:
             hook.remove()
@@ -44,7 +48,8 @@ def test_vision_tower_is_not_loaded(full_qwen3vl):
     encoder = Ideogram4TextEncoder.from_pretrained(folder)
     assert not any(name.startswith("visual") for name, _ in encoder.named_parameters())
     assert sum(p.numel() for p in encoder.parameters()) == sum(
-        p.numel() for p in full_qwen3vl[0].language_model.parameters())
+        p.numel() for p in full_qwen3vl[0].language_model.parameters()
+    )
 
 
 def test_right_padding_equals_the_unpadded_prompt():
@@ -67,8 +72,11 @@ def test_missing_language_model_weight_is_refused(full_qwen3vl, tmp_path):
     state.pop("language_model.layers.7.mlp.up_proj.weight")
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointMismatchError, match=r"does not match the model; it was not used\. Expected a Qwen3-VL "
-                       r"checkpoint .*\n  - missing keys: language_model\.layers\.7\.mlp\.up_proj\.weight$"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"does not match the model; it was not used\. Expected a Qwen3-VL "
+        r"checkpoint .*\n  - missing keys: language_model\.layers\.7\.mlp\.up_proj\.weight$",
+    ):
         Ideogram4TextEncoder.from_pretrained(tmp_path)
 
 

@@ -93,7 +93,10 @@ def test_original_fused_layout_loads_and_matches_builtin(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     inputs = packed_inputs()
     torch.testing.assert_close(
-        image_velocity(loaded, inputs), image_velocity(peer_transformer(model.state_dict()), inputs), rtol=1e-5, atol=1e-5
+        image_velocity(loaded, inputs),
+        image_velocity(peer_transformer(model.state_dict()), inputs),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -126,10 +129,14 @@ def test_layout_conversion_is_lossless():
     "corrupt, message",
     [
         (lambda sd: sd.pop("layers.1.feed_forward.w2.weight"), r"missing keys: layers\.1\.feed_forward\.w2\.weight"),
-        (lambda sd: sd.update({"layers.0.attention.extra.weight": torch.zeros(2)}),
-         r"unexpected keys: layers\.0\.attention\.extra\.weight"),
-        (lambda sd: sd.update({"input_proj.bias": torch.zeros(7)}),
-         r"mis-shaped keys: input_proj\.bias \(checkpoint \[7\], model \[128\]\)"),
+        (
+            lambda sd: sd.update({"layers.0.attention.extra.weight": torch.zeros(2)}),
+            r"unexpected keys: layers\.0\.attention\.extra\.weight",
+        ),
+        (
+            lambda sd: sd.update({"input_proj.bias": torch.zeros(7)}),
+            r"mis-shaped keys: input_proj\.bias \(checkpoint \[7\], model \[128\]\)",
+        ),
         (lambda sd: sd.pop("layers.0.attention.to_k.weight"), r"missing keys: layers\.0\.attention\.to_k\.weight"),
     ],
     ids=["missing", "unexpected", "wrong-shape", "missing-split-part"],
@@ -215,8 +222,9 @@ def test_device_map_load_goes_through_diffusers_and_stays_strict(tmp_path):
     first, and the fused layout is refused there with a pointer to the converter."""
     model = tiny_transformer(seed=11)
     model.save_pretrained(tmp_path / "ok")
-    loaded, info = Ideogram4Transformer2DModel.from_pretrained(tmp_path / "ok", device_map={"": "cpu"},
-                                                               output_loading_info=True)
+    loaded, info = Ideogram4Transformer2DModel.from_pretrained(
+        tmp_path / "ok", device_map={"": "cpu"}, output_loading_info=True
+    )
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -238,5 +246,7 @@ def test_bfloat16_forward_equals_diffusers_builtin_bit_for_bit():
     ours, peer = ours.to(torch.bfloat16), peer.to(torch.bfloat16)
     assert peer.rotary_emb.inv_freq.dtype == torch.bfloat16
     peer.rotary_emb.inv_freq = inv_freq
-    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in packed_inputs().items()}
+    inputs = {
+        k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in packed_inputs().items()
+    }
     assert torch.equal(image_velocity(ours, inputs), image_velocity(peer, inputs))

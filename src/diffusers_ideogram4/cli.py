@@ -12,7 +12,9 @@ from .sampler import PRESETS
 
 TINY_RANDOM = "tiny-random"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-CLI_OPT_OUT_HINT = "Fix the caption, or pass --caption-check warn to generate anyway or --caption-check off to skip it."
+CLI_OPT_OUT_HINT = (
+    "Fix the caption, or pass --caption-check warn to generate anyway or --caption-check off to skip it."
+)
 
 
 def read_caption(value: str) -> str:
@@ -35,8 +37,11 @@ def add_generate_command(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="Generate a PNG from a JSON caption.")
     parser.add_argument("caption", help="caption JSON file, '-' for stdin, or the JSON text itself")
     parser.add_argument("-o", "--output", default="ideogram4.png", help="PNG to write (default: ideogram4.png)")
-    parser.add_argument("--model", default="ideogram-ai/ideogram-4-nf4-diffusers",
-                        help=f"hub id or local folder; '{TINY_RANDOM}' builds a tiny random model offline (noise)")
+    parser.add_argument(
+        "--model",
+        default="ideogram-ai/ideogram-4-nf4-diffusers",
+        help=f"hub id or local folder; '{TINY_RANDOM}' builds a tiny random model offline (noise)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIDE)
     parser.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIDE)

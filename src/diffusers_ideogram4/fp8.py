@@ -84,7 +84,9 @@ class FP8Linear(nn.Linear):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
-        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:
@@ -138,7 +140,9 @@ def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[st
         if name in wanted and isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, device=module.weight.device)
+            fp8 = FP8Linear(
+                module.in_features, module.out_features, module.bias is not None, device=module.weight.device
+            )
             setattr(parent, child, fp8)
             replaced.append(name)
     return replaced

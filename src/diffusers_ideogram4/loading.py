@@ -171,7 +171,8 @@ def check_fp8_pairs(renamed: dict[str, tuple[str, tuple[int, ...]]], source: str
     """Every float8 weight has its `.weight_scale`, and every scale belongs to a float8 weight."""
     unscaled = sorted(k for k, (dtype, _) in renamed.items() if dtype.startswith("F8") and k + "_scale" not in renamed)
     orphans = sorted(
-        k for k in renamed
+        k
+        for k in renamed
         if k.endswith(SCALE_SUFFIX) and not renamed.get(k[: -len("_scale")], ("",))[0].startswith("F8")
     )
     problems = []
@@ -195,9 +196,7 @@ def raise_problems(headline: str, problems: list[str], error: type[Exception] = 
         raise (error or CheckpointMismatchError)(headline + "\n  - " + "\n  - ".join(problems))
 
 
-def check_keys(
-    expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]], source: str
-) -> None:
+def check_keys(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped key."""
     missing = sorted(set(expected) - set(provided))
     unexpected = sorted(set(provided) - set(expected))
@@ -223,7 +222,11 @@ def check_keys(
 def check_loading_info(info: dict, source: str, hint: str = "") -> None:
     """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
     reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
-    labels = {"missing_keys": "missing keys", "unexpected_keys": "unexpected keys", "mismatched_keys": "mis-shaped keys"}
+    labels = {
+        "missing_keys": "missing keys",
+        "unexpected_keys": "unexpected keys",
+        "mismatched_keys": "mis-shaped keys",
+    }
     problems = [f"{label}: {list_keys(info[key])}" for key, label in labels.items() if info.get(key)]
     raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
 
@@ -281,8 +284,10 @@ def load_transformer(
     config = cls.load_config(folder)
     fp8 = is_fp8_checkpoint(header)
 
-    single_device = device_map is None or isinstance(device_map, (torch.device, int)) or (
-        isinstance(device_map, str) and device_map not in MULTI_DEVICE_MAPS
+    single_device = (
+        device_map is None
+        or isinstance(device_map, (torch.device, int))
+        or (isinstance(device_map, str) and device_map not in MULTI_DEVICE_MAPS)
     )
     config_quantized = "quantization_config" in config
     if fp8 and (quantization_config is not None or not single_device):
@@ -294,14 +299,27 @@ def load_transformer(
         require_cuda_for_bitsandbytes(str(folder))
     if quantization_config is not None or config_quantized or not single_device:
         return _load_through_diffusers(
-            cls, folder, header, torch_dtype=torch_dtype, device_map=device_map,
-            quantization_config=quantization_config, variant=variant, disable_mmap=disable_mmap,
-            low_cpu_mem_usage=low_cpu_mem_usage, output_loading_info=output_loading_info, **delegated,
+            cls,
+            folder,
+            header,
+            torch_dtype=torch_dtype,
+            device_map=device_map,
+            quantization_config=quantization_config,
+            variant=variant,
+            disable_mmap=disable_mmap,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            output_loading_info=output_loading_info,
+            **delegated,
         )
 
     model = strict_load(
-        lambda: cls.from_config(config), files, header, str(folder), torch_dtype=torch_dtype,
-        key_plan=original_key_plan, disable_mmap=disable_mmap,
+        lambda: cls.from_config(config),
+        files,
+        header,
+        str(folder),
+        torch_dtype=torch_dtype,
+        key_plan=original_key_plan,
+        disable_mmap=disable_mmap,
     )
     if device_map is not None:
         model.to(device_map)
@@ -399,9 +417,7 @@ def require_cuda_for_bitsandbytes(source: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise ValueError(
-            f"{source} needs bitsandbytes: `pip install \"diffusers-ideogram4[bitsandbytes]\"`."
-        ) from error
+        raise ValueError(f'{source} needs bitsandbytes: `pip install "diffusers-ideogram4[bitsandbytes]"`.') from error
 
 
 def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool, **kwargs):

@@ -38,7 +38,10 @@ from .loading import HUB_DOWNLOAD_KWARGS, list_keys, raise_problems
 COMPONENTS = ("transformer", "unconditional_transformer")
 DEFAULT_COMPONENT = "transformer"
 # Prefixes that name a branch; every other accepted prefix means "the denoiser" and goes to `target`.
-BRANCH_PREFIXES = {"conditional_transformer.": "transformer", "unconditional_transformer.": "unconditional_transformer"}
+BRANCH_PREFIXES = {
+    "conditional_transformer.": "transformer",
+    "unconditional_transformer.": "unconditional_transformer",
+}
 # PEFT's own `save_pretrained` writes this prefix, and the adapter's alpha only into PEFT_CONFIG_NAME beside it.
 PEFT_SAVE_PREFIX, PEFT_CONFIG_NAME = "base_model.model.", "adapter_config.json"
 GENERIC_PREFIXES = ("transformer.", "diffusion_model.", PEFT_SAVE_PREFIX)
@@ -76,7 +79,10 @@ UNSUPPORTED_KEY_MARKERS = {
     "lora_B.bias": "LoRA with biases (`lora_B.bias`)",
     "lora_up.bias": "LoRA with biases (`lora_up.bias`)",
 }
-UNSUPPORTED_KEY_ENDINGS = {".diff": "full weight differences (`.diff`)", ".diff_b": "full bias differences (`.diff_b`)"}
+UNSUPPORTED_KEY_ENDINGS = {
+    ".diff": "full weight differences (`.diff`)",
+    ".diff_b": "full bias differences (`.diff_b`)",
+}
 # Saved beside the base weight of a LoRA layer while an adapter is fused, so that unfusing restores it bit for bit.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
 HUB_KWARGS = (*HUB_DOWNLOAD_KWARGS, "subfolder")
@@ -274,7 +280,9 @@ def parse_lora_state_dict(
     if not_lora:
         problems.append(f"keys that are not LoRA factors: {list_keys(not_lora)}")
     if unknown_module:
-        problems.append(f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}")
+        problems.append(
+            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
+        )
     if repeated:
         problems.append(f"factors given twice: {list_keys(repeated)}")
     raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
@@ -299,7 +307,9 @@ def parse_lora_state_dict(
             continue
         down, up = parts["down"][1], parts["up"][1]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            problems.append(f"{source}: down {list(down.shape)} and up {list(up.shape)} are not (rank, in), (out, rank)")
+            problems.append(
+                f"{source}: down {list(down.shape)} and up {list(up.shape)} are not (rank, in), (out, rank)"
+            )
             continue
         if module.endswith(FUSED_QKV) and up.shape[0] % 3:
             problems.append(f"{source}: a fused qkv up factor needs 3 x hidden rows, got {list(up.shape)}")
@@ -448,7 +458,9 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return tensors, json.loads(raw) if raw else None
 
 
-def write_lora_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def write_lora_file(
+    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     """Write a LoRA safetensors file, with diffusers' LoRA metadata in its header when given."""
     header = {"format": "pt"}
     if metadata:
@@ -499,7 +511,9 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
     if mis_shaped:
         problems.append(f"modules of another shape: {list_keys(mis_shaped)}")
     raise_problems(
-        "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.", problems, ValueError
+        "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.",
+        problems,
+        ValueError,
     )
 
 
@@ -545,7 +559,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
     def _read_lora(pretrained_model_name_or_path_or_dict, weight_name=None, metadata=None, **kwargs):
         unknown = sorted(set(kwargs) - set(HUB_KWARGS))
         if unknown:
-            raise TypeError(f"Unexpected arguments {unknown}; LoRA loading accepts `weight_name`, `metadata` and {list(HUB_KWARGS)}.")
+            raise TypeError(
+                f"Unexpected arguments {unknown}; LoRA loading accepts `weight_name`, `metadata` and {list(HUB_KWARGS)}."
+            )
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             return dict(pretrained_model_name_or_path_or_dict), metadata
         if weight_name is not None and not weight_name.endswith(".safetensors"):
@@ -694,7 +710,10 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 `peft_config[name].to_dict()`. Without it the file is read back with alpha = rank, so pass it
                 whenever lora_alpha differs from r (`save_lora_adapter` does it for you).
         """
-        layers = {"transformer": transformer_lora_layers, "unconditional_transformer": unconditional_transformer_lora_layers}
+        layers = {
+            "transformer": transformer_lora_layers,
+            "unconditional_transformer": unconditional_transformer_lora_layers,
+        }
         metadata = {
             "transformer": transformer_lora_adapter_metadata,
             "unconditional_transformer": unconditional_transformer_lora_adapter_metadata,
@@ -758,9 +777,12 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 `lora_scale`), and a weight keeps what its first fuse chose until it is unfused.
         """
         components = list(COMPONENTS) if components is None else components
-        fp8 = [f"{component}.{name}" for component in components
-               for name, layer in _named_tuner_layers(getattr(self, component, None))
-               if isinstance(base_layer(layer), FP8Linear)]
+        fp8 = [
+            f"{component}.{name}"
+            for component in components
+            for name, layer in _named_tuner_layers(getattr(self, component, None))
+            if isinstance(base_layer(layer), FP8Linear)
+        ]
         if fp8:
             raise ValueError(
                 f"`fuse_lora` cannot fold adapters into fp8 weight-only layers: {list_keys(fp8)}. Their weights stay "
@@ -772,7 +794,11 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             if model is not None:
                 _keep_unfused_state(model, adapter_names, exact=exact_unfuse)
         super().fuse_lora(
-            components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
+            components=components,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
         )
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:

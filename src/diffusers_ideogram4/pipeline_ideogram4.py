@@ -97,7 +97,8 @@ def check_image_size(height, width) -> None:
             raise ValueError(
                 f"`{name}={side}` is not supported: Ideogram 4 needs a multiple of {PIXELS_PER_TOKEN} between "
                 f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
-                + " or ".join(f"`{name}={v}`" for v in sorted(nearby)) + "."
+                + " or ".join(f"`{name}={v}`" for v in sorted(nearby))
+                + "."
             )
 
 
@@ -204,11 +205,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         if push_to_hub:
             self._push_folder(save_directory, **hub)
 
-    def _push_folder(self, save_directory, repo_id=None, token=None, private=None, commit_message=None,
-                     create_pr=False) -> None:
+    def _push_folder(
+        self, save_directory, repo_id=None, token=None, private=None, commit_message=None, create_pr=False
+    ) -> None:
         """diffusers' push: create the repo, add a pipeline model card, upload the folder."""
-        repo_id = create_repo(repo_id or os.path.basename(os.path.normpath(save_directory)), exist_ok=True,
-                              private=private, token=token).repo_id
+        repo_id = create_repo(
+            repo_id or os.path.basename(os.path.normpath(save_directory)), exist_ok=True, private=private, token=token
+        ).repo_id
         card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
         card.save(os.path.join(save_directory, "README.md"))
         self._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
@@ -255,7 +258,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 "per-step `guidance_schedule`, not both."
             )
         if num_inference_steps is None:
-            num_inference_steps = len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
+            num_inference_steps = (
+                len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
+            )
         _require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
             if isinstance(guidance_schedule, (str, bytes)) or not hasattr(guidance_schedule, "__len__"):
@@ -312,7 +317,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type={output_type!r}` is not supported; use one of {list(OUTPUT_TYPES)}.")
         if caption_check not in CAPTION_CHECK_MODES:
-            raise ValueError(f"`caption_check={caption_check!r}` is not supported; use one of {list(CAPTION_CHECK_MODES)}.")
+            raise ValueError(
+                f"`caption_check={caption_check!r}` is not supported; use one of {list(CAPTION_CHECK_MODES)}."
+            )
         if latents is not None:
             grid_h, grid_w = image_grid(height, width)
             expected = (len(prompts) * num_images_per_prompt, grid_h * grid_w, self.transformer.config.in_channels)
@@ -475,15 +482,25 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         prompts = self.check_inputs(
-            prompt, height, width, num_images_per_prompt, latents, output_type, caption_check,
-            callback_on_step_end_tensor_inputs, generator, callback_on_step_end,
+            prompt,
+            height,
+            width,
+            num_images_per_prompt,
+            latents,
+            output_type,
+            caption_check,
+            callback_on_step_end_tensor_inputs,
+            generator,
+            callback_on_step_end,
         )
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
-        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)  # validates the keys before any model work
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(
+            attention_kwargs
+        )  # validates the keys before any model work
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device

@@ -38,11 +38,25 @@ TRANSFORMER_SIZES = {
 
 # Qwen3-VL text-model sizes (the vision tower is never run; the tiny one keeps it minimal).
 TEXT_ENCODER_SIZES = {
-    "ideogram4": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                      head_dim=128, intermediate_size=12288, vocab_size=151936),
+    "ideogram4": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+    ),
     # 36 layers so that every tapped layer (up to 35) exists, each of width 16.
-    "tiny": dict(hidden_size=16, num_hidden_layers=36, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=8, intermediate_size=32, vocab_size=512),
+    "tiny": dict(
+        hidden_size=16,
+        num_hidden_layers=36,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        vocab_size=512,
+    ),
 }
 
 

@@ -65,11 +65,22 @@ def tiny_text_encoder_config() -> Qwen3VLConfig:
         size,
         rms_norm_eps=1e-6,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [head_slots - 2, 1, 1],
-                         "mrope_interleaved": True},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [head_slots - 2, 1, 1],
+            "mrope_interleaved": True,
+        },
     )
-    vision_config = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                         deepstack_visual_indexes=[0], num_position_embeddings=16)
+    vision_config = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=16,
+        num_heads=2,
+        out_hidden_size=16,
+        deepstack_visual_indexes=[0],
+        num_position_embeddings=16,
+    )
     return Qwen3VLConfig(text_config=text_config, vision_config=vision_config)
 
 

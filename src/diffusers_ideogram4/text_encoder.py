@@ -151,8 +151,9 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         A config with `"ideogram_fp8_weight_only": true` (the fp8 release) loads float8 Linear weights with their
         per-row scales, dequantized at run time.
         """
-        config_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only")
-                         if k in kwargs}
+        config_kwargs = {
+            k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only") if k in kwargs
+        }
         config = Qwen3VLConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         if getattr(config, FP8_CONFIG_FLAG, False):
             return cls._from_fp8_release(pretrained_model_name_or_path, config, *args, **kwargs)
@@ -165,7 +166,6 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
     @classmethod
     def _from_fp8_release(cls, pretrained_model_name_or_path, config, *args, **kwargs):
         import re
-
 
         if args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path: {args}.")
@@ -188,8 +188,12 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         folder = resolve_component_folder(pretrained_model_name_or_path, subfolder, **hub_kwargs)
         files = checkpoint_files(folder, name="model")
         model = strict_load(
-            lambda: cls(config), files, read_header(files), str(folder),
-            torch_dtype=None if dtype == "auto" else dtype, ignore=re.compile(VISION_KEYS),
+            lambda: cls(config),
+            files,
+            read_header(files),
+            str(folder),
+            torch_dtype=None if dtype == "auto" else dtype,
+            ignore=re.compile(VISION_KEYS),
         )
         if device_map is not None:
             model.to(device_map)

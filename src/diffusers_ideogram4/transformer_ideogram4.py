@@ -294,7 +294,9 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         lora_scale = self.scale_from_attention_kwargs(attention_kwargs)
         saved_scalings = self._scale_lora(lora_scale) if lora_scale != 1.0 else []
         try:
-            output = self._velocity(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator)
+            output = self._velocity(
+                hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator
+            )
         finally:
             for layer, scaling in saved_scalings:
                 layer.scaling = scaling
@@ -307,7 +309,9 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return []
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        saved = [(m, dict(m.scaling)) for m in self.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling")]
+        saved = [
+            (m, dict(m.scaling)) for m in self.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling")
+        ]
         scale_lora_layers(self, lora_scale)
         return saved
 

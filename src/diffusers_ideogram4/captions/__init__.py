@@ -1,8 +1,8 @@
 """Structured JSON captions for Ideogram 4 (SPEC 7): schema, checker, builder, layout preview and CLI tools.
 
-    from diffusers_ideogram4.captions import Caption, TextElement, BBox, Style, check_caption
+from diffusers_ideogram4.captions import Caption, TextElement, BBox, Style, check_caption
 
-    issues = check_caption(prompt)  # [] for a clean caption; each issue has path, message, hint, severity
+issues = check_caption(prompt)  # [] for a clean caption; each issue has path, message, hint, severity
 """
 
 from .builder import BBox, Caption, ObjectElement, Style, TextElement, canonicalize, to_json

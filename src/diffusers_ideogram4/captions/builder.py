@@ -1,18 +1,18 @@
 """A typed builder for structured captions (SPEC 7), validated on construction, and the canonical serialization.
 
-    caption = Caption(
-        high_level_description="A travel poster with a bold title above a lighthouse.",
-        style=Style(aesthetics="vintage, bold", lighting="flat", medium="screen print", art_style="art deco"),
-        background="a calm sea under a striped evening sky",
-        elements=[
-            TextElement(text="VISIT SEASIDE", desc="bold serif title", bbox=BBox(40, 100, 200, 900)),
-            ObjectElement(
-                desc="a white lighthouse",
-                bbox=BBox.from_pixels(300, 300, 700, 900, width=1024, height=1024),  # left, top, right, bottom
-            ),
-        ],
-    )
-    prompt = caption.to_json()  # minified UTF-8, keys in the trained order
+caption = Caption(
+    high_level_description="A travel poster with a bold title above a lighthouse.",
+    style=Style(aesthetics="vintage, bold", lighting="flat", medium="screen print", art_style="art deco"),
+    background="a calm sea under a striped evening sky",
+    elements=[
+        TextElement(text="VISIT SEASIDE", desc="bold serif title", bbox=BBox(40, 100, 200, 900)),
+        ObjectElement(
+            desc="a white lighthouse",
+            bbox=BBox.from_pixels(300, 300, 700, 900, width=1024, height=1024),  # left, top, right, bottom
+        ),
+    ],
+)
+prompt = caption.to_json()  # minified UTF-8, keys in the trained order
 """
 
 import json
@@ -73,12 +73,15 @@ def _palette(owner: str, colors, limit: int) -> tuple[str, ...] | None:
     if colors is None:
         return None
     if isinstance(colors, str):
-        raise ValueError(f"{owner}.color_palette must be a list of '#RRGGBB' strings, got the string {colors!r}; "
-                         "wrap it in a list.")
+        raise ValueError(
+            f"{owner}.color_palette must be a list of '#RRGGBB' strings, got the string {colors!r}; wrap it in a list."
+        )
     colors = tuple(colors)
     if len(colors) > limit:
-        raise ValueError(f"{owner}.color_palette has {len(colors)} colours, at most {limit} are allowed; keep the "
-                         f"{limit} most prominent.")
+        raise ValueError(
+            f"{owner}.color_palette has {len(colors)} colours, at most {limit} are allowed; keep the "
+            f"{limit} most prominent."
+        )
     for index, color in enumerate(colors):
         if isinstance(color, str) and COLOR_PATTERN.fullmatch(color):
             continue
@@ -99,8 +102,10 @@ def _grid(position: float, side: float = 1.0) -> int:
 def _check_corners(method: str, left: float, top: float, right: float, bottom: float) -> None:
     for low, high, low_value, high_value in (("left", "right", left, right), ("top", "bottom", top, bottom)):
         if low_value > high_value:
-            raise ValueError(f"BBox.{method}: {low}={low_value!r} > {high}={high_value!r}; the arguments are "
-                             "(left, top, right, bottom).")
+            raise ValueError(
+                f"BBox.{method}: {low}={low_value!r} > {high}={high_value!r}; the arguments are "
+                "(left, top, right, bottom)."
+            )
 
 
 @dataclass(frozen=True)
@@ -126,16 +131,22 @@ class BBox:
         for name in BBOX_FIELDS:
             value = getattr(self, name)
             if not _is_int(value):
-                raise ValueError(f"BBox.{name} must be an int 0..{BBOX_MAX}, got {type(value).__name__} {value!r}; "
-                                 "use BBox.from_pixels or BBox.from_relative to convert other units.")
+                raise ValueError(
+                    f"BBox.{name} must be an int 0..{BBOX_MAX}, got {type(value).__name__} {value!r}; "
+                    "use BBox.from_pixels or BBox.from_relative to convert other units."
+                )
             if not 0 <= value <= BBOX_MAX:
-                raise ValueError(f"BBox.{name}={value} is out of range 0..{BBOX_MAX}; each axis is normalized by its "
-                                 "own side (BBox.from_pixels converts pixels).")
+                raise ValueError(
+                    f"BBox.{name}={value} is out of range 0..{BBOX_MAX}; each axis is normalized by its "
+                    "own side (BBox.from_pixels converts pixels)."
+                )
         for low, high in (("y_min", "y_max"), ("x_min", "x_max")):
             if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"BBox.{low}={getattr(self, low)} > BBox.{high}={getattr(self, high)}; the order is "
-                                 "(y_min, x_min, y_max, x_max): swap them, or build (left, top, right, bottom) "
-                                 "boxes with BBox.from_pixels / BBox.from_relative.")
+                raise ValueError(
+                    f"BBox.{low}={getattr(self, low)} > BBox.{high}={getattr(self, high)}; the order is "
+                    "(y_min, x_min, y_max, x_max): swap them, or build (left, top, right, bottom) "
+                    "boxes with BBox.from_pixels / BBox.from_relative."
+                )
 
     @classmethod
     def from_relative(cls, left: float, top: float, right: float, bottom: float) -> "BBox":
@@ -143,15 +154,15 @@ class BBox:
         values = {"left": left, "top": top, "right": right, "bottom": bottom}
         for name, value in values.items():
             if not (_is_real(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"BBox.from_relative: {name}={value!r} must be a number in 0..1 (a fraction of the "
-                                 "image side); use BBox.from_pixels for pixel coordinates.")
+                raise ValueError(
+                    f"BBox.from_relative: {name}={value!r} must be a number in 0..1 (a fraction of the "
+                    "image side); use BBox.from_pixels for pixel coordinates."
+                )
         _check_corners("from_relative", left, top, right, bottom)
         return cls(_grid(top), _grid(left), _grid(bottom), _grid(right))
 
     @classmethod
-    def from_pixels(
-        cls, left: float, top: float, right: float, bottom: float, *, width: int, height: int
-    ) -> "BBox":
+    def from_pixels(cls, left: float, top: float, right: float, bottom: float, *, width: int, height: int) -> "BBox":
         """A box from pixel coordinates in a `width` x `height` image, rounded to the nearest grid value.
 
         Args:
@@ -162,12 +173,18 @@ class BBox:
         for name, side in (("width", width), ("height", height)):
             if not (_is_real(side) and side > 0):
                 raise ValueError(f"BBox.from_pixels: {name}={side!r} must be a positive number of pixels.")
-        values = {"left": (left, "width", width), "top": (top, "height", height),
-                  "right": (right, "width", width), "bottom": (bottom, "height", height)}
+        values = {
+            "left": (left, "width", width),
+            "top": (top, "height", height),
+            "right": (right, "width", width),
+            "bottom": (bottom, "height", height),
+        }
         for name, (value, axis, side) in values.items():
             if not (_is_real(value) and 0 <= value <= side):
-                raise ValueError(f"BBox.from_pixels: {name}={value!r} must be a pixel coordinate in 0..{side} (the "
-                                 f"image {axis}); clip the box to the image first.")
+                raise ValueError(
+                    f"BBox.from_pixels: {name}={value!r} must be a pixel coordinate in 0..{side} (the "
+                    f"image {axis}); clip the box to the image first."
+                )
         _check_corners("from_pixels", left, top, right, bottom)
         return cls(_grid(top, height), _grid(left, width), _grid(bottom, height), _grid(right, width))
 
@@ -223,8 +240,10 @@ class Style:
         _check_str("Style", "art_style", self.art_style, optional=True)
         if (self.photo is None) == (self.art_style is None):
             given = "both" if self.photo is not None else "neither"
-            raise ValueError(f"Style needs exactly one of photo= (a photographic style) or art_style= (any other "
-                             f"style), got {given}.")
+            raise ValueError(
+                f"Style needs exactly one of photo= (a photographic style) or art_style= (any other "
+                f"style), got {given}."
+            )
         object.__setattr__(self, "color_palette", _palette("Style", self.color_palette, MAX_STYLE_PALETTE))
 
     def to_dict(self) -> dict:
@@ -313,15 +332,20 @@ class Caption:
         _check_str("Caption", "high_level_description", self.high_level_description, optional=True)
         _check_str("Caption", "background", self.background)
         if self.style is not None and not isinstance(self.style, Style):
-            raise ValueError(f"Caption.style must be a Style or None, got {type(self.style).__name__}; build it with "
-                             "Style(aesthetics=..., lighting=..., medium=..., photo=... or art_style=...).")
+            raise ValueError(
+                f"Caption.style must be a Style or None, got {type(self.style).__name__}; build it with "
+                "Style(aesthetics=..., lighting=..., medium=..., photo=... or art_style=...)."
+            )
         if isinstance(self.elements, (str, bytes, dict)) or not isinstance(self.elements, Sequence):
-            raise ValueError(f"Caption.elements must be a list of ObjectElement / TextElement, got "
-                             f"{type(self.elements).__name__}.")
+            raise ValueError(
+                f"Caption.elements must be a list of ObjectElement / TextElement, got {type(self.elements).__name__}."
+            )
         for index, element in enumerate(self.elements):
             if not isinstance(element, _Element):
-                raise ValueError(f"Caption.elements[{index}] must be an ObjectElement or TextElement, got "
-                                 f"{type(element).__name__} {element!r:.80}.")
+                raise ValueError(
+                    f"Caption.elements[{index}] must be an ObjectElement or TextElement, got "
+                    f"{type(element).__name__} {element!r:.80}."
+                )
         object.__setattr__(self, "elements", tuple(self.elements))
 
     def to_dict(self) -> dict:

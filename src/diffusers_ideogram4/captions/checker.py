@@ -566,8 +566,7 @@ def _bbox_order(bbox, path: tuple) -> list:
             found.append(
                 _issue(
                     path,
-                    f"{BBOX_FIELDS[low]} {bbox[low]} > {BBOX_FIELDS[high]} {bbox[high]} "
-                    f"(bbox[{low}] > bbox[{high}])",
+                    f"{BBOX_FIELDS[low]} {bbox[low]} > {BBOX_FIELDS[high]} {bbox[high]} (bbox[{low}] > bbox[{high}])",
                     "bbox is [y_min, x_min, y_max, x_max] with min <= max; [left, top, right, bottom] or "
                     "[x_min, y_min, x_max, y_max] boxes need reordering (BBox.from_pixels does it)",
                 )
@@ -666,8 +665,13 @@ def check_caption(caption) -> list[CaptionIssue]:
     except RecursionError:  # guarded by _guard; kept so the never-raises promise holds for exotic inputs
         return [CaptionIssue(ROOT_PATH, "caption nests too deeply to check", "a caption nests about 5 levels deep")]
     except Exception as error:  # a non-JSON object whose __eq__, __hash__ or __repr__ raises: still an issue
-        return [CaptionIssue(ROOT_PATH, f"caption holds a value that cannot be checked ({type(error).__name__})",
-                             "a caption holds JSON values only: str, int, list, dict")]
+        return [
+            CaptionIssue(
+                ROOT_PATH,
+                f"caption holds a value that cannot be checked ({type(error).__name__})",
+                "a caption holds JSON values only: str, int, list, dict",
+            )
+        ]
 
 
 def _check(caption) -> list:

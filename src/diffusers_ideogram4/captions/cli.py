@@ -146,8 +146,10 @@ def run_format(args) -> int:
     if _has_duplicate_keys(text):  # json.loads kept only the last value of each: formatting would drop the others
         for issue in check_caption(text):
             _print(_line(args.file, issue), sys.stderr)
-        _print(f"error: {args.file} repeats keys; keep one value of each before formatting (nothing was written)",
-               sys.stderr)
+        _print(
+            f"error: {args.file} repeats keys; keep one value of each before formatting (nothing was written)",
+            sys.stderr,
+        )
         return EXIT_INVALID
     try:
         canonical = to_json(caption)

@@ -1,6 +1,5 @@
 """Draw a caption's layout: element boxes, labels and palettes, on a blank canvas or over a generated image."""
 
-
 from PIL import Image, ImageDraw, ImageFont
 
 from .builder import caption_dict
@@ -119,8 +118,10 @@ def render_layout(caption, width: int, height: int, image: Image.Image | None = 
         if not isinstance(image, Image.Image):
             raise ValueError(f"render_layout: `image` must be a PIL image, got {type(image).__name__}.")
         if image.size != (width, height):
-            raise ValueError(f"render_layout: `image` is {image.width}x{image.height} but width x height is "
-                             f"{width}x{height}; pass width={image.width}, height={image.height} or resize the image.")
+            raise ValueError(
+                f"render_layout: `image` is {image.width}x{image.height} but width x height is "
+                f"{width}x{height}; pass width={image.width}, height={image.height} or resize the image."
+            )
     caption = caption_dict(caption, "render_layout")
     # convert() returns a new image even when the mode already matches: the caller's image is never drawn on.
     canvas = image.convert("RGB") if image is not None else Image.new("RGB", (width, height), CANVAS_COLOR)
@@ -170,8 +171,9 @@ def render_layout(caption, width: int, height: int, image: Image.Image | None = 
             what = element.get("text") if element.get("type") == TEXT_TYPE else element.get("desc")
             reason = "no bbox" if element.get("bbox") is None else "invalid bbox"
             kind = element.get("type") if isinstance(element.get("type"), str) else "?"
-            lines.append(_label_text(f"#{index} {kind}", font) + ": " + _label_text(str(what or ""), font)
-                         + f" ({reason})")
+            lines.append(
+                _label_text(f"#{index} {kind}", font) + ": " + _label_text(str(what or ""), font) + f" ({reason})"
+            )
         text = "\n".join(lines)
         bottom_edge = palette_top - margin if isinstance(palette, list) and palette else height - margin
         text_box = draw.multiline_textbbox((0, 0), text, font=font)
