@@ -69,6 +69,17 @@ def test_dtype_cast_moves_fp8_layers_without_touching_the_stored_format(tmp_path
     assert stored["layers.0.attention_norm1.weight"].dtype == torch.bfloat16
 
 
+def test_fp8_linear_dequantizes_like_the_reference():
+    """SPEC 2.2: the scale is cast to the compute dtype first, then W = fp8 * scale, then a plain linear."""
+    weight, scale = quantize_fp8_state_dict({"w": torch.randn(6, 8)}, ["w"]).values()
+    layer = FP8Linear(8, 6, bias=True).to(torch.bfloat16)
+    layer.weight.data, layer.weight_scale.data = weight, scale
+    layer.bias.data = torch.randn(6).bfloat16()
+    x = torch.randn(3, 8).bfloat16()
+    expected = torch.nn.functional.linear(x, weight.to(torch.bfloat16) * scale.to(torch.bfloat16)[:, None], layer.bias)
+    assert torch.equal(layer(x), expected)
+
+
 def test_fp8_model_reports_its_compute_dtype(tmp_path):
     model = Ideogram4Transformer2DModel.from_pretrained(write(tmp_path / "f", fp8_release()), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == FP8_DTYPE  # what diffusers' `dtype` would have reported

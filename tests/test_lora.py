@@ -414,6 +414,18 @@ def test_metadata_must_match_the_key_prefixes():
     )
 
 
+def test_rslora_scales_by_alpha_over_the_root_of_the_rank():
+    torch.manual_seed(4)
+    model = tiny_transformer(seed=4)
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["to_q", "w2"], init_lora_weights=False)
+    model.add_adapter(config, "rs")
+    tensors = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(model, adapter_name="rs").items()}
+    pipe = tiny_pipeline()
+    reference = merged_by_hand(pipe.transformer, tensors, default_scale=8 / 4**0.5)
+    pipe.load_lora_weights(tensors, metadata=model.peft_config["rs"].to_dict(), adapter_name="rs")
+    torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **TOLERANCE)
+
+
 def test_two_adapters_with_weights_equal_both_merged_by_hand(tmp_path):
     pipe = tiny_pipeline()
     path_a, _, tensors_a, scale_a = make_lora("diffusers", tmp_path / "a")

@@ -87,6 +87,29 @@ def test_latents_match_reference_sampler(tiny_pipe, prompts):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_below_one_still_runs_both_branches(tiny_pipe):
+    """Only guidance exactly 1.0 skips the unconditional branch; 0.5 and 0.0 use it (0.0: unconditional only)."""
+    guidance = [0.5, 0.0]
+    noise = torch.randn(1, (H // 16) * (W // 16), 128, generator=seeded(2))
+    calls = []
+    hook = tiny_pipe.unconditional_transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        ours = tiny_pipe(CAPTION, height=H, width=W, guidance_schedule=guidance, latents=noise, output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 2
+    expected = reference_latents(tiny_pipe, [CAPTION], noise, guidance, 0.0, 1.5, H, W)
+    torch.testing.assert_close(ours.images, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_latents_are_sampled_in_float32_whatever_dtype_they_come_in(tiny_pipe):
+    noise = torch.randn(1, (H // 16) * (W // 16), 128, generator=seeded(3)).bfloat16()
+    kwargs = dict(height=H, width=W, num_inference_steps=2, output_type="latent")
+    low = tiny_pipe(CAPTION, latents=noise, **kwargs).images
+    assert low.dtype == torch.float32
+    assert torch.equal(low, tiny_pipe(CAPTION, latents=noise.float(), **kwargs).images)
+
+
 def test_batch_of_two_lengths_equals_each_alone(tiny_pipe):
     both = tiny_pipe(
         [CAPTION, CAPTION_SHORT],
@@ -193,6 +216,7 @@ def test_callback_can_replace_latents(tiny_pipe):
         CAPTION, height=H, width=W, guidance_schedule=[7.0, 3.0], callback_on_step_end=callback, output_type="latent"
     ).images
     assert [s[0] for s in seen] == [0, 1] and [s[2] for s in seen] == [7.0, 3.0]
+    assert tiny_pipe.num_timesteps == 2
     assert torch.equal(out, torch.zeros_like(out))
 
 

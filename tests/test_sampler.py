@@ -46,6 +46,17 @@ def test_presets_first_step_first():
     assert PRESETS["quality_48"].guidance_schedule(30) == [7.0] * 27 + [3.0] * 3
     assert (PRESETS["turbo_12"].mu, PRESETS["turbo_12"].std) == (0.5, 1.75)
     assert PRESETS["distilled"].guidance_schedule() == [1.0] * 20
+    # fewer steps than the preset's polish steps: every step is a polish step, and there are exactly that many
+    assert PRESETS["quality_48"].guidance_schedule(2) == [3.0, 3.0]
+    assert PRESETS["turbo_12"].guidance_schedule(1) == [3.0]
+
+
+def test_initial_noise_is_a_plain_token_layout_draw():
+    """Same seed, same noise as `torch.randn(B, N_img, 128)`: seeded images agree with other implementations."""
+    from diffusers_ideogram4.sampler import initial_noise
+
+    noise = initial_noise(2, 256, 320, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(noise, torch.randn(2, 16 * 20, 128, generator=torch.Generator().manual_seed(1)))
 
 
 def test_unpatchify_follows_the_token_channel_order():

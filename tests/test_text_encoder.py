@@ -80,6 +80,24 @@ def test_missing_language_model_weight_is_refused(full_qwen3vl, tmp_path):
         Ideogram4TextEncoder.from_pretrained(tmp_path)
 
 
+def test_tap_layers_are_the_released_ones():
+    assert TEXT_ENCODER_TAP_LAYERS == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)  # SPEC 3, written out
+
+
+def test_features_are_float32_whatever_the_encoder_dtype():
+    encoder = tiny_text_encoder().to(torch.bfloat16)
+    features = encoder(torch.tensor([[1, 2, 3]]))
+    assert features.dtype == torch.float32 and features.shape == (1, 3, 13 * 16)
+
+
+def test_the_token_limit_is_inclusive():
+    from diffusers_ideogram4.text_encoder import check_token_counts
+
+    check_token_counts([[0] * 2048, [0] * 5])  # exactly 2048 is allowed
+    with pytest.raises(ValueError, match=r"prompt\[1\] has 2049 tokens, over the limit of 2048"):
+        check_token_counts([[0] * 5, [0] * 2049])
+
+
 def test_count_caption_tokens_uses_the_chat_template():
     tokenizer = tiny_tokenizer()
     text = tokenizer.apply_chat_template(

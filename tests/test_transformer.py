@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Transformer2DModel
-from diffusers_ideogram4.loading import diffusers_to_original, original_to_diffusers
+from diffusers_ideogram4.loading import diffusers_to_original, original_key_plan, original_to_diffusers
 from diffusers_ideogram4.sampler import pack_layout
 from diffusers_ideogram4.sizes import TRANSFORMER_SIZES
 from diffusers_ideogram4.testing import tiny_transformer
@@ -147,6 +147,38 @@ def test_strict_loading_names_the_bad_key(tmp_path, corrupt, message):
     folder = save_checkpoint(tmp_path / "bad", state)
     with pytest.raises(CheckpointMismatchError, match=message):
         Ideogram4Transformer2DModel.from_pretrained(folder)
+
+
+def test_a_checkpoint_with_both_layouts_of_a_layer_is_refused(tmp_path):
+    """Fused qkv plus a split to_q for the same layer: one of them would silently win."""
+    original = diffusers_to_original(tiny_transformer(seed=9).state_dict())
+    original["layers.0.attention.to_q.weight"] = torch.zeros(128, 128)
+    folder = save_checkpoint(tmp_path / "both", original)
+    with pytest.raises(CheckpointMismatchError, match=r"`layers\.0\.attention\.to_q\.weight` is given twice"):
+        Ideogram4Transformer2DModel.from_pretrained(folder)
+
+
+def test_fused_qkv_rows_are_q_then_k_then_v():
+    """SPEC 2.1: `attention.qkv.weight` rows are [q; k; v], contiguous thirds."""
+    q, k, v = (torch.full((4, 2), float(i)) for i in range(3))
+    plan = original_key_plan("layers.3.attention.qkv.weight", (12, 2))
+    fused = torch.cat((q, k, v))
+    assert [key for key, _ in plan] == [f"layers.3.attention.to_{name}.weight" for name in "qkv"]
+    for key, rows in plan:
+        expected = {"to_q": q, "to_k": k, "to_v": v}[key.split(".")[-2]]
+        assert torch.equal(fused[rows], expected), key
+    assert original_key_plan("layers.3.attention.o.weight", (4, 4)) == [("layers.3.attention.to_out.0.weight", None)]
+
+
+def test_float32_timesteps_are_used_in_the_compute_dtype():
+    """The pipeline passes float32 model times; a bf16 model embeds them as bf16 (as the reference does)."""
+    model = tiny_transformer(seed=4).to(torch.bfloat16)
+    inputs = {
+        k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in packed_inputs().items()
+    }
+    float32_times = {**inputs, "timestep": torch.tensor([0.3, 0.71])}
+    bf16_times = {**inputs, "timestep": torch.tensor([0.3, 0.71]).bfloat16()}
+    assert torch.equal(image_velocity(model, float32_times), image_velocity(model, bf16_times))
 
 
 def test_fused_qkv_with_wrong_row_count_is_refused(tmp_path):
