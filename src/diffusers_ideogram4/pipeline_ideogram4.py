@@ -49,8 +49,8 @@ _PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
 DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
-# model_index.json entries. Folders are saved with the names the hub repos use, so they stay loadable from the Hub
-# and by diffusers' built-in pipeline; on load these entries are pointed at this package's classes.
+# model_index.json entries. Components are saved under the class names the hub repos use, so each component folder
+# stays loadable by diffusers' and transformers' own classes; on load these entries are pointed at this package's.
 OFFICIAL_ENTRIES = {
     "Ideogram4Transformer2DModel": ["diffusers", "Ideogram4Transformer2DModel"],
     "Ideogram4TextEncoder": ["transformers", "Qwen3VLModel"],
