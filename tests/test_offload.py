@@ -56,3 +56,41 @@ def test_model_offload_hooks_every_component_in_order(expected):
     # the text encoder once, then both branches at each of the 2 steps
     assert order == ["text_encoder"] + ["transformer", "unconditional_transformer"] * 2
     assert order.count("transformer") == order.count("unconditional_transformer") == 2
+
+
+def test_model_offload_keeps_one_component_on_the_accelerator(expected, monkeypatch):
+    """CPU-only machine, so residency is simulated: a component counts as on the accelerator from its hook's
+    pre-forward until its hook offloads it. diffusers' chain alone leaves the text encoder resident until the
+    unconditional transformer runs and the unconditional transformer resident when the conditional one runs again
+    (two 9.3 B models at once)."""
+    import diffusers_ideogram4.pipeline_ideogram4 as module
+
+    pipe = tiny_pipeline(seed=3)
+    pipe.enable_model_cpu_offload(device="cpu")
+    names = {id(getattr(pipe, name)): name for name in COMPONENTS}
+    resident, peak, moves = set(), [], []
+    monkeypatch.setattr(module, "_on_accelerator", lambda model: names[id(model)] in resident)
+    for hook in pipe._all_hooks:
+        name = names[id(hook.model)]
+
+        def offload(original=hook.offload, name=name):
+            resident.discard(name)
+            return original()
+
+        def pre_forward(model, *args, original=hook.hook.pre_forward, previous=hook.hook, name=name, **kwargs):
+            # accelerate offloads `prev_module_hook` when its `.model` is not on the CPU: the same test, simulated
+            prev = previous.prev_module_hook
+            if prev is not None and module._on_accelerator(prev.model):
+                prev.offload()
+            result = original(model, *args, **kwargs)
+            resident.add(name)
+            moves.append(name)
+            peak.append(len(resident))
+            return result
+
+        monkeypatch.setattr(hook, "offload", offload)
+        monkeypatch.setattr(hook.hook, "pre_forward", pre_forward)
+    out = pipe(CAPTION, generator=seeded(1), **KWARGS).images
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert moves == ["text_encoder"] + ["transformer", "unconditional_transformer"] * 2
+    assert max(peak) == 1

@@ -10,6 +10,7 @@ import diffusers.utils
 import numpy as np
 import PIL.Image
 import torch
+from accelerate.hooks import UserCpuOffloadHook
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (looked up here by diffusers' loader)
@@ -122,6 +123,30 @@ def _quantizes_transformers_with_bitsandbytes(config) -> bool:
     )
 
 
+def _on_accelerator(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type != "cpu"
+
+
+class _ReleaseOthers(UserCpuOffloadHook):
+    """Put where accelerate's model-offload hook keeps "the previous component": before a component runs, every other
+    component still on the accelerator goes back to the CPU. diffusers chains the hooks in `model_cpu_offload_seq`
+    order, which never releases the unconditional transformer when the conditional one runs again at the next step
+    (both would then be resident), nor the conditional one when the VAE decodes after a guidance-1 step."""
+
+    def __init__(self, others: list[UserCpuOffloadHook]) -> None:  # no super().__init__: `model` is derived
+        self.others = others
+
+    @property
+    def model(self) -> torch.nn.Module:  # what the hook checks before calling `offload`
+        resident = [hook.model for hook in self.others if _on_accelerator(hook.model)]
+        return resident[0] if resident else self.others[0].model
+
+    def offload(self) -> None:
+        for hook in self.others:
+            if _on_accelerator(hook.model):
+                hook.offload()
+
+
 class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
@@ -177,6 +202,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         if _quantizes_transformers_with_bitsandbytes(kwargs.get("quantization_config")):
             require_cuda_for_bitsandbytes("`quantization_config`")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model offload, where a component going to the accelerator sends every other one back: one
+        component on the accelerator at a time, both transformers included (they alternate at every step)."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        hooks = [hook for hook in self._all_hooks if isinstance(hook, UserCpuOffloadHook)]
+        for hook in hooks:
+            hook.hook.prev_module_hook = _ReleaseOthers([other for other in hooks if other is not hook])
 
     @classmethod
     def load_config(cls, *args, **kwargs):
