@@ -552,3 +552,28 @@ def test_loaded_vae_is_diffusers_own_class(tiny_pipe, tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), tiny_pipe.vae.state_dict().values())
     )
+
+
+def test_components_of_different_models_are_refused_when_the_pipeline_is_built():
+    from diffusers import AutoencoderKLFlux2
+
+    from diffusers_ideogram4 import Ideogram4TextEncoder
+    from diffusers_ideogram4.testing import tiny_components, tiny_text_encoder_config
+
+    config = tiny_text_encoder_config()
+    config.text_config.hidden_size = 24
+    components = tiny_components()
+    wide = Ideogram4TextEncoder(config)
+    with pytest.raises(
+        ValueError,
+        match=r"`text_encoder` gives 312 features per token \(13 taps x hidden 24\), "
+        r"`transformer` expects llm_features_dim=208\. Load every component",
+    ):
+        Ideogram4Pipeline(**{**components, "text_encoder": wide})
+    vae = AutoencoderKLFlux2.from_config({**components["vae"].config, "latent_channels": 16})
+    with pytest.raises(
+        ValueError,
+        match=r"`vae` has 16 latent channels \(64 per 2x2 token\), `transformer` expects "
+        r"in_channels=128",
+    ):
+        Ideogram4Pipeline(**{**components, "vae": vae})

@@ -22,7 +22,7 @@ from huggingface_hub import create_repo
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
-from .constants import DEFAULT_IMAGE_SIDE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PIXELS_PER_TOKEN
+from .constants import DEFAULT_IMAGE_SIDE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PATCH_SIZE, PIXELS_PER_TOKEN
 from .loading import require_cuda_for_bitsandbytes, resolve_dtype, uses_bitsandbytes
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import (
@@ -101,6 +101,38 @@ def check_image_size(height, width) -> None:
                 + " or ".join(f"`{name}={v}`" for v in sorted(nearby))
                 + "."
             )
+
+
+def check_components_fit(vae, text_encoder, transformer, unconditional_transformer) -> None:
+    """Components from different models (a 4 B text encoder, another VAE) fail at the first step, after the text
+    encoder ran; refuse them when the pipeline is built, naming the sizes. Absent components are not checked."""
+    problems = []
+    if text_encoder is not None and transformer is not None:
+        features, expected = text_encoder.feature_dim, transformer.config.llm_features_dim
+        if features != expected:
+            hidden = text_encoder.config.text_config.hidden_size
+            problems.append(
+                f"`text_encoder` gives {features} features per token (13 taps x hidden {hidden}), `transformer` "
+                f"expects llm_features_dim={expected}"
+            )
+    if vae is not None and transformer is not None:
+        channels = vae.config.latent_channels * PATCH_SIZE * PATCH_SIZE
+        if channels != transformer.config.in_channels:
+            problems.append(
+                f"`vae` has {vae.config.latent_channels} latent channels ({channels} per 2x2 token), `transformer` "
+                f"expects in_channels={transformer.config.in_channels}"
+            )
+    if unconditional_transformer is not None and transformer is not None:
+        if unconditional_transformer.config.in_channels != transformer.config.in_channels:
+            problems.append(
+                f"`unconditional_transformer` has in_channels={unconditional_transformer.config.in_channels}, "
+                f"`transformer` {transformer.config.in_channels}"
+            )
+    if problems:
+        raise ValueError(
+            "The pipeline's components do not belong to one Ideogram 4 model: " + "; ".join(problems) + ". Load "
+            "every component from the same repo (or pass matching ones)."
+        )
 
 
 def _require_positive_int(name: str, value) -> None:
@@ -183,6 +215,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             transformer=transformer,
             unconditional_transformer=unconditional_transformer,
         )
+        check_components_fit(vae, text_encoder, transformer, unconditional_transformer)
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
 
     # ----------------------------------------------------------------------------------------------------------------
