@@ -43,3 +43,42 @@ def test_ci_runs_the_readme_test_command():
     command = next(line for line in blocks("bash") if "pytest" in line).strip()
     for step in command.split(" && "):
         assert step.replace("pip install", "python3 -m pip install --quiet").replace("python -m", "python3 -m") in ci
+
+
+def test_python_examples_compile():
+    for number, example in enumerate(blocks("python")):
+        compile(example, f"README.md python block {number}", "exec")
+
+
+def commands(prefix: str) -> list[list[str]]:
+    """Every command line in the README's bash blocks that starts with `prefix`, continuations joined."""
+    import shlex
+
+    lines = []
+    for block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[: len(prefix.split())] == prefix.split():
+                lines.append(words)
+    return lines
+
+
+def test_cli_commands_parse():
+    from diffusers_ideogram4.cli import build_parser
+
+    found = commands("ideogram4")
+    assert len(found) >= 6
+    for words in found:
+        build_parser().parse_args(words[1:])  # an unknown flag or choice exits here
+
+
+def test_conversion_commands_parse():
+    import importlib.util
+
+    found = [words for words in commands("python") if len(words) > 1 and words[1].startswith("conversion/")]
+    assert len(found) >= 4
+    for words in found:
+        spec = importlib.util.spec_from_file_location("script", ROOT / words[1])
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        script.build_parser().parse_args(words[2:])
