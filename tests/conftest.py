@@ -1,10 +1,23 @@
 import json
 
+import diffusers
 import pytest
 import torch
+from packaging.version import Version
 
 
 torch.set_num_threads(1)
+
+# diffusers' own Ideogram 4 classes (diffusers >= 0.39) are the numerical reference of the parity tests.
+needs_peer = pytest.mark.skipif(
+    not hasattr(diffusers, "Ideogram4Pipeline"),
+    reason=f"diffusers {diffusers.__version__} has no built-in Ideogram 4 classes to compare with (>= 0.39 has)",
+)
+# diffusers 0.38's pipeline-level enable_group_offload needs torch.accelerator.current_accelerator() to be set.
+needs_cpu_group_offload = pytest.mark.skipif(
+    Version(diffusers.__version__) < Version("0.39") and not torch.cuda.is_available(),
+    reason=f"diffusers {diffusers.__version__}'s enable_group_offload fails on a machine without an accelerator",
+)
 
 # A small valid structured caption (SPEC 7) and a second one of a different token length.
 CAPTION = json.dumps(

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import CAPTION, seeded
+from conftest import CAPTION, needs_peer, seeded
 from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Pipeline, Ideogram4Transformer2DModel, conversion
 from diffusers_ideogram4.conversion import (
     ConversionVerificationError,
@@ -137,6 +137,7 @@ def one_step_latents(pipe) -> torch.Tensor:
 # original -> diffusers
 
 
+@needs_peer
 @pytest.mark.parametrize("kind, max_shard_size", [("bf16", "10GB"), ("sharded", "100KB")])
 def test_converted_folder_is_bit_exact_and_loads_in_both_pipelines(releases, tmp_path, kind, max_shard_size):
     import diffusers
@@ -204,6 +205,7 @@ def test_fp8_source_kept_as_fp8_with_split_scales(releases, tmp_path):
     torch.testing.assert_close(one_step_latents(ours), one_step_latents(reference), rtol=0, atol=0)
 
 
+@needs_peer
 def test_fp8_source_dequantized_to_bf16_loads_in_both_pipelines(releases, tmp_path):
     import diffusers
     from transformers import Qwen3VLModel

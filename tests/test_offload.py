@@ -4,7 +4,7 @@ leave the result unchanged."""
 import pytest
 import torch
 
-from conftest import CAPTION, seeded
+from conftest import CAPTION, needs_cpu_group_offload, seeded
 from diffusers_ideogram4.testing import tiny_pipeline
 
 
@@ -17,6 +17,7 @@ def expected():
     return tiny_pipeline(seed=3)(CAPTION, generator=seeded(1), **KWARGS).images
 
 
+@needs_cpu_group_offload
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offload(expected, offload_type):
     pipe = tiny_pipeline(seed=3)

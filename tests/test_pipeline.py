@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CAPTION, CAPTION_SHORT, seeded
+from conftest import CAPTION, CAPTION_SHORT, needs_peer, seeded
 from diffusers_ideogram4 import Ideogram4Pipeline
 from diffusers_ideogram4.testing import tiny_pipeline
 
@@ -76,6 +76,7 @@ def reference_latents(pipe, prompts, latents, guidance, mu, std, height, width):
     return z
 
 
+@needs_peer
 @pytest.mark.parametrize("prompts", [[CAPTION], [CAPTION, CAPTION_SHORT]], ids=["one", "two-lengths"])
 def test_latents_match_reference_sampler(tiny_pipe, prompts):
     guidance = [7.0, 7.0, 3.0, 1.0]
@@ -87,6 +88,7 @@ def test_latents_match_reference_sampler(tiny_pipe, prompts):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_peer
 def test_guidance_below_one_still_runs_both_branches(tiny_pipe):
     """Only guidance exactly 1.0 skips the unconditional branch; 0.5 and 0.0 use it (0.0: unconditional only)."""
     guidance = [0.5, 0.0]

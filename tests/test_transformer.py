@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import needs_peer
 from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Transformer2DModel
 from diffusers_ideogram4.loading import diffusers_to_original, original_key_plan, original_to_diffusers
 from diffusers_ideogram4.sampler import pack_layout
@@ -44,6 +45,7 @@ def image_velocity(model, inputs):
     return out[inputs["indicator"] == 2]
 
 
+@needs_peer
 @pytest.mark.parametrize("text_lengths", [(5, 3), (4, 4)])
 def test_forward_matches_diffusers_builtin(text_lengths):
     ours = tiny_transformer(seed=3)
@@ -83,6 +85,7 @@ def test_diffusers_layout_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@needs_peer
 def test_original_fused_layout_loads_and_matches_builtin(tmp_path):
     model = tiny_transformer(seed=6)
     original = diffusers_to_original(model.state_dict())
@@ -269,6 +272,7 @@ def test_device_map_load_goes_through_diffusers_and_stays_strict(tmp_path):
         Ideogram4Transformer2DModel.from_pretrained(fused, device_map={"": "cpu"})
 
 
+@needs_peer
 def test_bfloat16_forward_equals_diffusers_builtin_bit_for_bit():
     """In bf16 our forward is bit-identical to the built-in model's, once the built-in model's rotary buffer is
     given back its float32 values (`.to(torch.bfloat16)` rounds it; ours has no such buffer)."""
