@@ -132,6 +132,16 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in stored)
 
 
+class ComputeDtypeMixin:
+    """`model.dtype` as the dtype the model computes in. diffusers' and transformers' `dtype` is the first floating
+    parameter's, which is float8 for an fp8-release model whose first Linear is quantized."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = super().dtype
+        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
+
+
 def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[str]:
     """Swap every nn.Linear whose `<name>.weight` is in `quantized_weight_keys` for an FP8Linear (same device)."""
     wanted = {key[: -len(".weight")] for key in quantized_weight_keys}

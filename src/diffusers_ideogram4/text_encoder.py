@@ -14,7 +14,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel, Qwen3VLTextModel
 
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
-from .fp8 import FP8_DTYPE, compute_dtype
+from .fp8 import ComputeDtypeMixin
 from .loading import (
     MULTI_DEVICE_MAPS,
     check_loading_info,
@@ -93,7 +93,7 @@ def pad_token_ids(token_ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
-class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
+class Ideogram4TextEncoder(ComputeDtypeMixin, Qwen3VLPreTrainedModel):
     """Qwen3-VL's language model returning Ideogram 4's text features.
 
     Loads a full Qwen3-VL checkpoint (`text_encoder/` of the hub repos) and drops the vision tower's weights.
@@ -137,12 +137,6 @@ class Ideogram4TextEncoder(Qwen3VLPreTrainedModel):
         if attention_mask is not None:
             features = torch.where(attention_mask[..., None].bool(), features, features.new_zeros(()))
         return features
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype; an fp8-release model's float8 weights are storage, not what it computes in."""
-        dtype = super().dtype
-        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

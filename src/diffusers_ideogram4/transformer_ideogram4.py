@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
 
 from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
-from .fp8 import FP8_DTYPE, compute_dtype
+from .fp8 import ComputeDtypeMixin
 from .sampler import finite_float
 
 
@@ -194,7 +194,7 @@ class Ideogram4FinalLayer(nn.Module):
         return self.linear(self.norm_final(hidden_states) * scale)
 
 
-class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The Ideogram 4 diffusion transformer: one stream of `[text | image]` tokens, 34 blocks, flow-matching velocity.
 
@@ -365,12 +365,6 @@ class Ideogram4Transformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         # 7. Final layer.
         return self.final_layer(hidden_states, adaln_input)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype; an fp8-release model's float8 weights are storage, not what it computes in."""
-        dtype = super().dtype
-        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
