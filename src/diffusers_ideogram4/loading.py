@@ -6,6 +6,7 @@ and can never leave randomly initialised weights behind.
 """
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -205,29 +206,23 @@ def check_keys(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[i
         for key in set(expected) & set(provided)
         if tuple(provided[key]) != tuple(expected[key])
     )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {list_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {list_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"mis-shaped keys: {list_keys(mismatched)}")
     raise_problems(
         f"The checkpoint at {source} does not match the model config; nothing was loaded. Check that the checkpoint "
         "and config.json belong together (and that this is an Ideogram 4 transformer checkpoint).",
-        problems,
+        _key_problems(missing, unexpected, mismatched),
     )
 
 
-def check_loading_info(info: dict, source: str, hint: str = "") -> None:
+def _key_problems(missing, unexpected, mismatched) -> list[str]:
+    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
+    return [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
+
+
+def check_loading_info(info: dict, path, subfolder: str | None = None, hint: str = "") -> None:
     """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
     reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
-    labels = {
-        "missing_keys": "missing keys",
-        "unexpected_keys": "unexpected keys",
-        "mismatched_keys": "mis-shaped keys",
-    }
-    problems = [f"{label}: {list_keys(info[key])}" for key, label in labels.items() if info.get(key)]
+    source = os.path.join(str(path), subfolder) if subfolder else str(path)
+    problems = _key_problems(*(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")))
     raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
 
 
@@ -437,5 +432,5 @@ def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool
         check_keys(expected, {key: shape for key, (_, shape) in header.items()}, str(folder))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model, info = ModelMixin.from_pretrained.__func__(cls, str(folder), output_loading_info=True, **kwargs)
-    check_loading_info(info, str(folder))
+    check_loading_info(info, folder)
     return (model, info) if output_loading_info else model

@@ -6,7 +6,6 @@ time) and does the whole layer loop inside its own `forward`, so the model-offlo
 """
 
 import inspect
-import os
 
 import torch
 from transformers import PreTrainedModel, Qwen3VLConfig  # noqa: F401  (PreTrainedModel: diffusers' loader looks it up here)
@@ -153,8 +152,8 @@ class Ideogram4TextEncoder(ComputeDtypeMixin, Qwen3VLPreTrainedModel):
             return cls._from_fp8_release(pretrained_model_name_or_path, config, *args, **kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        source = os.path.join(str(pretrained_model_name_or_path), *filter(None, [kwargs.get("subfolder")]))
-        check_loading_info(info, source, "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo).")
+        hint = "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo)."
+        check_loading_info(info, pretrained_model_name_or_path, kwargs.get("subfolder"), hint)
         return (model, info) if wants_info else model
 
     @classmethod

@@ -1,7 +1,5 @@
 """The FLUX.2 VAE (SPEC 1), loaded strictly."""
 
-import os
-
 from diffusers import AutoencoderKLFlux2
 
 from .loading import check_loading_info
@@ -19,7 +17,7 @@ class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        source = os.path.join(str(pretrained_model_name_or_path), *filter(None, [kwargs.get("subfolder")]))
-        check_loading_info(info, source, "Expected the FLUX.2 VAE (`vae/` of an Ideogram 4 repo).")
+        hint = "Expected the FLUX.2 VAE (`vae/` of an Ideogram 4 repo)."
+        check_loading_info(info, pretrained_model_name_or_path, kwargs.get("subfolder"), hint)
         model.__class__ = AutoencoderKLFlux2
         return (model, info) if wants_info else model
