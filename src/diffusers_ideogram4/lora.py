@@ -854,7 +854,7 @@ def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
 def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact: bool) -> None:
     """Before fusing: every LoRA layer's scaling (diffusers' fuse rescales all of them by `lora_scale`) and, with
     `exact`, a CPU copy of each weight about to change. A layer keeps the state of the first fuse until unfused."""
-    for _, module in _named_tuner_layers(model):
+    for module in _tuner_layers(model):
         if hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
@@ -865,7 +865,7 @@ def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact
 
 
 def _restore_unfused_state(model: nn.Module | None) -> None:
-    for _, module in _named_tuner_layers(model):
+    for module in _tuner_layers(model):
         state = getattr(module, _UNFUSED_STATE, None)
         if state is None or module.merged:
             continue

@@ -564,9 +564,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         )
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
-        Ideogram4Transformer2DModel.scale_from_attention_kwargs(
-            attention_kwargs
-        )  # validates the keys before any model work
+        # Validates attention_kwargs before any model work.
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
