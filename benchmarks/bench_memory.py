@@ -130,6 +130,12 @@ DEFAULT_CONFIGS = (
 )
 
 
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def build_pipeline(args, weights: str, offload: str):
     """Random-weight pipeline in a weights format with an offload mode. Built on the accelerator (fast random init
     and quantization there), then moved to the CPU when an offload mode manages placement."""
@@ -143,8 +149,7 @@ def build_pipeline(args, weights: str, offload: str):
         set_fp8_matmul(pipe.unconditional_transformer, True)
     if offload != "none":
         pipe.to("cpu")
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        free_memory()
     if offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif offload == "sequential":
@@ -241,8 +246,7 @@ def main():
         try:
             if built != (weights, offload):
                 pipe = built = None
-                gc.collect()
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                free_memory()
                 pipe, built = build_pipeline(args, weights, offload), (weights, offload)
             row = measure(args, pipe, int(side))
         except Exception as error:  # a benchmark row that fails is reported, not hidden
