@@ -5,7 +5,8 @@ architecture (two 9.3 B transformers, the 8 B Qwen3-VL language model, the FLUX.
 model. On CUDA it reports peak accelerator memory (torch.cuda.max_memory_allocated) and host peak RSS; on the CPU
 only the host figure. nf4 needs CUDA and bitsandbytes and is reported as skipped elsewhere.
 
-Run: `python benchmarks/bench_memory.py --size ideogram4 --device cuda` (prints a Markdown table).
+Run: `python benchmarks/bench_memory.py --size ideogram4 --device cuda` (prints a Markdown table; `--configs` picks
+rows, `--budget-s` bounds the time), or `--weights-only` for the computed weight sizes without any device.
 """
 
 import argparse
@@ -103,7 +104,8 @@ def random_components(size: str, weights: str, device: str) -> dict:
 
 
 def weights_table(size: str) -> None:
-    """Weights-only lower bounds per format and offload mode, computed on the meta device (no memory needed)."""
+    """Weights-only lower bounds per format (per component, all resident, largest component), computed on the meta
+    device (no memory needed)."""
     from diffusers_ideogram4.sizes import weight_bytes
 
     components = random_components(size, "bf16", "meta")
