@@ -35,8 +35,8 @@ def random_components(size: str, weights: str, device: str) -> dict:
     from transformers import Qwen3VLConfig
 
     from diffusers_ideogram4 import Ideogram4TextEncoder, Ideogram4Transformer2DModel
+    from diffusers_ideogram4.constants import TEXT_ENCODER_SIZES, TRANSFORMER_SIZES
     from diffusers_ideogram4.fp8 import linear_weight_keys, quantize_fp8_weight, replace_linears_with_fp8
-    from diffusers_ideogram4.sizes import TEXT_ENCODER_SIZES, TRANSFORMER_SIZES
     from diffusers_ideogram4.testing import tiny_components, tiny_text_encoder_config
 
     if size == "tiny":
@@ -106,7 +106,7 @@ def random_components(size: str, weights: str, device: str) -> dict:
 def weights_table(size: str) -> None:
     """Weights-only lower bounds per format (per component, all resident, largest component), computed on the meta
     device (no memory needed)."""
-    from diffusers_ideogram4.sizes import weight_bytes
+    from diffusers_ideogram4.fp8 import weight_bytes
 
     components = random_components(size, "bf16", "meta")
     names = ("text_encoder", "transformer", "unconditional_transformer", "vae")

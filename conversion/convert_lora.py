@@ -3,7 +3,7 @@
     python conversion/convert_lora.py --input lora.safetensors --output lora_diffusers.safetensors --to diffusers
     python conversion/convert_lora.py --input lora_diffusers.safetensors --output lora_kohya.safetensors --to original
 
-The input may be in any supported format (`diffusers_ideogram4.lora`); the delta of every weight is kept. "diffusers":
+The input may be in any supported format (`diffusers_ideogram4.lora_formats`); the delta of every weight is kept. "diffusers":
 `transformer.` / `unconditional_transformer.` prefixes, lora_A / lora_B on the split attention, alpha / rank folded into
 lora_B, diffusers' LoRA metadata in the header. "original": `diffusion_model.` prefix (`unconditional_transformer.` for
 the unconditional branch), lora_down / lora_up / alpha on the fused `attention.qkv` / `attention.o`.
@@ -12,7 +12,7 @@ the unconditional branch), lora_down / lora_up / alpha on the fused `attention.q
 import argparse
 import sys
 
-from diffusers_ideogram4.lora import COMPONENTS, LORA_FORMATS, convert_lora_file
+from diffusers_ideogram4.lora_formats import COMPONENTS, LORA_FORMATS, convert_lora_file
 
 
 def main(argv: list[str] | None = None) -> int:

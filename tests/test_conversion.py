@@ -73,10 +73,6 @@ def write_original_release(root: Path, pipe, *, sharded: bool = False, fp8: bool
     from transformers import Qwen3VLModel
 
     pipe.save_pretrained(root)
-    (root / "ideogram4_plugin_pipeline.py").unlink()
-    index = json.loads((root / "model_index.json").read_text())
-    index["_class_name"] = "Ideogram4Pipeline"
-    (root / "model_index.json").write_text(json.dumps(index))
     (root / "LICENSE.md").write_text(LICENSE_TEXT)
     (root / "README.md").write_text("# the original card\n")
 

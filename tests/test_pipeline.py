@@ -160,7 +160,7 @@ def test_decode_latents_follows_spec_denormalisation():
     grid = z.view(1, H // 16, W // 16, 2, 2, 32).permute(0, 5, 1, 3, 2, 4).reshape(1, 32, H // 8, W // 8)
     with torch.no_grad():
         expected = (pipe.vae.decode(grid).sample.clamp(-1, 1) + 1) / 2
-        images = pipe.decode_latents(tokens, H, W, output_type="pt")
+        images = pipe.decode_latents(tokens, (H // 16, W // 16), output_type="pt")
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -346,18 +346,16 @@ def test_prompt_over_2048_tokens_is_refused_with_its_count(tiny_pipe):
 
 
 def test_save_and_load_round_trip(tiny_pipe, tmp_path):
-    from diffusers import DiffusionPipeline
-
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "Ideogram4Transformer2DModel"]
     assert index["text_encoder"] == ["transformers", "Qwen3VLModel"]
+    assert index["_class_name"] == "Ideogram4Pipeline" and not list((tmp_path / "pipe").glob("*.py"))
+    # Saving leaves the pipeline's own entries as they were.
+    assert tiny_pipe.config["transformer"][0].startswith("diffusers_ideogram4")
     kwargs = dict(height=H, width=W, num_inference_steps=2, generator=seeded(3), output_type="latent")
     expected = tiny_pipe(CAPTION, **kwargs).images
-    for loaded in (
-        Ideogram4Pipeline.from_pretrained(tmp_path / "pipe"),
-        DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True),
-    ):
+    for loaded in (Ideogram4Pipeline.from_pretrained(tmp_path / "pipe"),):
         assert type(loaded) is Ideogram4Pipeline
         assert type(loaded.transformer).__module__.startswith("diffusers_ideogram4")
         assert type(loaded.text_encoder).__module__.startswith("diffusers_ideogram4")
@@ -365,13 +363,27 @@ def test_save_and_load_round_trip(tiny_pipe, tmp_path):
         torch.testing.assert_close(loaded(CAPTION, **{**kwargs, "generator": seeded(3)}).images, expected)
 
 
+@needs_peer
+def test_a_saved_folder_loads_in_diffusers_builtin_pipeline(tiny_pipe, tmp_path):
+    """The folder is a plain hub-layout folder: `DiffusionPipeline.from_pretrained` builds diffusers' own pipeline
+    (with diffusers' and transformers' own classes) from it, with no remote code."""
+    import diffusers
+
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded) is diffusers.Ideogram4Pipeline
+    assert type(loaded.transformer) is diffusers.Ideogram4Transformer2DModel
+    assert all(
+        torch.equal(v, tiny_pipe.transformer.state_dict()[k]) for k, v in loaded.transformer.state_dict().items()
+    )
+
+
 def test_push_to_hub_uploads_the_finished_folder(tiny_pipe, tmp_path, monkeypatch):
-    """`save_pretrained(push_to_hub=True)` uploads the folder as it ends up on disk: official entries and the shim."""
+    """`save_pretrained(push_to_hub=True)` (diffusers' own push) uploads the folder with the official entries."""
     from types import SimpleNamespace
 
+    import diffusers.pipelines.pipeline_utils as module
     from huggingface_hub import ModelCard
-
-    import diffusers_ideogram4.pipeline_ideogram4 as module
 
     uploads, created = [], []
     monkeypatch.setattr(
@@ -399,8 +411,8 @@ def test_push_to_hub_uploads_the_finished_folder(tiny_pipe, tmp_path, monkeypatc
     [(repo_id, kwargs, files, index)] = uploads
     assert repo_id == "me/ideogram-tiny"
     assert kwargs == {"token": None, "commit_message": "tiny", "create_pr": False}
-    assert {"ideogram4_plugin_pipeline.py", "model_index.json", "README.md", "transformer"} <= set(files)
-    assert index["_class_name"] == ["ideogram4_plugin_pipeline", "Ideogram4Pipeline"]
+    assert {"model_index.json", "README.md", "transformer"} <= set(files)
+    assert index["_class_name"] == "Ideogram4Pipeline"
     assert index["transformer"] == ["diffusers", "Ideogram4Transformer2DModel"]
 
 
@@ -422,7 +434,6 @@ def test_hub_layout_folder_with_fused_transformer_and_full_qwen3vl(tiny_pipe, tm
         for file in folder.glob("*.safetensors"):
             file.unlink()
         save_file(diffusers_to_original(getattr(tiny_pipe, name).state_dict()), str(folder / "model.safetensors"))
-    (root / "ideogram4_plugin_pipeline.py").unlink()
     index = json.loads((root / "model_index.json").read_text())
     index["_class_name"] = "Ideogram4Pipeline"
     (root / "model_index.json").write_text(json.dumps(index))
@@ -504,7 +515,8 @@ def test_caption_check_modes(tiny_pipe):
 
 def test_steps_run_on_their_own(tiny_pipe):
     """encode_prompt -> predict_velocity -> euler_step -> decode_latents, outside __call__, equal one call."""
-    from diffusers_ideogram4.sampler import euler_step, image_only_layout, model_times, pack_layout
+    from diffusers_ideogram4.layout import image_only_layout, pack_layout
+    from diffusers_ideogram4.sampler import euler_step, model_times
 
     pipe = tiny_pipeline(seed=5)
     noise = torch.randn(1, 320, 128, generator=seeded(2))
@@ -520,7 +532,7 @@ def test_steps_run_on_their_own(tiny_pipe):
             image_only_layout(1, H // 16, W // 16),
             4.0,
         )
-        image = pipe.decode_latents(euler_step(noise, velocity, taus[0], taus[1]), H, W, "np")
+        image = pipe.decode_latents(euler_step(noise, velocity, taus[0], taus[1]), (H // 16, W // 16), "np")
     assert np.array_equal(image, expected)
 
 

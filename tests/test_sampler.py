@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffusers_ideogram4.constants import TAU_MAX, TAU_MIN
-from diffusers_ideogram4.sampler import PRESETS, model_times, pack_layout, patchify, shifted_mu, unpatchify
+from diffusers_ideogram4.layout import pack_layout, patchify, unpatchify
+from diffusers_ideogram4.sampler import PRESETS, model_times, shifted_mu
 
 
 def spec_times(steps, mu, std, height, width):
@@ -53,16 +54,16 @@ def test_presets_first_step_first():
 
 def test_initial_noise_is_a_plain_token_layout_draw():
     """Same seed, same noise as `torch.randn(B, N_img, 128)`: seeded images agree with other implementations."""
-    from diffusers_ideogram4.sampler import initial_noise
+    from diffusers_ideogram4.layout import initial_noise
 
-    noise = initial_noise(2, 256, 320, generator=torch.Generator().manual_seed(1))
+    noise = initial_noise(2, 256 // 16, 320 // 16, 128, generator=torch.Generator().manual_seed(1))
     assert torch.equal(noise, torch.randn(2, 16 * 20, 128, generator=torch.Generator().manual_seed(1)))
 
 
 def test_unpatchify_follows_the_token_channel_order():
     height, width = 32, 48  # a 2 x 3 token grid
     tokens = torch.randn(1, 6, 128)
-    latents = unpatchify(tokens, height, width)
+    latents = unpatchify(tokens, height // 16, width // 16)
     assert latents.shape == (1, 32, 4, 6)
     # token (gh=1, gw=2), channel (ph=1, pw=0, c=5) -> latent pixel (2*1+1, 2*2+0), channel 5
     assert latents[0, 5, 3, 4] == tokens[0, 1 * 3 + 2, (1 * 2 + 0) * 32 + 5]

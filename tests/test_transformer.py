@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from conftest import needs_peer
 from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Transformer2DModel
+from diffusers_ideogram4.constants import TRANSFORMER_SIZES
+from diffusers_ideogram4.layout import pack_layout
 from diffusers_ideogram4.loading import diffusers_to_original, original_key_plan, original_to_diffusers
-from diffusers_ideogram4.sampler import pack_layout
-from diffusers_ideogram4.sizes import TRANSFORMER_SIZES
 from diffusers_ideogram4.testing import tiny_transformer
 
 

@@ -34,7 +34,7 @@ _LAZY = {
     "SamplerPreset": ".sampler",
     "model_times": ".sampler",
     "Ideogram4LoraLoaderMixin": ".lora",
-    "convert_lora_state_dict": ".lora",
+    "convert_lora_state_dict": ".lora_formats",
     "Ideogram4TextEncoder": ".text_encoder",
     "count_caption_tokens": ".text_encoder",
     "Ideogram4Transformer2DModel": ".transformer_ideogram4",

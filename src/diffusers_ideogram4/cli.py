@@ -58,7 +58,8 @@ def add_generate_command(subparsers) -> None:
 def run_generate(args) -> int:
     import torch
 
-    from .pipeline_ideogram4 import Ideogram4Pipeline, check_image_size
+    from .pipeline_ideogram4 import Ideogram4Pipeline
+    from .validation import check_image_size
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
     caption = read_caption(args.caption)

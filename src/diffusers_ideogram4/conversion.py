@@ -1,13 +1,14 @@
 """Convert Ideogram 4 checkpoints between the original release layout and the hub's diffusers layout (SPEC 2.1, 2.2).
 
-Plan, then write, then verify, then publish:
+Check, write, verify, publish:
 
-1. plan: every component's safetensors header is read and checked against the model built from its config.json
-   (meta device) before one byte is written, so a stray, missing or mis-shaped key stops the conversion by name;
-2. write: into a hidden temporary folder beside the output, tensor by tensor;
-3. verify: each converted transformer is reloaded with `Ideogram4Transformer2DModel.from_pretrained` and compared to
-   the source bit for bit, every written file's header is checked, copied files are compared byte for byte;
-4. publish: the temporary folder is moved into place with `os.replace`, and only then pushed to the Hub.
+1. check: every transformer's safetensors header is renamed with the one rename table (`loading.original_key_plan`)
+   and checked against the model its config.json describes, on the meta device, before a byte is written;
+2. write: into a hidden staging folder beside the output, one file at a time, reading only the tensors of that file
+   (sharding and the index as `huggingface_hub` splits them);
+3. verify: each converted transformer is reloaded with `Ideogram4Transformer2DModel.from_pretrained` and compared with
+   its source bit for bit; other rewritten tensors are read back; copies are compared byte for byte;
+4. publish: the staging folder is moved into place with `os.replace`, and only then pushed to the Hub.
 
 An interrupted run leaves at most a `.<name>.partial-*` folder, never a half folder at the output path.
 """
@@ -27,42 +28,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from diffusers.utils.logging import get_logger
 from diffusers.utils.logging import tqdm as diffusers_tqdm
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_weight, replace_linears_with_fp8
+from .constants import OFFICIAL_ENTRIES
+from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, keeps_stored_dtype
 from .loading import (
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
     CheckpointMismatchError,
     check_fp8_pairs,
-    check_keys,
+    check_header,
     checkpoint_files,
-    diffusers_to_original,
+    fused_name,
     locate_tensors,
     original_key_plan,
-    read_header,
 )
-from .pipeline_ideogram4 import OFFICIAL_ENTRIES
 from .text_encoder import FP8_CONFIG_FLAG
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
-logger = get_logger(__name__)
-
-MODEL_INDEX_NAME = "model_index.json"
-CONFIG_NAME = "config.json"
-MODEL_CARD_NAME = "README.md"
+MODEL_INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME = "model_index.json", "config.json", "README.md"
 PIPELINE_CLASS_NAME = "Ideogram4Pipeline"
-TRANSFORMER_LIBRARY, TRANSFORMER_CLASS_NAME = "diffusers", "Ideogram4Transformer2DModel"
+TRANSFORMER_CLASS_NAME = "Ideogram4Transformer2DModel"
 TRANSFORMER_COMPONENTS = ("transformer", "unconditional_transformer")
 TEXT_ENCODER_NAME = "text_encoder"
-# Sharded diffusers weights: diffusion_pytorch_model-00001-of-00002.safetensors (diffusers' own naming).
-SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+# diffusers' weight file names: diffusion_pytorch_model[-00001-of-00002].safetensors and its index.
+WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # diffusers' `save_pretrained` default
 # The reverse conversion writes one file per transformer under a name that diffusers' own loader does not pick up:
 # a fused-layout file named `diffusion_pytorch_model.safetensors` is exactly what upstream diffusers loads with random
@@ -75,28 +69,15 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 SKIPPED_TOP_LEVEL_FILES = (MODEL_INDEX_NAME, MODEL_CARD_NAME, ".gitattributes")
 # bitsandbytes serialization (the nf4 release): cannot be re-laid out without bitsandbytes and a GPU.
 BNB_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".nested_absmax", ".nested_quant_map")
-
 # Model cards (model_cards/*.md), filled by `render_model_card`.
 DEFAULT_BASE_MODEL = "ideogram-ai/ideogram-4-fp8"  # the reference release on the Hub
 LICENSE_NAME = "ideogram-4-non-commercial"
 LICENSE_LINK = "https://huggingface.co/ideogram-ai/ideogram-4-fp8/blob/main/LICENSE.md"
 NOT_MEASURED = "not measured yet"
-_TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SAFETENSORS_DTYPES = {
+_BINARY_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])iB\s*$", re.IGNORECASE)
+# safetensors header dtype names.
+_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -121,39 +102,28 @@ class ConversionVerificationError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SourceSlice:
-    """Rows of one source tensor (all rows when `rows` is None)."""
-
-    file: Path
-    key: str
-    rows: slice | None = None
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """One output tensor: its source rows (concatenated along dim 0), its dtype, and an fp8 scale to apply."""
+class Recipe:
+    """One output tensor: source rows `(file, key, rows or None)` concatenated along dim 0, stored as `dtype`; with
+    `scale` (same form), fp8 source rows dequantized with those per-row scales."""
 
     key: str
-    parts: tuple[SourceSlice, ...]
+    parts: tuple[tuple[Path, str, slice | None], ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
-    scale: tuple[SourceSlice, ...] = ()  # dequantize the fp8 parts with these per-row scales
+    scale: tuple[Path, str, slice | None] | None = None
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
 @dataclass
 class OutputFile:
-    """One file of the output folder: a copy, a safetensors file built from tensor plans, or small text."""
+    """One file of the output folder: a copy, a safetensors file built from recipes, or small text."""
 
     path: str  # relative to the output folder, with `/`
     copy_from: Path | None = None
-    tensors: tuple[TensorPlan, ...] | None = None
+    tensors: tuple[Recipe, ...] | None = None
     text: str | None = None
 
     @property
@@ -166,15 +136,6 @@ class OutputFile:
 
 
 @dataclass
-class TransformerCheck:
-    """How to verify one written transformer: reload it and compare every model tensor to its source."""
-
-    component: str
-    expected: dict[str, TensorPlan]  # model state-dict key -> where its value comes from
-    load_dtype: torch.dtype
-
-
-@dataclass
 class ConversionPlan:
     direction: str
     source: str
@@ -182,7 +143,8 @@ class ConversionPlan:
     components: list[str]
     dtype: str
     files: list[OutputFile] = field(default_factory=list)
-    checks: list[TransformerCheck] = field(default_factory=list)
+    # transformer -> (model key -> the recipe of its source value, dtype to reload it in)
+    checks: dict[str, tuple[dict[str, Recipe], torch.dtype]] = field(default_factory=dict)
     tensor_dtypes: set[str] = field(default_factory=set)  # dtypes of the transformers' written tensors
     notes: list[str] = field(default_factory=list)
 
@@ -224,17 +186,21 @@ class ConversionReport:
 
 
 def parse_size(value: int | str) -> int:
-    """'5GB' -> 5_000_000_000, '10MiB' -> 10_485_760, 1000 -> 1000 (bytes)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, ""
-    else:
-        match = _SIZE.match(str(value))
-        if match is None or match.group(2).upper() not in _SIZE_UNITS:
-            raise ValueError(f"`max_shard_size={value!r}` is not a size; write it like '5GB', '500MB' or '10MiB'.")
-        number, unit = float(match.group(1)), match.group(2).upper()
-    size = int(number * _SIZE_UNITS[unit])
+    """Bytes: an int, huggingface_hub's decimal units ('5GB' -> 5_000_000_000), or binary ones ('10MiB')."""
+    binary = _BINARY_SIZE.match(str(value))
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif binary:
+            size = int(float(binary[1]) * 1024 ** (1 + "KMGT".index(binary[2].upper())))
+        else:
+            size = parse_size_to_int(str(value).strip().upper())
+    except ValueError:
+        size = 0
     if size <= 0:
-        raise ValueError(f"`max_shard_size={value!r}` must be positive.")
+        raise ValueError(
+            f"`max_shard_size={value!r}` is not a size; write it like '5GB', '500MB' or '10MiB' (a positive size)."
+        )
     return size
 
 
@@ -245,175 +211,115 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    if name not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"Unsupported safetensors dtype {name}.")
-    return _SAFETENSORS_DTYPES[name]
+def _sharded(recipes: list[Recipe], max_bytes: int, component: str) -> list[OutputFile]:
+    """diffusers' file names, split by `huggingface_hub` (a larger tensor gets a file of its own), and the index."""
+    meta = {r.key: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in recipes}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_bytes)
+    by_key = {r.key: r for r in recipes}
+    files = [
+        OutputFile(f"{component}/{name}", tensors=tuple(by_key[key] for key in keys))
+        for name, keys in split.filename_to_tensors.items()
+    ]
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        files.append(OutputFile(f"{component}/{WEIGHTS_INDEX_NAME}", text=json.dumps(index, indent=2) + "\n"))
+    return files
 
 
-def _rows(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
-    return shape if rows is None else (rows.stop - rows.start, *shape[1:])
+# --------------------------------------------------------------------------------------------------------------------
+# Planning
 
 
-def _refuse_bitsandbytes(keys: Iterable[str], config: dict, source: str) -> None:
-    bnb = sorted(k for k in keys if any(marker in k for marker in BNB_KEY_MARKERS))
+def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dict[str, Recipe], str]:
+    """Check a transformer's header against the model its config.json describes (strictly, reading no tensor) ->
+    (model key -> recipe of its value as stored, the model's config.json text)."""
+    folder = plan.root / name
+    located = locate_tensors(checkpoint_files(folder))
+    config = Ideogram4Transformer2DModel.load_config(folder)
+    bnb = sorted(key for key in located if any(marker in key for marker in BNB_KEY_MARKERS))
     if bnb or "quantization_config" in config:
         raise ValueError(
-            f"{source} is a bitsandbytes (nf4) checkpoint{' (e.g. ' + bnb[0] + ')' if bnb else ''}; it cannot be "
+            f"{folder} is a bitsandbytes (nf4) checkpoint{' (e.g. ' + bnb[0] + ')' if bnb else ''}; it cannot be "
             "re-laid out tensor by tensor. Convert the bf16 or fp8 release instead, then quantize the result."
         )
-
-
-def _tensor_plan(key, origin, dtype_name, target, scale_origin=None) -> TensorPlan:
-    """The output tensor `key` read from `origin` = (file, source key, rows, source shape), stored as `dtype_name`;
-    floats cast to `target` (None keeps them); with `scale_origin` (same form) an fp8 weight is dequantized."""
-    file, source_key, rows, shape = origin
-    stored = _torch_dtype(dtype_name)
-    if scale_origin is not None:  # fp8 weight, float output: dequantize
-        scale = (SourceSlice(*scale_origin[:3]),)
-        return TensorPlan(key, (SourceSlice(file, source_key, rows),), _rows(shape, rows), target, scale)
-    dtype = stored
-    if target is not None and stored.is_floating_point and stored != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
-        dtype = target
-    return TensorPlan(key, (SourceSlice(file, source_key, rows),), _rows(shape, rows), dtype)
-
-
-def _shard(tensors: list[TensorPlan], max_bytes: int, component: str) -> list[OutputFile]:
-    """Group tensors in order into files of at most `max_bytes` (a larger tensor gets a file of its own)."""
-    groups: list[list[TensorPlan]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if groups[-1] and size + tensor.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(tensor)
-        size += tensor.nbytes
-    if len(groups) == 1:
-        return [OutputFile(f"{component}/{WEIGHTS_NAME}", tensors=tuple(tensors))]
-    names = [SHARD_NAME.format(index=i + 1, count=len(groups)) for i in range(len(groups))]
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-        "weight_map": {t.key: name for name, group in zip(names, groups) for t in group},
-    }
-    files = [OutputFile(f"{component}/{name}", tensors=tuple(group)) for name, group in zip(names, groups)]
-    return files + [OutputFile(f"{component}/{WEIGHTS_INDEX_NAME}", text=json.dumps(index, indent=2) + "\n")]
-
-
-def _meta_transformer(folder: Path, scaled_weight_keys: list[str]):
-    """The model its config.json describes, on the meta device, with fp8 layers where the checkpoint has scales;
-    and the config fields that are not model arguments."""
-    config = Ideogram4Transformer2DModel.load_config(folder)
     if config.get("_class_name", TRANSFORMER_CLASS_NAME) != TRANSFORMER_CLASS_NAME:
         raise ValueError(
             f"{folder / CONFIG_NAME} describes a `{config['_class_name']}`, not an {TRANSFORMER_CLASS_NAME}."
         )
-    with init_empty_weights():
-        model = Ideogram4Transformer2DModel.from_config(config)
-        replace_linears_with_fp8(model, scaled_weight_keys)
+    header = {key: (dtype, shape) for key, (_, dtype, shape) in located.items()}
+    try:
+        model, origin = check_header(lambda: Ideogram4Transformer2DModel.from_config(config), header, folder, key_plan)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{error} Nothing was written.") from None
+    recipes = {}
+    for key, (source_key, rows) in origin.items():
+        file, dtype, shape = located[source_key]
+        shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+        recipes[key] = Recipe(key, ((file, source_key, rows),), shape, _DTYPES[dtype])
     known = set(inspect.signature(Ideogram4Transformer2DModel.__init__).parameters) | {
         "_class_name",
         "_diffusers_version",
     }
-    return model, sorted(k for k in config if k not in known)
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
+    model_config = {k: v for k, v in json.loads(model.to_json_string()).items() if k in known}
+    ordered = {key: recipes[key] for key in model.state_dict()}  # the model's order: blocks stay together in shards
+    return ordered, json.dumps(model_config, indent=2, sort_keys=True) + "\n"
 
 
-def _load_dtype(plans: Iterable[TensorPlan]) -> torch.dtype:
+def _cast(recipe: Recipe, target: torch.dtype | None, scale: Recipe | None) -> Recipe:
+    """The recipe stored as `target` (None: as it is): fp8 weights dequantized with `scale`, floats cast."""
+    if scale is not None:
+        return Recipe(recipe.key, recipe.parts, recipe.shape, target, scale.parts[0])
+    if target is None or keeps_stored_dtype(recipe.key, recipe.dtype):
+        return recipe
+    return Recipe(recipe.key, recipe.parts, recipe.shape, target)
+
+
+def _load_dtype(recipes: Iterable[Recipe]) -> torch.dtype:
     """The dtype to reload a written transformer in: its float dtype if it has one, else float32 (exact upcast)."""
-    floats = {
-        p.dtype
-        for p in plans
-        if p.dtype.is_floating_point and p.dtype != FP8_DTYPE and not p.key.endswith(SCALE_SUFFIX)
-    }
+    floats = {r.dtype for r in recipes if not keeps_stored_dtype(r.key, r.dtype)}
     return floats.pop() if len(floats) == 1 else torch.float32
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Planning the two directions
-
-
-def _checked_transformer(plan: ConversionPlan, name: str, key_plan):
-    """Read a transformer's headers, rename its keys with `key_plan` and check them against the model its config.json
-    describes (meta device). Returns (origin: new key -> (file, source key, rows, source shape), renamed: new key ->
-    (safetensors dtype, shape), the meta model, config fields it does not take). Reads no tensor."""
-    folder = plan.root / name
-    located = locate_tensors(checkpoint_files(folder))
-    source = str(folder)
-    _refuse_bitsandbytes(located, Ideogram4Transformer2DModel.load_config(folder), source)
-    origin, renamed = {}, {}
-    for key, (file, dtype, shape) in located.items():
-        try:
-            targets = key_plan(key, shape)
-        except CheckpointMismatchError as error:
-            raise CheckpointMismatchError(f"{source}: {error} Nothing was written.") from None
-        for new_key, rows in targets:
-            if new_key in origin:
-                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
-            origin[new_key] = (file, key, rows, shape)
-            renamed[new_key] = (dtype, _rows(shape, rows))
-    check_fp8_pairs(renamed, source)
-    model, unknown = _meta_transformer(folder, [k[: -len("_scale")] for k in renamed if k.endswith(SCALE_SUFFIX)])
-    expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected_shapes, {k: shape for k, (_, shape) in renamed.items()}, source)
-    if unknown:
-        plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
-    return origin, renamed, model, unknown
-
-
-def _same_key(key: str, shape: tuple[int, ...]) -> list[tuple[str, None]]:
-    return [(key, None)]
-
-
 def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_bytes: int) -> None:
-    # Original-layout keys -> diffusers keys: fused q/k/v (and their fp8 scales) split by rows.
-    origin, renamed, model, unknown = _checked_transformer(plan, name, original_key_plan)
-    dequantize = target is not None
-    tensors = []
-    for key in model.state_dict():  # the model's own order: blocks stay together in shards
-        if dequantize and key.endswith(SCALE_SUFFIX):
+    recipes, config = _checked_transformer(plan, name, original_key_plan)
+    written = []
+    for key, recipe in recipes.items():
+        if target is not None and key.endswith(SCALE_SUFFIX):
             continue  # consumed with its weight
-        dtype_name = renamed[key][0]
-        scale = origin[key + "_scale"] if dequantize and dtype_name.startswith("F8") else None
-        tensors.append(_tensor_plan(key, origin[key], dtype_name, target, scale))
-
-    plan.files += _shard(tensors, max_bytes, name)
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model, unknown)))
-    plan.checks.append(TransformerCheck(name, {t.key: t for t in tensors}, _load_dtype(tensors)))
-    plan.tensor_dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors}
-
-
-def _transformer_config(model, unknown: list[str]) -> str:
-    """The model's config.json: every argument (defaults filled in), without fields the class does not take."""
-    config = json.loads(model.to_json_string())
-    for name in ["_name_or_path", *unknown]:
-        config.pop(name, None)
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+        scale = recipes.get(key + "_scale") if target is not None else None
+        written.append(_cast(recipe, target, scale))
+    plan.files += _sharded(written, max_bytes, name)
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=config))
+    plan.checks[name] = ({r.key: r for r in written}, _load_dtype(written))
+    plan.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for r in written}
 
 
 def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name: str) -> None:
-    origin, renamed, model, unknown = _checked_transformer(plan, name, _same_key)
-    # The fused keys and shapes come from `diffusers_to_original` run on empty tensors; the rows each fused tensor
-    # takes from its parts come from `original_key_plan`, the split it reverses.
-    fused = diffusers_to_original({k: torch.empty(shape, device="meta") for k, (_, shape) in renamed.items()})
-    tensors, consumed = [], []
-    for key, meta in fused.items():
-        parts = []
-        for split_key, _ in original_key_plan(key, tuple(meta.shape)):
-            parts.append(SourceSlice(origin[split_key][0], split_key))
-            consumed.append(split_key)
-        dtypes = {renamed[p.key][0] for p in parts}
-        if len(dtypes) > 1:
-            raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes: {sorted(dtypes)}.")
-        tensors.append(TensorPlan(key, tuple(parts), tuple(meta.shape), _torch_dtype(dtypes.pop())))
-    if sorted(consumed) != sorted(renamed):
-        raise CheckpointMismatchError(
-            f"Fusing {name}/ would not use every key exactly once: {sorted(set(renamed) ^ set(consumed))}."
-        )
-    plan.files.append(OutputFile(f"{name}/{weights_name}", tensors=tuple(tensors)))
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=_transformer_config(model, unknown)))
+    recipes, config = _checked_transformer(plan, name, None)
+    fused, groups = [], {}
+    for key, recipe in recipes.items():
+        target = fused_name(key)
+        if target is None:
+            fused.append(recipe)
+        else:
+            groups.setdefault(target[0], [None] * target[2])[target[1]] = recipe
+    for key, parts in groups.items():
+        if len({part.dtype for part in parts}) > 1:
+            raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes.")
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        fused.append(Recipe(key, tuple(p for part in parts for p in part.parts), shape, parts[0].dtype))
+    plan.files.append(OutputFile(f"{name}/{weights_name}", tensors=tuple(fused)))
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=config))
     # Verified by reloading the fused file and comparing each model tensor with the source tensor of the same key.
-    identity = {key: _tensor_plan(key, origin[key], dtype, None) for key, (dtype, _) in renamed.items()}
-    plan.checks.append(TransformerCheck(name, identity, _load_dtype(identity.values())))
-    plan.tensor_dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors}
+    plan.checks[name] = (recipes, _load_dtype(recipes.values()))
+    plan.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for r in fused}
+
+
+def _component_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).as_posix().startswith("."))
 
 
 def _plan_copy(plan: ConversionPlan, name: str, target) -> None:
@@ -423,56 +329,47 @@ def _plan_copy(plan: ConversionPlan, name: str, target) -> None:
         raise FileNotFoundError(f"model_index.json lists `{name}`, but {folder} does not exist.")
     config_path = folder / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    rewritten = set()
     if target is not None and name == TEXT_ENCODER_NAME and config.get(FP8_CONFIG_FLAG):
-        _plan_dequantized_text_encoder(plan, folder, name, config, target)
-        return
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))):
-        plan.files.append(OutputFile(f"{name}/{path.relative_to(folder).as_posix()}", copy_from=path))
+        rewritten = _plan_dequantized_text_encoder(plan, folder, name, config, target)
+    for path in _component_files(folder):
+        relative = f"{name}/{path.relative_to(folder).as_posix()}"
+        if relative not in rewritten:
+            plan.files.append(OutputFile(relative, copy_from=path))
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> None:
+def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> set[str]:
     """The fp8 text encoder (SPEC 2.2) written in `target`: same files, each float8 weight dequantized with its
-    scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag."""
+    scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag. Returns the paths
+    it writes."""
     files = checkpoint_files(folder, name="model")
     located = locate_tensors(files)
-    header = {key: (dtype, shape) for key, (_, dtype, shape) in located.items()}
-    check_fp8_pairs(header, str(folder))
-    by_file: dict[Path, list[TensorPlan]] = {file: [] for file in files}
+    check_fp8_pairs({key: (dtype, shape) for key, (_, dtype, shape) in located.items()}, str(folder))
+    by_file: dict[Path, list[Recipe]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
-        if key.endswith(SCALE_SUFFIX):
-            continue  # consumed with its weight
-        scale = None
-        if dtype.startswith("F8"):
-            scale_file, _, scale_shape = located[key + "_scale"]
-            scale = (scale_file, key + "_scale", None, scale_shape)
-        by_file[file].append(_tensor_plan(key, (file, key, None, shape), dtype, target, scale))
-    for file, tensors in by_file.items():
-        plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(tensors)))
-    index_files = [p for p in folder.glob("*.safetensors.index.json")]
-    for index_path in index_files:
+        if not key.endswith(SCALE_SUFFIX):
+            scale = located.get(key + "_scale")
+            scale = (
+                Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32) if scale else None
+            )
+            by_file[file].append(_cast(Recipe(key, ((file, key, None),), shape, _DTYPES[dtype]), target, scale))
+    written = set()
+    for file, recipes in by_file.items():
+        plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
+        written.add(f"{name}/{file.name}")
+    for index_path in folder.glob("*.safetensors.index.json"):
         index = json.loads(index_path.read_text())
-        index["weight_map"] = {t.key: file.name for file, group in by_file.items() for t in group}
-        index.setdefault("metadata", {})["total_size"] = sum(t.nbytes for g in by_file.values() for t in g)
+        index["weight_map"] = {r.key: file.name for file, group in by_file.items() for r in group}
+        index.setdefault("metadata", {})["total_size"] = sum(r.nbytes for g in by_file.values() for r in g)
         plan.files.append(OutputFile(f"{name}/{index_path.name}", text=json.dumps(index, indent=2) + "\n"))
+        written.add(f"{name}/{index_path.name}")
     config = {k: v for k, v in config.items() if k != FP8_CONFIG_FLAG}
     for dtype_field in ("dtype", "torch_dtype"):
         if dtype_field in config:
             config[dtype_field] = str(target).removeprefix("torch.")
     plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    written = (
-        {f"{name}/{file.name}" for file in files}
-        | {f"{name}/{p.name}" for p in index_files}
-        | {f"{name}/{CONFIG_NAME}"}
-    )
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))):
-        relative = f"{name}/{path.relative_to(folder).as_posix()}"
-        if relative not in written:
-            plan.files.append(OutputFile(relative, copy_from=path))
     plan.notes.append(f"{name}: fp8 weights dequantized to {str(target).removeprefix('torch.')}")
+    return written | {f"{name}/{CONFIG_NAME}"}
 
 
 def _read_model_index(root: Path) -> dict:
@@ -503,24 +400,53 @@ def _select_components(index: dict, components: Iterable[str] | None, source: st
     return [c for c in available if c in components]  # model_index order
 
 
-def _output_model_index(index: dict, components: list[str]) -> str:
-    """The hub's model_index.json: a plain `_class_name` and the official library/class entries."""
-    from diffusers import __version__ as diffusers_version
-
-    result = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": diffusers_version}
-    for name in components:
+def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_transformer, target) -> ConversionPlan:
+    """Every component's plan, then the top-level files and the hub's model_index.json; reads no tensor."""
+    index = _read_model_index(root)
+    selected = _select_components(index, components, source)
+    plan = ConversionPlan(direction, source, root, selected, dtype)
+    output_index = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": _diffusers_version()}
+    for name in selected:
         entry = list(index[name])
         if _is_transformer(name, entry):
-            entry = [TRANSFORMER_LIBRARY, TRANSFORMER_CLASS_NAME]
-        result[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
-    return json.dumps(result, indent=2, sort_keys=True) + "\n"
-
-
-def _top_level_files(plan: ConversionPlan) -> None:
-    """Carry a LICENSE and other top-level files over; the index is rewritten and the old card dropped."""
-    for path in sorted(p for p in plan.root.iterdir() if p.is_file()):
+            plan_transformer(plan, name)
+            entry = OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME]
+        else:
+            _plan_copy(plan, name, target)
+        output_index[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
+    # A LICENSE and other top-level files are carried over; the index is rewritten and the old card dropped.
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
         if path.name not in SKIPPED_TOP_LEVEL_FILES and not path.name.startswith("."):
             plan.files.append(OutputFile(path.name, copy_from=path))
+    plan.files.append(OutputFile(MODEL_INDEX_NAME, text=json.dumps(output_index, indent=2, sort_keys=True) + "\n"))
+    return plan
+
+
+def _diffusers_version() -> str:
+    from diffusers import __version__
+
+    return __version__
+
+
+def plan_original_to_diffusers(
+    root: Path, source: str, dtype: str = "keep", components=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> ConversionPlan:
+    """Check every component's header against its model and list the files to write; reads no tensor."""
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
+    target, max_bytes = DTYPES[dtype], parse_size(max_shard_size)
+    plan_transformer = lambda plan, name: _plan_transformer_to_diffusers(plan, name, target, max_bytes)  # noqa: E731
+    return _plan(root, source, "original -> diffusers", dtype, components, plan_transformer, target)
+
+
+def plan_diffusers_to_original(
+    root: Path, source: str, components=None, weights_name: str = ORIGINAL_WEIGHTS_NAME
+) -> ConversionPlan:
+    """Like `plan_original_to_diffusers`, the other way: one fused-attention file per transformer, bit-exact."""
+    if not weights_name.endswith(".safetensors") or "/" in weights_name:
+        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
+    plan_transformer = lambda plan, name: _plan_transformer_to_original(plan, name, weights_name)  # noqa: E731
+    return _plan(root, source, "diffusers -> original", "keep", components, plan_transformer, None)
 
 
 def resolve_source(
@@ -541,45 +467,6 @@ def resolve_source(
     return Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=patterns))
 
 
-def plan_original_to_diffusers(
-    root: Path, source: str, dtype: str = "keep", components=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
-) -> ConversionPlan:
-    """Check every component's header against its model and list the files to write; reads no tensor."""
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
-    target, max_bytes = DTYPES[dtype], parse_size(max_shard_size)
-    index = _read_model_index(root)
-    selected = _select_components(index, components, source)
-    plan = ConversionPlan("original -> diffusers", source, root, selected, dtype)
-    for name in selected:
-        if _is_transformer(name, index[name]):
-            _plan_transformer_to_diffusers(plan, name, target, max_bytes)
-        else:
-            _plan_copy(plan, name, target)
-    _top_level_files(plan)
-    plan.files.append(OutputFile(MODEL_INDEX_NAME, text=_output_model_index(index, selected)))
-    return plan
-
-
-def plan_diffusers_to_original(
-    root: Path, source: str, components=None, weights_name: str = ORIGINAL_WEIGHTS_NAME
-) -> ConversionPlan:
-    """Like `plan_original_to_diffusers`, the other way: one fused-attention file per transformer, bit-exact."""
-    if not weights_name.endswith(".safetensors") or "/" in weights_name:
-        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
-    index = _read_model_index(root)
-    selected = _select_components(index, components, source)
-    plan = ConversionPlan("diffusers -> original", source, root, selected, "keep")
-    for name in selected:
-        if _is_transformer(name, index[name]):
-            _plan_transformer_to_original(plan, name, weights_name)
-        else:
-            _plan_copy(plan, name, None)
-    _top_level_files(plan)
-    plan.files.append(OutputFile(MODEL_INDEX_NAME, text=_output_model_index(index, selected)))
-    return plan
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Writing and verifying
 
@@ -597,23 +484,19 @@ class _Reader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _read(self, part: SourceSlice) -> torch.Tensor:
-        if part.file not in self._handles:
-            self._handles[part.file] = self._stack.enter_context(safe_open(str(part.file), framework="pt"))
-        handle = self._handles[part.file]
-        if part.rows is None:
-            return handle.get_tensor(part.key)
-        return handle.get_slice(part.key)[part.rows.start : part.rows.stop]  # only these rows are read
+    def _read(self, file: Path, key: str, rows: slice | None) -> torch.Tensor:
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        if rows is None:
+            return self._handles[file].get_tensor(key)
+        return self._handles[file].get_slice(key)[rows.start : rows.stop]  # only these rows are read
 
-    def tensor(self, plan: TensorPlan) -> torch.Tensor:
+    def tensor(self, recipe: Recipe) -> torch.Tensor:
         """The value of one planned output tensor."""
-        parts = [self._read(part) for part in plan.parts]
-        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if plan.scale:
-            scales = [self._read(part) for part in plan.scale]
-            scale = scales[0] if len(scales) == 1 else torch.cat(scales, dim=0)
-            value = dequantize_fp8_weight(value, scale, plan.dtype)
-        return value.to(plan.dtype).contiguous()
+        value = torch.cat([self._read(*part) for part in recipe.parts])
+        if recipe.scale is not None:
+            value = dequantize_fp8_weight(value, self._read(*recipe.scale), recipe.dtype)
+        return value.to(recipe.dtype).contiguous()
 
 
 def _write(plan: ConversionPlan, staging: Path, progress: bool) -> None:
@@ -628,8 +511,8 @@ def _write(plan: ConversionPlan, staging: Path, progress: bool) -> None:
                 shutil.copyfile(file.copy_from, target)
             elif file.tensors is not None:
                 tensors = {}
-                for tensor in file.tensors:
-                    tensors[tensor.key] = reader.tensor(tensor)
+                for recipe in file.tensors:
+                    tensors[recipe.key] = reader.tensor(recipe)
                     bar.update(1)
                 save_file(tensors, str(target), metadata=SAFETENSORS_METADATA)
                 del tensors
@@ -662,26 +545,24 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
         if file.copy_from is not None and not filecmp.cmp(file.copy_from, path, shallow=False):
             problems.append(f"{file.path} differs from {file.copy_from}")
         elif file.tensors is not None:
-            header = read_header([path])
-            planned = {t.key: (str(t.dtype), t.shape) for t in file.tensors}
-            got = {k: (str(_torch_dtype(d)), tuple(s)) for k, (d, s) in header.items()}
+            planned = {r.key: (r.dtype, r.shape) for r in file.tensors}
+            got = {key: (_DTYPES[dtype], shape) for key, (_, dtype, shape) in locate_tensors([path]).items()}
             if got != planned:
                 bad = sorted(k for k in set(got) | set(planned) if got.get(k) != planned.get(k))
                 problems.append(f"{file.path}: keys, dtypes or shapes differ from the plan: {bad[:12]}")
     if not problems:
         with _Reader() as reader:
-            for check in plan.checks:
-                problems += _verify_transformer(check, folder, reader)
+            for component, (expected, load_dtype) in plan.checks.items():
+                problems += _verify_transformer(component, expected, load_dtype, folder, reader)
             # Rewritten tensors outside the transformers (a dequantized text encoder): compared file by file.
-            checked = {check.component for check in plan.checks}
             for file in plan.files:
-                if file.tensors is None or file.path.split("/")[0] in checked:
+                if file.tensors is None or file.path.split("/")[0] in plan.checks:
                     continue
                 with safe_open(str(folder / file.path), framework="pt") as handle:
                     problems += [
-                        f"{file.path}: `{t.key}` differs from its source value"
-                        for t in file.tensors
-                        if not _same_bits(handle.get_tensor(t.key), reader.tensor(t))
+                        f"{file.path}: `{r.key}` differs from its source value"
+                        for r in file.tensors
+                        if not _same_bits(handle.get_tensor(r.key), reader.tensor(r))
                     ]
     if problems:
         raise ConversionVerificationError(
@@ -690,20 +571,16 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
         )
 
 
-def _verify_transformer(check: TransformerCheck, folder: Path, reader: _Reader) -> list[str]:
-    model = Ideogram4Transformer2DModel.from_pretrained(folder / check.component, dtype=check.load_dtype)
-    state = model.state_dict()
+def _verify_transformer(component, expected: dict[str, Recipe], load_dtype, folder: Path, reader) -> list[str]:
+    state = Ideogram4Transformer2DModel.from_pretrained(folder / component, dtype=load_dtype).state_dict()
     problems = []
-    if set(state) != set(check.expected):
-        problems.append(f"{check.component}: reloaded keys differ: {sorted(set(state) ^ set(check.expected))[:12]}")
-    for key, expected_plan in check.expected.items():
-        if key not in state:
-            continue
-        expected = reader.tensor(expected_plan)
-        if expected.is_floating_point() and expected.dtype != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
-            expected = expected.to(check.load_dtype)
-        if not _same_bits(state[key], expected):
-            problems.append(f"{check.component}: `{key}` does not reload to its source value")
+    if set(state) != set(expected):
+        problems.append(f"{component}: reloaded keys differ: {sorted(set(state) ^ set(expected))[:12]}")
+    for key, recipe in expected.items():
+        value = reader.tensor(recipe)
+        value = value if keeps_stored_dtype(key, value.dtype) else value.to(load_dtype)
+        if key in state and not _same_bits(state[key], value):
+            problems.append(f"{component}: `{key}` does not reload to its source value")
     return problems
 
 
@@ -768,18 +645,19 @@ def _execute(plan: ConversionPlan, output, *, dry_run, overwrite, verify, progre
 
 
 def render_model_card(template: str, variables: dict[str, object]) -> str:
-    """Fill every `{{ name }}` of a template; a name without a value raises, naming all of them. The result's YAML
-    front matter is parsed the way the Hub does (`huggingface_hub.ModelCard`), so a broken card fails here."""
-    from huggingface_hub import ModelCard
+    """Fill every `{{ name }}` of a template with `huggingface_hub.ModelCard.from_template`; a name without a value
+    raises, naming all of them, and the YAML front matter is parsed the way the Hub does, so a broken card fails here."""
+    import jinja2.meta
+    from huggingface_hub import ModelCard, ModelCardData
 
-    missing = sorted({name for name in _TEMPLATE_VARIABLE.findall(template) if name not in variables})
+    needed = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)) - {"card_data"}
+    missing = sorted(needed - set(variables))
     if missing:
         raise KeyError(f"The model card template needs values for {missing}.")
-    rendered = _TEMPLATE_VARIABLE.sub(lambda m: str(variables[m.group(1)]), template)
-    if not rendered.startswith("---\n"):
+    if not template.startswith("---\n"):
         raise ValueError("A model card must start with YAML front matter between `---` lines.")
-    ModelCard(rendered, ignore_metadata_errors=False)
-    return rendered
+    card = ModelCard.from_template(ModelCardData(), template_str=template, **{k: str(v) for k, v in variables.items()})
+    return str(card) + "\n"
 
 
 def model_card_variables(
@@ -800,8 +678,6 @@ def model_card_variables(
         repo_id: the hub repo the card is for.
         base_model: hub id for `base_model` (default: `source` when it is a hub id, else the reference release).
     """
-    from diffusers import __version__ as diffusers_version
-
     from . import __version__
 
     if base_model is None:
@@ -821,7 +697,7 @@ def model_card_variables(
         "total_size": format_size(total),
         "date": datetime.now(timezone.utc).date().isoformat(),
         "package_version": __version__,
-        "diffusers_version": diffusers_version,
+        "diffusers_version": _diffusers_version(),
         "license_name": LICENSE_NAME,
         "license_link": LICENSE_LINK,
         "peak_memory": NOT_MEASURED,
@@ -841,13 +717,6 @@ def folder_sizes(folder) -> dict[str, int]:
         files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
         sizes[entry.name] = sum(p.stat().st_size for p in files)
     return sizes
-
-
-def _dtype_words(plan: ConversionPlan) -> str:
-    """`bfloat16`, or with `dtype="keep"` the dtypes found in the transformers (`bfloat16, float32, float8_e4m3fn`)."""
-    if plan.dtype != "keep":
-        return str(DTYPES[plan.dtype]).removeprefix("torch.")
-    return ", ".join(sorted(plan.tensor_dtypes)) or "as in the source"
 
 
 def push_to_hub(
@@ -932,9 +801,10 @@ def convert_original_to_diffusers(
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size)
     if model_card is not None:
+        words = str(DTYPES[dtype]).removeprefix("torch.") if dtype != "keep" else ", ".join(sorted(plan.tensor_dtypes))
         variables = model_card_variables(
             source=plan.source,
-            dtype=_dtype_words(plan),
+            dtype=words or "as in the source",
             repo_id=push_to_hub_id,
             base_model=base_model,
             component_sizes={c: plan.component_size(c) for c in plan.components},

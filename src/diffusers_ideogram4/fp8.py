@@ -5,6 +5,8 @@ first, as the reference does), which works on every device and halves the weight
 float8 matmuls, `set_fp8_matmul(model, True)` multiplies in fp8 with row-wise scales (`torch._scaled_mm`) instead.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,12 @@ STORED_FORMAT = ("weight", "weight_scale")
 
 def is_fp8_checkpoint(keys) -> bool:
     return any(key.endswith(SCALE_SUFFIX) for key in keys)
+
+
+def keeps_stored_dtype(key: str, dtype: torch.dtype) -> bool:
+    """Whether a checkpoint tensor keeps its stored dtype when a model is loaded in another one: fp8 weights, their
+    float32 scales, and anything that is not a float (every other tensor is cast to the load dtype)."""
+    return not dtype.is_floating_point or dtype == FP8_DTYPE or key.endswith(SCALE_SUFFIX)
 
 
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +185,26 @@ def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
     for layer in layers:
         layer.use_fp8_matmul = enabled
     return len(layers)
+
+
+# nf4 as released (SPEC 2.2): bitsandbytes blocks of 64 weights, one float32 absmax each (compress_statistics=False).
+NF4_BLOCK = 64
+
+
+def weight_bytes(model: nn.Module, weights: str) -> int:
+    """Bytes of `model`'s weights stored as `weights` ("bf16", "fp8", "nf4"), from parameter shapes alone (a model on
+    the meta device will do). fp8: one byte per Linear weight plus a float32 scale per row; nf4: half a byte plus a
+    float32 absmax per block; everything else bf16."""
+    if weights not in ("bf16", "fp8", "nf4"):
+        raise ValueError(f"`weights` must be 'bf16', 'fp8' or 'nf4', got {weights!r}.")
+    quantized = set(linear_weight_keys(model)) if weights != "bf16" else set()
+    total = 0
+    for name, parameter in model.named_parameters():
+        count = parameter.numel()
+        if name not in quantized:
+            total += 2 * count
+        elif weights == "fp8":
+            total += count + 4 * parameter.shape[0]
+        else:
+            total += count // 2 + 4 * math.ceil(count / NF4_BLOCK)
+    return total

@@ -1,36 +1,40 @@
-"""Strict checkpoint loading for the Ideogram 4 transformer, in either key layout (SPEC 2.1).
+"""Strict checkpoint loading (SPEC 2.1, 2.2, 9), one rule for every component.
 
-Every key of the checkpoint is consumed exactly once. The key names and shapes are read from the safetensors
-headers and checked against the model before a single tensor is read, so a wrong checkpoint fails fast, by name,
-and can never leave randomly initialised weights behind.
+Checkpoints the host libraries read (the transformer's diffusers layout, a Qwen3-VL text encoder, the FLUX.2 VAE, with
+or without quantization configs and device maps) load through the host's own `from_pretrained(...,
+output_loading_info=True)`, and `check_loading_info` refuses the result when a key was missing, unexpected or
+mis-shaped (the hosts only log those and initialise the missing weights at random). The formats the hosts cannot read
+(the original release's fused attention, the fp8 release) load through `strict_load`. Either way the safetensors
+headers are checked against the model built on the meta device first, so a wrong checkpoint fails fast, by name,
+before a tensor is read.
 """
 
 import json
-import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from .constants import FUSED_OUT, FUSED_QKV, SPLIT_OUT, SPLIT_QKV
-from .fp8 import FP8_DTYPE, SCALE_SUFFIX, is_fp8_checkpoint, replace_linears_with_fp8
+from .constants import FUSED_TO_SPLIT
+from .fp8 import SCALE_SUFFIX, is_fp8_checkpoint, keeps_stored_dtype, replace_linears_with_fp8
 
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-# Original-release keys that the diffusers layout stores differently; every other key is shared. The parameter after
-# the module name is `weight`, or `weight_scale` in the fp8 release.
-_FUSED_KEY = re.compile(
-    rf"^(?P<prefix>(?:.*\.)?)(?P<module>{'|'.join(map(re.escape, (FUSED_QKV, FUSED_OUT)))})\.(?P<param>weight(?:_scale)?)$"
-)
-_SPLIT_KEY = re.compile(
-    rf"^(?P<prefix>(?:.*\.)?)(?P<module>{'|'.join(map(re.escape, (*SPLIT_QKV, SPLIT_OUT)))})\.(?P<param>weight(?:_scale)?)$"
-)
-# device_map values that spread a model over devices (diffusers' loader handles those).
+HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+# device_map values that spread a model over devices (only the host's loader places those).
 MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# Arguments diffusers' pipeline loader passes to every model that only matter to the host's loader: the strict
+# loader accepts them at their "nothing asked" value and refuses anything else.
+_HOST_ONLY = {
+    "quantization_config": None,
+    "max_memory": None,
+    "offload_folder": None,
+    "offload_state_dict": None,
+    "use_flashpack": False,
+}
+# Arguments that change nothing for a model built on the meta device and filled from safetensors files.
+_NO_EFFECT = ("low_cpu_mem_usage", "use_safetensors", "variant")
 # How many offending keys an error message lists before it summarises.
 MAX_KEYS_IN_MESSAGE = 12
 
@@ -40,58 +44,87 @@ class CheckpointMismatchError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Key layouts
+# Key layouts: the fused <-> split rename of `constants.FUSED_TO_SPLIT`, for checkpoints, conversion and LoRA alike
+
+_SPLIT_TO_FUSED = {
+    split: (fused, index) for fused, parts in FUSED_TO_SPLIT.items() for index, split in enumerate(parts)
+}
 
 
-def is_original_layout(keys: Iterable[str]) -> bool:
+def _module_pattern(modules) -> re.Pattern:
+    """`<prefix><module><rest>` where rest is empty or `.<parameter path>`."""
+    alternatives = "|".join(map(re.escape, modules))
+    return re.compile(rf"^(?P<prefix>(?:.*\.)?)(?P<module>{alternatives})(?P<rest>(?:\..+)?)$")
+
+
+_FUSED_NAME, _SPLIT_NAME = _module_pattern(FUSED_TO_SPLIT), _module_pattern(_SPLIT_TO_FUSED)
+
+
+def split_names(name: str) -> tuple[str, ...] | None:
+    """`layers.3.attention.qkv[.weight]` -> the split names its rows go to, in row order; None outside fused modules."""
+    match = _FUSED_NAME.match(name)
+    if match is None:
+        return None
+    prefix, module, rest = match.group("prefix", "module", "rest")
+    return tuple(f"{prefix}{split}{rest}" for split in FUSED_TO_SPLIT[module])
+
+
+def fused_name(name: str) -> tuple[str, int, int] | None:
+    """`layers.3.attention.to_k[.weight]` -> (`layers.3.attention.qkv[.weight]`, row part 1, of 3 parts); None for
+    names outside the split attention."""
+    match = _SPLIT_NAME.match(name)
+    if match is None:
+        return None
+    prefix, module, rest = match.group("prefix", "module", "rest")
+    fused, index = _SPLIT_TO_FUSED[module]
+    return f"{prefix}{fused}{rest}", index, len(FUSED_TO_SPLIT[fused])
+
+
+def is_original_layout(keys) -> bool:
     """True when the keys use the original release's fused attention (`attention.qkv` / `attention.o`)."""
-    return any(_FUSED_KEY.match(key) for key in keys)
+    return any(_FUSED_NAME.match(key) for key in keys)
 
 
 def original_key_plan(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice | None]]:
     """Where one original-layout tensor goes in the diffusers layout: a list of (new key, row slice or None)."""
-    match = _FUSED_KEY.match(key)
-    if match is None:
-        return [(key, None)]
-    prefix, module, param = match.group("prefix", "module", "param")
-    if module == FUSED_OUT:
-        return [(f"{prefix}{SPLIT_OUT}.{param}", None)]
-    if not shape or shape[0] % 3:
+    parts = split_names(key)
+    if parts is None or len(parts) == 1:
+        return [(parts[0] if parts else key, None)]
+    if not shape or shape[0] % len(parts):
         raise CheckpointMismatchError(
             f"`{key}` has shape {list(shape)}; a fused q/k/v tensor needs 3 * hidden rows (contiguous [q; k; v])."
         )
-    rows = shape[0] // 3
-    return [(f"{prefix}{split}.{param}", slice(i * rows, (i + 1) * rows)) for i, split in enumerate(SPLIT_QKV)]
+    rows = shape[0] // len(parts)
+    return [(part, slice(i * rows, (i + 1) * rows)) for i, part in enumerate(parts)]
 
 
 def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Split fused attention tensors into the diffusers layout; rows are copied, never changed."""
-    converted = {}
-    for key, tensor in state_dict.items():
-        for new_key, rows in original_key_plan(key, tuple(tensor.shape)):
-            converted[new_key] = tensor if rows is None else tensor[rows].clone()
-    return converted
+    return {
+        new_key: tensor if rows is None else tensor[rows].clone()
+        for key, tensor in state_dict.items()
+        for new_key, rows in original_key_plan(key, tuple(tensor.shape))
+    }
 
 
 def diffusers_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fuse to_q/to_k/to_v into `attention.qkv` and rename `to_out.0` to `attention.o` (the reverse of the above)."""
-    converted = {}
+    """Fuse to_q/to_k/to_v into `attention.qkv` (rows [q; k; v]) and rename `to_out.0` to `attention.o`."""
+    converted, groups = {}, {}
     for key, tensor in state_dict.items():
-        match = _SPLIT_KEY.match(key)
-        if match is None:
+        fused = fused_name(key)
+        if fused is None:
             converted[key] = tensor
-            continue
-        prefix, module, param = match.group("prefix", "module", "param")
-        if module == SPLIT_OUT:
-            converted[f"{prefix}{FUSED_OUT}.{param}"] = tensor
-        elif module == SPLIT_QKV[0]:
-            parts = [state_dict[f"{prefix}{split}.{param}"] for split in SPLIT_QKV]
-            converted[f"{prefix}{FUSED_QKV}.{param}"] = torch.cat(parts, dim=0)
+        else:
+            groups.setdefault(fused[0], [None] * fused[2])[fused[1]] = tensor
+    for key, parts in groups.items():
+        if any(part is None for part in parts):
+            raise CheckpointMismatchError(f"`{key}` cannot be fused: some of {list(split_names(key))} are missing.")
+        converted[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
     return converted
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Files
+# Files and headers
 
 
 def resolve_component_folder(pretrained_model_name_or_path, subfolder: str | None = None, **hub_kwargs) -> Path:
@@ -129,7 +162,7 @@ def checkpoint_files(folder: Path, variant: str | None = None, name: str = "diff
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1 and variant is None:
         return found
-    if (folder / "diffusion_pytorch_model.bin").exists() or list(folder.glob("*.bin")):
+    if list(folder.glob("*.bin")):
         raise ValueError(f"{folder} holds pickled `.bin` weights; this package loads safetensors only.")
     raise FileNotFoundError(
         f"No checkpoint in {folder}: expected `{stem}.safetensors`, a `*.safetensors.index.json` with its shards, or "
@@ -155,33 +188,8 @@ def read_header(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {key: (dtype, shape) for key, (_, dtype, shape) in locate_tensors(files).items()}
 
 
-def rename_keys(header: dict, key_plan, source: str) -> tuple[dict, dict]:
-    """Apply a key plan to a header -> (origin: new key -> (source key, row slice or None), renamed: new key ->
-    (dtype, shape)). Two source tensors landing on one key is an error."""
-    origin, renamed = {}, {}
-    for key, (dtype, shape) in header.items():
-        for new_key, rows in key_plan(key, shape):
-            if new_key in origin:
-                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
-            origin[new_key] = (key, rows)
-            renamed[new_key] = (dtype, shape if rows is None else (rows.stop - rows.start, *shape[1:]))
-    return origin, renamed
-
-
-def check_fp8_pairs(renamed: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
-    """Every float8 weight has its `.weight_scale`, and every scale belongs to a float8 weight."""
-    unscaled = sorted(k for k, (dtype, _) in renamed.items() if dtype.startswith("F8") and k + "_scale" not in renamed)
-    orphans = sorted(
-        k
-        for k in renamed
-        if k.endswith(SCALE_SUFFIX) and not renamed.get(k[: -len("_scale")], ("",))[0].startswith("F8")
-    )
-    problems = []
-    if unscaled:
-        problems.append(f"float8 weights without their `.weight_scale`: {list_keys(unscaled)}")
-    if orphans:
-        problems.append(f"`.weight_scale` tensors without a float8 weight: {list_keys(orphans)}")
-    raise_problems(f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.", problems)
+# --------------------------------------------------------------------------------------------------------------------
+# Checks: every problem named, all at once
 
 
 def list_keys(keys) -> str:
@@ -191,194 +199,114 @@ def list_keys(keys) -> str:
     return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + (f" and {more} more" if more > 0 else "")
 
 
-def raise_problems(headline: str, problems: list[str], error: type[Exception] = None) -> None:
+def raise_problems(headline: str, problems: list[str], error: type[Exception] = CheckpointMismatchError) -> None:
     """Raise one error listing every problem under its headline (nothing to do when there is none)."""
     if problems:
-        raise (error or CheckpointMismatchError)(headline + "\n  - " + "\n  - ".join(problems))
+        raise error(headline + "\n  - " + "\n  - ".join(problems))
 
 
-def check_keys(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(provided))
-    unexpected = sorted(set(provided) - set(expected))
-    mismatched = sorted(
-        f"{key} (checkpoint {list(provided[key])}, model {list(expected[key])})"
-        for key in set(expected) & set(provided)
-        if tuple(provided[key]) != tuple(expected[key])
-    )
-    raise_problems(
-        f"The checkpoint at {source} does not match the model config; nothing was loaded. Check that the checkpoint "
-        "and config.json belong together (and that this is an Ideogram 4 transformer checkpoint).",
-        _key_problems(missing, unexpected, mismatched),
-    )
-
-
-def _key_problems(missing, unexpected, mismatched) -> list[str]:
+def key_problems(missing=(), unexpected=(), mismatched=()) -> list[str]:
     labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
     return [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
 
 
-def check_loading_info(info: dict, path, subfolder: str | None = None, hint: str = "") -> None:
+def mismatch_headline(source, hint: str = "") -> str:
+    return f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip()
+
+
+def check_keys(expected: dict, provided: dict, source, hint: str = "") -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped key (key -> shape dicts)."""
+    mismatched = [
+        f"{key} (checkpoint {list(provided[key])}, model {list(expected[key])})"
+        for key in set(expected) & set(provided)
+        if tuple(provided[key]) != tuple(expected[key])
+    ]
+    problems = key_problems(set(expected) - set(provided), set(provided) - set(expected), mismatched)
+    raise_problems(mismatch_headline(source, hint), problems)
+
+
+def check_loading_info(info: dict, source, hint: str = "") -> None:
     """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
     reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
-    source = os.path.join(str(path), subfolder) if subfolder else str(path)
-    problems = _key_problems(*(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")))
-    raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
+    problems = key_problems(*(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")))
+    raise_problems(mismatch_headline(source, hint), problems)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The transformer loader
+def check_fp8_pairs(header: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
+    """Every float8 weight has its `.weight_scale`, and every scale belongs to a float8 weight."""
+    scales = {key for key in header if key.endswith(SCALE_SUFFIX)}
+    float8 = {key for key, (dtype, _) in header.items() if dtype.startswith("F8")}
+    unscaled = [key for key in float8 if key + "_scale" not in scales]
+    orphans = [key for key in scales if key.removesuffix("_scale") not in float8]
+    problems = []
+    if unscaled:
+        problems.append(f"float8 weights without their `.weight_scale`: {list_keys(unscaled)}")
+    if orphans:
+        problems.append(f"`.weight_scale` tensors without a float8 weight: {list_keys(orphans)}")
+    raise_problems(f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.", problems)
 
-HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-# Arguments diffusers' pipeline loader passes to every model; they only matter on the delegated path below.
-_DELEGATED_ONLY = ("max_memory", "offload_folder", "offload_state_dict")
+
+def rename_header(header: dict, key_plan, source: str) -> tuple[dict, dict]:
+    """Apply a key plan -> (origin: new key -> (source key, row slice or None), renamed: new key -> (dtype, shape)).
+    Two source tensors landing on one key is an error."""
+    origin, renamed = {}, {}
+    for key, (dtype, shape) in header.items():
+        try:
+            targets = key_plan(key, shape)
+        except CheckpointMismatchError as error:
+            raise CheckpointMismatchError(f"{source}: {error}") from None
+        for new_key, rows in targets:
+            if new_key in origin:
+                raise CheckpointMismatchError(f"`{new_key}` is given twice in {source} (once via `{key}`).")
+            origin[new_key] = (key, rows)
+            renamed[new_key] = (dtype, shape if rows is None else (rows.stop - rows.start, *shape[1:]))
+    return origin, renamed
 
 
-def load_transformer(
-    cls,
-    pretrained_model_name_or_path,
-    *,
-    subfolder: str | None = None,
-    dtype: torch.dtype | None = None,
-    torch_dtype: torch.dtype | None = None,
-    device_map=None,
-    quantization_config=None,
-    variant: str | None = None,
-    use_safetensors: bool | None = None,
-    low_cpu_mem_usage: bool = True,
-    disable_mmap: bool = False,
-    use_flashpack: bool = False,
-    output_loading_info: bool = False,
-    **kwargs,
-):
-    """Load an `Ideogram4Transformer2DModel` from a folder or hub id, in the diffusers or original layout.
-
-    Args:
-        pretrained_model_name_or_path: a local folder or a hub repo id.
-        subfolder: the component folder (`transformer`, `unconditional_transformer`).
-        dtype: dtype of the floating-point weights (default float32, like diffusers); `torch_dtype` is its older
-            name and is accepted too.
-        device_map: a single device (`"cuda"`, `torch.device`) to place the model on; any other device map, or a
-            `quantization_config`, goes through diffusers' own loader (diffusers layout only), then is checked.
-        variant: load `diffusion_pytorch_model.<variant>.safetensors`.
-        cache_dir, revision, token, local_files_only, force_download, proxies: passed to the hub download.
-    """
-    torch_dtype = resolve_dtype(dtype, torch_dtype)
-    hub_kwargs = {k: kwargs.pop(k) for k in HUB_DOWNLOAD_KWARGS if k in kwargs}
-    delegated = {k: kwargs.pop(k) for k in _DELEGATED_ONLY if k in kwargs}
-    if kwargs:
-        raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
-    if use_safetensors is False:
-        raise ValueError("`use_safetensors=False`: this package loads safetensors weights only (never pickle).")
-    if use_flashpack:
-        raise ValueError("`use_flashpack=True` is not supported for Ideogram 4 transformers; leave it False.")
-
-    folder = resolve_component_folder(pretrained_model_name_or_path, subfolder, **hub_kwargs)
-    files = checkpoint_files(folder, variant)
-    header = read_header(files)
-    config = cls.load_config(folder)
-    fp8 = is_fp8_checkpoint(header)
-
-    single_device = (
-        device_map is None
-        or isinstance(device_map, (torch.device, int))
-        or (isinstance(device_map, str) and device_map not in MULTI_DEVICE_MAPS)
-    )
-    config_quantized = "quantization_config" in config
-    if fp8 and (quantization_config is not None or not single_device):
-        raise ValueError(
-            f"The checkpoint at {folder} is already quantized (fp8 release); drop `quantization_config` / multi-device "
-            "`device_map`, or start from a bf16 checkpoint."
-        )
-    if uses_bitsandbytes(quantization_config) or uses_bitsandbytes(config.get("quantization_config")):
-        require_cuda_for_bitsandbytes(str(folder))
-    if quantization_config is not None or config_quantized or not single_device:
-        return _load_through_diffusers(
-            cls,
-            folder,
-            header,
-            torch_dtype=torch_dtype,
-            device_map=device_map,
-            quantization_config=quantization_config,
-            variant=variant,
-            disable_mmap=disable_mmap,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            output_loading_info=output_loading_info,
-            **delegated,
-        )
-
-    model = strict_load(
-        lambda: cls.from_config(config),
-        files,
-        header,
-        str(folder),
-        torch_dtype=torch_dtype,
-        key_plan=original_key_plan,
-        disable_mmap=disable_mmap,
-    )
-    if device_map is not None:
-        model.to(device_map)
-    model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
-    model.eval()
-    if output_loading_info:
-        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+def build_on_meta(build_model, renamed: dict):
+    """The model `build_model()` returns, on the meta device, with fp8 layers where the checkpoint has scales."""
+    with init_empty_weights():
+        model = build_model()
+        replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
     return model
 
 
-def strict_load(
-    build_model,
-    files: list[Path],
-    header: dict,
-    source: str,
-    *,
-    torch_dtype: torch.dtype | None,
-    key_plan=None,
-    ignore: re.Pattern | None = None,
-    disable_mmap: bool = False,
-):
-    """Build a model on the meta device and fill it from safetensors files, every key consumed exactly once.
+def check_header(build_model, header: dict, source, key_plan=None, hint: str = ""):
+    """Rename a checkpoint header with `key_plan` and check it against the model -> (model on meta, origin).
 
-    Args:
-        build_model: returns the model (called under `init_empty_weights`).
-        files, header: the checkpoint files and `read_header(files)`.
-        key_plan: maps a checkpoint key and shape to [(model key, row slice or None)]; default: the same key.
-        ignore: checkpoint keys to skip entirely (e.g. a vision tower that is never used).
-        torch_dtype: dtype of floating weights (default float32); fp8 weights and their scales keep theirs.
-    """
-    kept = {key: value for key, value in header.items() if not (ignore and ignore.search(key))}
-    origin, renamed = rename_keys(kept, key_plan or (lambda key, shape: [(key, None)]), source)
+    Reads no tensor: a missing, unexpected or mis-shaped key, or an fp8 weight without its scale, raises here."""
+    origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
     check_fp8_pairs(renamed, source)
-    with init_empty_weights():
-        model = build_model()
-        # fp8 release: the Linears that come with a per-row scale hold float8 weights (SPEC 2.2).
-        replace_linears_with_fp8(model, [key[: -len("_scale")] for key in renamed if key.endswith(SCALE_SUFFIX)])
+    model = build_on_meta(build_model, renamed)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source)
+    check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source, hint)
+    return model, origin
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dtype | None, disable_mmap=False):
+    """Fill a checked meta model (`check_header`) from safetensors files, every planned key read exactly once.
+
+    Floating tensors are cast to `torch_dtype` (default float32); fp8 weights and their scales keep their dtypes."""
     targets = {}
     for new_key, (key, rows) in origin.items():
         targets.setdefault(key, []).append((new_key, rows))
     state_dict = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key not in targets:
-                    continue
+            for key in targets.keys() & set(handle.keys()):
                 tensor = handle.get_tensor(key)
-                if disable_mmap:
-                    tensor = tensor.clone()
+                tensor = tensor.clone() if disable_mmap else tensor
                 for new_key, rows in targets[key]:
                     part = tensor if rows is None else tensor[rows]
-                    state_dict[new_key] = _cast(part, torch_dtype or torch.float32, new_key)
+                    if not keeps_stored_dtype(new_key, part.dtype):
+                        part = part.to(torch_dtype or torch.float32)
+                    state_dict[new_key] = part.contiguous()
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """Floating tensors go to `dtype`, except fp8 weights and their float32 scales, which stay as stored."""
-    if tensor.is_floating_point() and tensor.dtype != FP8_DTYPE and not key.endswith(SCALE_SUFFIX):
-        tensor = tensor.to(dtype)
-    return tensor.contiguous()
 
 
 def resolve_dtype(dtype, torch_dtype):
@@ -388,49 +316,80 @@ def resolve_dtype(dtype, torch_dtype):
     return torch_dtype if dtype is None else dtype
 
 
-def uses_bitsandbytes(quantization_config) -> bool:
-    """Whether a model's quantization config (an object, a dict, or a backend name) uses bitsandbytes."""
-    if quantization_config is None:
-        return False
-    if isinstance(quantization_config, str):
-        method = quantization_config
-    elif isinstance(quantization_config, dict):
-        method = quantization_config.get("quant_method", "")
-    else:
-        method = getattr(quantization_config, "quant_method", "")
-    return "bitsandbytes" in str(getattr(method, "value", method)).lower()
+def load_pretrained(
+    pretrained_model_name_or_path,
+    *,
+    build_model,
+    host_from_pretrained,
+    weights_name: str,
+    hint: str,
+    key_plan=None,
+    ignore: str | None = None,
+    known_kwargs: tuple[str, ...] | None = None,
+    check_before_host: bool = True,
+    **kwargs,
+):
+    """The one loading rule (module docstring) for a model class of this package.
 
+    Args:
+        build_model: `build_model(folder)` returns the model the folder's config describes (called on the meta device).
+        host_from_pretrained: `host_from_pretrained(folder, dtype, **kwargs)` -> (model, loading info): the host
+            library's own loader.
+        weights_name: the weight files' stem (`diffusion_pytorch_model`, `model`).
+        hint: what the folder should hold, for error messages.
+        key_plan: renames checkpoint keys (and splits fused tensors) for the strict loader.
+        ignore: a regex of checkpoint keys that are never loaded (a vision tower).
+        known_kwargs: when given, any other argument is refused (the host would only warn about it).
+        check_before_host: check the header against the model before the host loads (diffusers' loader reports a
+            mis-shaped key without naming the checkpoint); False leaves the key mapping to the host (transformers
+            renames some checkpoint keys itself) and checks only its loading info.
+        kwargs: the host's `from_pretrained` arguments (`dtype` or `torch_dtype`, `subfolder`, `device_map`, hub
+            download arguments, ...).
+    """
+    unknown = sorted(set(kwargs) - set(known_kwargs)) if known_kwargs is not None else []
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments: {unknown}.")
+    dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+    wants_info = kwargs.pop("output_loading_info", False)
+    hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("`use_safetensors=False`: this package loads safetensors weights only (never pickle).")
+    folder = resolve_component_folder(pretrained_model_name_or_path, kwargs.pop("subfolder", None), **hub_kwargs)
+    files = checkpoint_files(folder, kwargs.get("variant"), weights_name)
+    header = {key: value for key, value in read_header(files).items() if not (ignore and re.search(ignore, key))}
+    build = lambda: build_model(folder)  # noqa: E731
 
-def require_cuda_for_bitsandbytes(source: str) -> None:
-    """nf4 (bitsandbytes) weights run on CUDA only; say so before anything is loaded, and what to use instead."""
-    if not torch.cuda.is_available():
+    if not (is_original_layout(header) or is_fp8_checkpoint(header)):
+        # A pre-quantized checkpoint stores its quantization state as extra keys that only the host can read.
+        if check_before_host and "quantization_config" not in json.loads((folder / "config.json").read_text()):
+            check_header(build, header, folder, hint=hint)
+        model, info = host_from_pretrained(folder, dtype, **kwargs)
+        check_loading_info(info, folder, hint)
+        return (model, info) if wants_info else model
+
+    # The original layout or the fp8 release: this package's strict loader, on one device.
+    device_map = kwargs.pop("device_map", None)
+    disable_mmap = kwargs.pop("disable_mmap", False)
+    for name in _NO_EFFECT:
+        kwargs.pop(name, None)
+    refused = sorted(name for name, unset in _HOST_ONLY.items() if kwargs.pop(name, unset) != unset)
+    if isinstance(device_map, dict) or device_map in MULTI_DEVICE_MAPS:
+        refused.append("device_map")
+    if refused:
+        layout = "the fp8 release" if is_fp8_checkpoint(header) else "the original fused-attention layout"
         raise ValueError(
-            f"{source} is an nf4 (bitsandbytes) checkpoint or quantization, which needs a CUDA GPU, and this machine "
-            "has none. Use the fp8 release instead (`ideogram-ai/ideogram-4-fp8`, weight-only, runs on CPU, MPS and "
-            "CUDA), or a bf16 checkpoint."
+            f"The checkpoint at {folder} is in {layout}, which this package loads itself, on one device and without "
+            f"a quantization config; it cannot take {refused}. Load it without them, or convert it to the diffusers "
+            "layout first: `python conversion/convert_ideogram4_to_diffusers.py --source SRC --output OUT`."
         )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ValueError(f'{source} needs bitsandbytes: `pip install "diffusers-ideogram4[bitsandbytes]"`.') from error
-
-
-def _load_through_diffusers(cls, folder: Path, header, output_loading_info: bool, **kwargs):
-    """Quantized or multi-device loads use diffusers' machinery; the result is still checked key by key."""
-    from diffusers.models.modeling_utils import ModelMixin
-
-    if is_original_layout(header):
-        raise ValueError(
-            f"The checkpoint at {folder} uses the original fused-attention layout, which diffusers' quantized / "
-            "device-map loader cannot read. Convert it first: `python conversion/convert_ideogram4_to_diffusers.py "
-            "--source SRC --output OUT`, or load it without `quantization_config` / `device_map`."
-        )
-    config = cls.load_config(folder)
-    if "quantization_config" not in config:  # a pre-quantized checkpoint carries its quant state as extra keys
-        with init_empty_weights():
-            expected = {key: tuple(value.shape) for key, value in cls.from_config(config).state_dict().items()}
-        check_keys(expected, {key: shape for key, (_, shape) in header.items()}, str(folder))
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model, info = ModelMixin.from_pretrained.__func__(cls, str(folder), output_loading_info=True, **kwargs)
-    check_loading_info(info, folder)
-    return (model, info) if output_loading_info else model
+    if kwargs:
+        raise TypeError(f"from_pretrained got unexpected arguments: {sorted(kwargs)}.")
+    model, origin = check_header(build, header, folder, key_plan, hint)
+    if isinstance(dtype, str):  # transformers' spellings: "auto" (as stored) or a name such as "bfloat16"
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    model = strict_load(model, origin, files, torch_dtype=dtype, disable_mmap=disable_mmap)
+    if device_map is not None:
+        model.to(device_map)
+    model.eval()
+    info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return (model, info) if wants_info else model

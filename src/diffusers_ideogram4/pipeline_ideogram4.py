@@ -1,6 +1,5 @@
 """`Ideogram4Pipeline`: structured caption in, image out, faithful to the reference sampler (SPEC 3-5)."""
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,54 +16,26 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (looked up
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (likewise)
 from diffusers.utils import BaseOutput
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import create_repo
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
-from .constants import DEFAULT_IMAGE_SIDE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PATCH_SIZE, PIXELS_PER_TOKEN
-from .loading import require_cuda_for_bitsandbytes, resolve_dtype, uses_bitsandbytes
+from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
+from .layout import image_grid, image_only_layout, initial_noise, pack_layout, unpatchify
+from .loading import load_pretrained, resolve_dtype
 from .lora import Ideogram4LoraLoaderMixin
-from .sampler import (
-    DEFAULT_PRESET,
-    DISTILLED_PRESET,
-    PRESETS,
-    euler_step,
-    finite_float,
-    guided_velocity,
-    image_grid,
-    image_only_layout,
-    initial_noise,
-    model_times,
-    pack_layout,
-    unpatchify,
-)
+from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
-from .vae import StrictAutoencoderKLFlux2  # noqa: F401  (the loader `extract_init_dict` points the VAE entry at)
+from .validation import check_image_size, finite_float, require_positive_int
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# What diffusers' `save_pretrained(push_to_hub=True)` takes for the upload.
-_PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
 DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
-# model_index.json entries. Components are saved under the class names the hub repos use, so each component folder
-# stays loadable by diffusers' and transformers' own classes; on load these entries are pointed at this package's.
-OFFICIAL_ENTRIES = {
-    "Ideogram4Transformer2DModel": ["diffusers", "Ideogram4Transformer2DModel"],
-    "Ideogram4TextEncoder": ["transformers", "Qwen3VLModel"],
-}
-# diffusers' loader resolves the remapped entries in this module, which therefore imports the base classes above.
+# diffusers' loader resolves the model_index.json entries `_our_entry` remaps in this module, which therefore imports
+# the base classes above. (Saving writes the hub's entries, `constants.OFFICIAL_ENTRIES`.)
 COMPONENT_LIBRARY = __name__
-# Saved beside model_index.json so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` builds
-# this package's pipeline rather than diffusers' built-in one of the same name.
-PIPELINE_SHIM_NAME = "ideogram4_plugin_pipeline"
-PIPELINE_SHIM_SOURCE = (
-    '"""Loads diffusers-ideogram4\'s pipeline (pip install diffusers-ideogram4)."""\n\n'
-    "from diffusers_ideogram4 import Ideogram4Pipeline  # noqa: F401\n"
-)
 
 
 @dataclass
@@ -72,6 +43,27 @@ class Ideogram4PipelineOutput(BaseOutput):
     """images: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or (B, N_img, 128) latents."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
+    """What model_index.json's `vae` entry points at when the pipeline loads: diffusers' own `AutoencoderKLFlux2`,
+    loaded by this package's one strict rule (`diffusers_ideogram4.loading`). Only a loader: never instantiated."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> AutoencoderKLFlux2:
+        def host(folder, dtype, **host_kwargs):
+            return AutoencoderKLFlux2.from_pretrained(
+                folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs
+            )
+
+        return load_pretrained(
+            pretrained_model_name_or_path,
+            build_model=lambda folder: AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder)),
+            host_from_pretrained=host,
+            weights_name="diffusion_pytorch_model",
+            hint="Expected the FLUX.2 VAE (`vae/` of an Ideogram 4 repo).",
+            **kwargs,
+        )
 
 
 def _our_entry(name: str, entry):
@@ -85,22 +77,6 @@ def _our_entry(name: str, entry):
     if name == "vae" and entry[1] == "AutoencoderKLFlux2":
         return (COMPONENT_LIBRARY, "StrictAutoencoderKLFlux2")
     return entry
-
-
-def check_image_size(height, width) -> None:
-    """Both sides a multiple of 16 in 256..2048 (SPEC 6), or a ValueError that suggests the nearest valid sizes."""
-    for name, side in (("height", height), ("width", width)):
-        if isinstance(side, bool) or not isinstance(side, int):
-            raise ValueError(f"`{name}` must be an int number of pixels, got {side!r}.")
-        if side % PIXELS_PER_TOKEN or not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
-            below = side // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-            nearby = {min(max(v, MIN_IMAGE_SIDE), MAX_IMAGE_SIDE) for v in (below, below + PIXELS_PER_TOKEN)}
-            raise ValueError(
-                f"`{name}={side}` is not supported: Ideogram 4 needs a multiple of {PIXELS_PER_TOKEN} between "
-                f"{MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels per side. Try "
-                + " or ".join(f"`{name}={v}`" for v in sorted(nearby))
-                + "."
-            )
 
 
 def check_components_fit(vae, text_encoder, transformer, unconditional_transformer) -> None:
@@ -133,26 +109,6 @@ def check_components_fit(vae, text_encoder, transformer, unconditional_transform
             "The pipeline's components do not belong to one Ideogram 4 model: " + "; ".join(problems) + ". Load "
             "every component from the same repo (or pass matching ones)."
         )
-
-
-def _require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-
-
-def _quantizes_transformers_with_bitsandbytes(config) -> bool:
-    """Whether a `PipelineQuantizationConfig` asks for bitsandbytes on either transformer."""
-    if config is None:
-        return False
-    branches = ("transformer", "unconditional_transformer")
-    mapping = getattr(config, "quant_mapping", None)
-    if mapping:
-        return any(uses_bitsandbytes(mapping.get(name)) for name in branches)
-    targets = getattr(config, "components_to_quantize", None)
-    targets = [targets] if isinstance(targets, str) else targets
-    return uses_bitsandbytes(getattr(config, "quant_backend", None)) and (
-        targets is None or any(name in targets for name in branches)
-    )
 
 
 def _on_accelerator(model: torch.nn.Module) -> bool:
@@ -223,18 +179,29 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader, building this package's classes from a hub-layout folder or repo id.
-
-        Takes `dtype` or its older name `torch_dtype` with every supported diffusers version. A
-        `quantization_config` that puts the transformers in bitsandbytes (nf4) on a machine without CUDA is refused
-        before anything is read (transformers' bitsandbytes runs the text encoder on CPU, so that one is allowed).
-        """
+        """diffusers' loader, building this package's classes from a hub-layout folder or repo id (every component
+        loaded strictly). Takes `dtype` or its older name `torch_dtype` with every supported diffusers version."""
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype is not None:
             kwargs["dtype" if DIFFUSERS_TAKES_DTYPE else "torch_dtype"] = dtype
-        if _quantizes_transformers_with_bitsandbytes(kwargs.get("quantization_config")):
-            require_cuda_for_bitsandbytes("`quantization_config`")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Point the hub entries (`diffusers.Ideogram4Transformer2DModel`, `transformers.Qwen3VLModel`) at ours."""
+        config_dict = {name: _our_entry(name, entry) for name, entry in config_dict.items()}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' `save_pretrained` (and its `push_to_hub=True`), writing the hub repos' class names into
+        model_index.json (`diffusers.Ideogram4Transformer2DModel`, `transformers.Qwen3VLModel`), so that the saved
+        folder loads like a hub repo: in this package's pipeline and in diffusers' built-in one."""
+        ours = {name: entry for name, entry in self.config.items() if isinstance(entry, (list, tuple))}
+        self.register_to_config(**{name: OFFICIAL_ENTRIES.get(entry[1], entry) for name, entry in ours.items()})
+        try:
+            super().save_pretrained(os.fspath(save_directory), **kwargs)  # diffusers' push splits it as a str
+        finally:
+            self.register_to_config(**ours)
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """diffusers' model offload, where a component going to the accelerator sends every other one back: one
@@ -243,58 +210,6 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         hooks = [hook for hook in self._all_hooks if isinstance(hook, UserCpuOffloadHook)]
         for hook in hooks:
             hook.hook.prev_module_hook = _ReleaseOthers([other for other in hooks if other is not hook])
-
-    @classmethod
-    def load_config(cls, *args, **kwargs):
-        """Read model_index.json as the pipeline class of this package, whatever `_class_name` it names."""
-        loaded = super().load_config(*args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if isinstance(config, dict) and "_class_name" in config:
-            config["_class_name"] = cls.__name__
-        return loaded
-
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        """Point the hub entries (`diffusers.Ideogram4Transformer2DModel`, `transformers.Qwen3VLModel`) at ours."""
-        config_dict = {name: _our_entry(name, entry) for name, entry in config_dict.items()}
-        return super().extract_init_dict(config_dict, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        """Save in the hub layout (official class names in model_index.json) plus a one-line loader shim.
-
-        With `push_to_hub=True` (and `repo_id`, `token`, `private`, `commit_message`, `create_pr` as in diffusers),
-        the folder is uploaded once it is complete, shim and rewritten index included.
-        """
-        hub = {name: kwargs.pop(name) for name in _PUSH_KWARGS if name in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        self._write_hub_index(save_directory)
-        if push_to_hub:
-            self._push_folder(save_directory, **hub)
-
-    def _push_folder(
-        self, save_directory, repo_id=None, token=None, private=None, commit_message=None, create_pr=False
-    ) -> None:
-        """diffusers' push: create the repo, add a pipeline model card, upload the folder."""
-        repo_id = create_repo(
-            repo_id or os.path.basename(os.path.normpath(save_directory)), exist_ok=True, private=private, token=token
-        ).repo_id
-        card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
-        card.save(os.path.join(save_directory, "README.md"))
-        self._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
-
-    def _write_hub_index(self, save_directory) -> None:
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-        for name, entry in index.items():
-            if isinstance(entry, list) and len(entry) == 2 and entry[1] in OFFICIAL_ENTRIES:
-                index[name] = OFFICIAL_ENTRIES[entry[1]]
-        index["_class_name"] = [PIPELINE_SHIM_NAME, type(self).__name__]
-        with open(index_path, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        with open(os.path.join(save_directory, f"{PIPELINE_SHIM_NAME}.py"), "w", encoding="utf-8") as handle:
-            handle.write(PIPELINE_SHIM_SOURCE)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Steps of __call__, each callable on its own
@@ -327,7 +242,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             num_inference_steps = (
                 len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
             )
-        _require_positive_int("num_inference_steps", num_inference_steps)
+        require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
             if isinstance(guidance_schedule, (str, bytes)) or not hasattr(guidance_schedule, "__len__"):
                 raise ValueError(
@@ -370,8 +285,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         callback_on_step_end_tensor_inputs,
         generator=None,
         callback_on_step_end=None,
-    ) -> list[str]:
-        """Validate every argument before any model work; return the prompts as a list."""
+    ) -> tuple[list[str], tuple[int, int]]:
+        """Validate every argument before any model work; return the prompts as a list and the image token grid."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(
@@ -379,7 +294,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"{str(prompt)[:80]!r}. Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`."
             )
         check_image_size(height, width)
-        _require_positive_int("num_images_per_prompt", num_images_per_prompt)
+        grid = image_grid(height, width)
+        require_positive_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type={output_type!r}` is not supported; use one of {list(OUTPUT_TYPES)}.")
         if caption_check not in CAPTION_CHECK_MODES:
@@ -387,8 +303,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"`caption_check={caption_check!r}` is not supported; use one of {list(CAPTION_CHECK_MODES)}."
             )
         if latents is not None:
-            grid_h, grid_w = image_grid(height, width)
-            expected = (len(prompts) * num_images_per_prompt, grid_h * grid_w, self.transformer.config.in_channels)
+            expected = (len(prompts) * num_images_per_prompt, grid[0] * grid[1], self.transformer.config.in_channels)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise ValueError(
@@ -428,7 +343,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; the callback can receive {self._callback_tensor_inputs}."
             )
-        return prompts
+        return prompts, grid
 
     def check_captions(self, prompts: list[str], caption_check: str) -> None:
         """Structured-caption check of every prompt (SPEC 7): raise, warn or skip."""
@@ -447,48 +362,45 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         features = self.text_encoder(input_ids.to(device), attention_mask.to(device))
         return features.to(device), [len(ids) for ids in token_ids]
 
-    def prepare_latents(self, batch_size, height, width, generator, latents, device) -> torch.Tensor:
+    def prepare_latents(self, batch_size, grid, generator, latents, device) -> torch.Tensor:
+        """The initial noise (B, N_img, in_channels) float32 in token layout: `latents`, or drawn with `generator`."""
         if latents is not None:
             return latents.to(device=device, dtype=torch.float32)
-        return initial_noise(batch_size, height, width, generator=generator, device=device)
+        channels = self.transformer.config.in_channels
+        return initial_noise(batch_size, *grid, channels, generator=generator, device=device)
 
     def predict_velocity(self, latents, tau, text_features, layout, uncond_layout, guidance) -> torch.Tensor:
-        """One guided velocity (B, N_img, 128) float32; the unconditional pass is skipped when guidance is 1."""
-        num_text = text_features.shape[1]
-        transformer = self.transformer
-        dtype = transformer.dtype
+        """One guided velocity (B, N_img, C) float32; the unconditional pass is skipped when guidance is 1."""
         timestep = torch.full((latents.shape[0],), tau, device=latents.device, dtype=torch.float32)
-        packed = torch.cat((latents.new_zeros(latents.shape[0], num_text, latents.shape[2]), latents), dim=1)
-        v_cond = transformer(
-            hidden_states=packed.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=text_features.to(dtype),
-            position_ids=layout.position_ids,
-            segment_ids=layout.segment_ids,
-            indicator=layout.indicator,
-            attention_kwargs=self.attention_kwargs,
-            return_dict=False,
-        )[0][:, num_text:].float()
+        v_cond = self.branch_velocity(self.transformer, latents, timestep, text_features, layout)
         v_uncond = None
         if guidance != 1.0:
-            v_uncond = self.unconditional_transformer(
-                hidden_states=latents.to(self.unconditional_transformer.dtype),
-                timestep=timestep,
-                encoder_hidden_states=None,
-                position_ids=uncond_layout.position_ids,
-                segment_ids=None,
-                indicator=uncond_layout.indicator,
-                attention_kwargs=self.attention_kwargs,
-                return_dict=False,
-            )[0].float()
+            v_uncond = self.branch_velocity(self.unconditional_transformer, latents, timestep, None, uncond_layout)
         return guided_velocity(v_cond, v_uncond, guidance)
 
-    def decode_latents(self, latents: torch.Tensor, height: int, width: int, output_type: str):
-        """Token-layout latents -> images: denormalise with the VAE's latent statistics, unpatch, decode."""
+    def branch_velocity(self, transformer, latents, timestep, text_features, layout) -> torch.Tensor:
+        """One transformer's velocity at the image tokens (B, N_img, C) float32, on the sequence `layout` packs."""
+        dtype = transformer.dtype
+        velocity = transformer(
+            hidden_states=layout.pack(latents).to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=None if text_features is None else text_features.to(dtype),
+            position_ids=layout.position_ids,
+            segment_ids=None,
+            indicator=layout.indicator,
+            attention_mask=layout.attention_mask,
+            attention_kwargs=self.attention_kwargs,
+            return_dict=False,
+        )[0]
+        return layout.unpack(velocity).float()
+
+    def decode_latents(self, latents: torch.Tensor, grid: tuple[int, int], output_type: str):
+        """Token-layout latents on a (rows, columns) token grid -> images: denormalise with the VAE's latent
+        statistics, unpatch, decode."""
         bn = self.vae.bn
         std = torch.sqrt(bn.running_var + bn.eps).to(latents.device, torch.float32)
         mean = bn.running_mean.to(latents.device, torch.float32)
-        latents = unpatchify(latents * std + mean, height, width)
+        latents = unpatchify(latents * std + mean, *grid)
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(decoded.float().clamp(-1, 1), output_type=output_type)
 
@@ -547,7 +459,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        prompts = self.check_inputs(
+        prompts, grid = self.check_inputs(
             prompt,
             height,
             width,
@@ -577,10 +489,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         batch_size = len(text_lengths)
 
         # 3. Latents and sequence layouts.
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
-        grid_h, grid_w = image_grid(height, width)
-        layout = pack_layout(text_lengths, grid_h, grid_w).to(device)
-        uncond_layout = image_only_layout(batch_size, grid_h, grid_w).to(device)
+        latents = self.prepare_latents(batch_size, grid, generator, latents, device)
+        layout = pack_layout(text_lengths, *grid).to(device)
+        uncond_layout = image_only_layout(batch_size, *grid).to(device)
 
         # 4. Schedule.
         taus = model_times(len(guidance), mu, std, height, width).tolist()
@@ -602,7 +513,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 progress_bar.update()
 
         # 6. Decode.
-        images = latents if output_type == "latent" else self.decode_latents(latents, height, width, output_type)
+        images = latents if output_type == "latent" else self.decode_latents(latents, grid, output_type)
         self.maybe_free_model_hooks()
         return Ideogram4PipelineOutput(images=images) if return_dict else (images,)
 

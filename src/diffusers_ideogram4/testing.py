@@ -7,8 +7,7 @@ import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig
 
-from .constants import LATENT_CHANNELS
-from .sizes import TEXT_ENCODER_SIZES, TRANSFORMER_SIZES
+from .constants import TEXT_ENCODER_SIZES, TRANSFORMER_SIZES, VAE_SIZES
 from .text_encoder import Ideogram4TextEncoder
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
@@ -93,13 +92,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKLFlux2:
     """A 4-level FLUX.2-style VAE (8x down, 32 latent channels) a few thousand parameters wide, with random latent
     statistics so that denormalisation is exercised."""
     torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = AutoencoderKLFlux2(**VAE_SIZES["tiny"])
     vae.bn.running_mean.normal_(0.0, 0.5)
     vae.bn.running_var.uniform_(0.5, 2.0)
     return vae.eval()

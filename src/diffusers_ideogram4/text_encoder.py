@@ -14,20 +14,12 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedMode
 
 from .constants import MAX_TEXT_TOKENS, TEXT_ENCODER_TAP_LAYERS
 from .fp8 import ComputeDtypeMixin
-from .loading import (
-    MULTI_DEVICE_MAPS,
-    check_loading_info,
-    checkpoint_files,
-    read_header,
-    resolve_component_folder,
-    resolve_dtype,
-    strict_load,
-)
+from .loading import load_pretrained
 
 
 # The vision tower's weights in a Qwen3-VL checkpoint: never needed, never loaded.
 VISION_KEYS = r"^visual\."
-# Set in `text_encoder/config.json` of the fp8 release.
+# Set in `text_encoder/config.json` of the fp8 release (the loader detects fp8 from the weights themselves).
 FP8_CONFIG_FLAG = "ideogram_fp8_weight_only"
 
 
@@ -138,58 +130,22 @@ class Ideogram4TextEncoder(ComputeDtypeMixin, Qwen3VLPreTrainedModel):
         return features
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load strictly: a missing or mis-shaped language-model weight raises and names the keys.
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load strictly (`diffusers_ideogram4.loading`): a missing, stray or mis-shaped language-model weight raises
+        and names the keys; the vision tower's weights are skipped. The fp8 release (float8 Linear weights with
+        per-row `.weight_scale`) loads on one device and is dequantized at run time."""
 
-        A config with `"ideogram_fp8_weight_only": true` (the fp8 release) loads float8 Linear weights with their
-        per-row scales, dequantized at run time.
-        """
-        config_kwargs = {
-            k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only") if k in kwargs
-        }
-        config = Qwen3VLConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-        if getattr(config, FP8_CONFIG_FLAG, False):
-            return cls._from_fp8_release(pretrained_model_name_or_path, config, *args, **kwargs)
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        hint = "Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo)."
-        check_loading_info(info, pretrained_model_name_or_path, kwargs.get("subfolder"), hint)
-        return (model, info) if wants_info else model
+        def host(folder, dtype, **host_kwargs):
+            parent = super(Ideogram4TextEncoder, cls)
+            return parent.from_pretrained(folder, dtype=dtype, output_loading_info=True, **host_kwargs)
 
-    @classmethod
-    def _from_fp8_release(cls, pretrained_model_name_or_path, config, *args, **kwargs):
-        import re
-
-        if args:
-            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path: {args}.")
-        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
-        device_map = kwargs.pop("device_map", None)
-        wants_info = kwargs.pop("output_loading_info", False)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-        subfolder = kwargs.pop("subfolder", None)
-        # Arguments diffusers' pipeline loader passes; with one device and no offload they change nothing here.
-        for name in ("max_memory", "offload_folder", "offload_state_dict", "variant", "use_safetensors"):
-            if kwargs.pop(name, None) not in (None, True):
-                raise ValueError(f"`{name}` is not supported when loading the fp8 text encoder.")
-        kwargs.pop("low_cpu_mem_usage", None)
-        if kwargs:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
-        if isinstance(device_map, dict) or device_map in MULTI_DEVICE_MAPS:
-            raise ValueError("The fp8 text encoder loads on one device: pass `device_map='cuda'` (or nothing).")
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
-        folder = resolve_component_folder(pretrained_model_name_or_path, subfolder, **hub_kwargs)
-        files = checkpoint_files(folder, name="model")
-        model = strict_load(
-            lambda: cls(config),
-            files,
-            read_header(files),
-            str(folder),
-            torch_dtype=None if dtype == "auto" else dtype,
-            ignore=re.compile(VISION_KEYS),
+        return load_pretrained(
+            pretrained_model_name_or_path,
+            build_model=lambda folder: cls(Qwen3VLConfig.from_pretrained(folder)),
+            host_from_pretrained=host,
+            weights_name="model",
+            hint="Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo).",
+            ignore=VISION_KEYS,
+            check_before_host=False,
+            **kwargs,
         )
-        if device_map is not None:
-            model.to(device_map)
-        model.eval()
-        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
-        return (model, info) if wants_info else model

@@ -17,7 +17,9 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
 
 from .constants import IMAGE_INDICATOR, TEXT_INDICATOR
 from .fp8 import ComputeDtypeMixin
-from .sampler import finite_float
+from .layout import segment_attention_mask
+from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, original_key_plan
+from .validation import finite_float
 
 
 # Timesteps in [0, 1] are stretched to [0, TIMESTEP_SCALE] before the sinusoid.
@@ -26,6 +28,13 @@ TEXT_NORM_EPS = 1e-6
 FINAL_NORM_EPS = 1e-6
 # The only key `attention_kwargs` may carry: the LoRA scale.
 SUPPORTED_ATTENTION_KWARGS = ("scale",)
+# The arguments of diffusers' `ModelMixin.from_pretrained` this class takes; any other is refused (diffusers would
+# only warn and ignore it).
+LOADING_KWARGS = (
+    *HUB_DOWNLOAD_KWARGS,
+    *"subfolder dtype torch_dtype device_map max_memory offload_folder offload_state_dict quantization_config".split(),
+    *"variant use_safetensors low_cpu_mem_usage disable_mmap use_flashpack output_loading_info".split(),
+)
 
 
 class Ideogram4RMSNorm(nn.Module):
@@ -270,6 +279,7 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None,
         indicator: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
@@ -285,6 +295,8 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
             position_ids (`(B, L, 3)` int): (t, h, w) MRoPE positions.
             segment_ids (`(B, L)` int or None): tokens attend only within their segment; None means one segment.
             indicator (`(B, L)` int): 3 = text, 2 = image, anything else = padding.
+            attention_mask (`(B, 1, L, L)` bool, *optional*): the segment mask, built once per pipeline call
+                (`PackedLayout.attention_mask`); when given, `segment_ids` is not read.
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters.
             return_dict (`bool`): return a `Transformer2DModelOutput` instead of a tuple.
 
@@ -294,8 +306,10 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
         lora_scale = self.scale_from_attention_kwargs(attention_kwargs)
         saved_scalings = self._scale_lora(lora_scale) if lora_scale != 1.0 else []
         try:
+            if attention_mask is None and segment_ids is not None:
+                attention_mask = segment_attention_mask(segment_ids)
             output = self._velocity(
-                hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator
+                hidden_states, timestep, encoder_hidden_states, position_ids, attention_mask, indicator
             )
         finally:
             for layer, scaling in saved_scalings:
@@ -327,7 +341,7 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
             )
         return finite_float("attention_kwargs['scale']", attention_kwargs.get("scale", 1.0))
 
-    def _velocity(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator):
+    def _velocity(self, hidden_states, timestep, encoder_hidden_states, position_ids, attention_mask, indicator):
         dtype = hidden_states.dtype
         is_image = (indicator == IMAGE_INDICATOR).unsqueeze(-1)  # (B, L, 1)
         is_text = (indicator == TEXT_INDICATOR).unsqueeze(-1)
@@ -352,7 +366,6 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
         # 5. Rotary tables in float32, cast once for all blocks: (B, L, 1, Dh).
         cos, sin = self.rotary_emb(position_ids)
         rotary = (cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2))
-        attention_mask = segment_attention_mask(segment_ids)
 
         # 6. Blocks.
         for block in self.layers:
@@ -368,20 +381,22 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a checkpoint in the diffusers or the original (fused attention) layout, strictly.
-
-        See `diffusers_ideogram4.loading.load_transformer` for the accepted arguments.
+        """Load a checkpoint in the diffusers or the original (fused attention) layout, or the fp8 release, strictly
+        (`diffusers_ideogram4.loading`). Takes the arguments of diffusers' `ModelMixin.from_pretrained`
+        (`LOADING_KWARGS`); the original layout and the fp8 release load on one device, without quantization config.
         """
-        from .loading import load_transformer
 
-        return load_transformer(cls, pretrained_model_name_or_path, **kwargs)
+        def host(folder, dtype, **host_kwargs):
+            parent = super(Ideogram4Transformer2DModel, cls)
+            return parent.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs)
 
-
-def segment_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, L) segment ids -> (B, 1, L, L) boolean mask, or None when every row is a single segment.
-
-    Returning None lets SDPA pick its fused kernels; a mask is only built for batches that mix lengths.
-    """
-    if segment_ids is None or bool((segment_ids == segment_ids[:, :1]).all()):
-        return None
-    return (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
+        return load_pretrained(
+            pretrained_model_name_or_path,
+            build_model=lambda folder: cls.from_config(cls.load_config(folder)),
+            host_from_pretrained=host,
+            weights_name="diffusion_pytorch_model",
+            hint="Expected an Ideogram 4 transformer (`transformer/` of an Ideogram 4 repo).",
+            key_plan=original_key_plan,
+            known_kwargs=LOADING_KWARGS,
+            **kwargs,
+        )

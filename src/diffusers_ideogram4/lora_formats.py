@@ -1,0 +1,463 @@
+"""LoRA key formats for Ideogram 4 (SPEC 8): parsing any supported file into one form, and writing it back out.
+
+Published Ideogram 4 LoRAs come in two key formats, told apart here by their keys:
+- diffusers / PEFT: `<module>.lora_A.weight` (down, (rank, in)) and `<module>.lora_B.weight` (up, (out, rank)) on the
+  split attention (`attention.to_q/to_k/to_v/to_out.0`); alpha lives in diffusers' LoRA metadata (none: alpha = rank).
+- original (ai-toolkit, kohya-style trainers): `lora_down.weight`, `lora_up.weight` and a scalar `alpha` on the fused
+  attention (`attention.qkv`, rows [q; k; v], and `attention.o`).
+Key prefixes: `transformer.`, `diffusion_model.`, `base_model.model.` or none name "the denoiser" (the conditional
+transformer unless `target` says otherwise); `conditional_transformer.` and `unconditional_transformer.` name a branch.
+
+Every file is parsed into one form, `{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
+(kohya style) is folded into the up factor (scale 1); alpha given as PEFT metadata stays a scale, which the diffusers
+format carries as `lora_alpha` / `alpha_pattern` (the tensors are passed on unchanged). A fused qkv LoRA splits
+exactly: the down matrix is shared by q, k and v, the up matrix is cut in row thirds. Keys that are not understood
+raise a ValueError that names them; nothing is skipped. Loading into the transformers is `diffusers_ideogram4.lora`.
+"""
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .constants import FUSED_TO_SPLIT
+from .loading import fused_name, list_keys, raise_problems, split_names
+
+
+COMPONENTS = ("transformer", "unconditional_transformer")
+DEFAULT_COMPONENT = "transformer"
+# Prefixes that name a branch; every other accepted prefix means "the denoiser" and goes to `target`.
+BRANCH_PREFIXES = {
+    "conditional_transformer.": "transformer",
+    "unconditional_transformer.": "unconditional_transformer",
+}
+# PEFT's own `save_pretrained` writes this prefix, and the adapter's alpha only into PEFT_CONFIG_NAME beside it.
+PEFT_SAVE_PREFIX, PEFT_CONFIG_NAME = "base_model.model.", "adapter_config.json"
+GENERIC_PREFIXES = ("transformer.", "diffusion_model.", PEFT_SAVE_PREFIX)
+# Prefixes written by the converter's original format, per component.
+ORIGINAL_PREFIXES = {"transformer": "diffusion_model.", "unconditional_transformer": "unconditional_transformer."}
+
+DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight")
+UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight")
+ALPHA_SUFFIX = ".alpha"
+PEFT_DOWN, PEFT_UP = DOWN_SUFFIXES[0], UP_SUFFIXES[0]
+ORIGINAL_DOWN, ORIGINAL_UP = DOWN_SUFFIXES[1], UP_SUFFIXES[1]
+
+# The Linear layers of the model (SPEC 2.1), per block and global; the original layout fuses the attention.
+UNCHANGED_BLOCK_MODULES = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation")
+BLOCK_MODULES = (*(split for parts in FUSED_TO_SPLIT.values() for split in parts), *UNCHANGED_BLOCK_MODULES)
+ORIGINAL_BLOCK_MODULES = (*FUSED_TO_SPLIT, *UNCHANGED_BLOCK_MODULES)
+GLOBAL_MODULES = (
+    "input_proj",
+    "llm_cond_proj",
+    "adaln_proj",
+    "t_embedding.mlp_in",
+    "t_embedding.mlp_out",
+    "final_layer.linear",
+    "final_layer.adaln_modulation",
+)
+_BLOCK_MODULE = re.compile(r"^layers\.(?P<index>\d+)\.(?P<module>.+)$")
+
+# Adapter kinds PEFT-LoRA loading cannot represent, recognised by a piece of their key names.
+UNSUPPORTED_KEY_MARKERS = {
+    "lokr_": "LoKr",
+    "hada_": "LoHa",
+    "lora_magnitude_vector": "DoRA",
+    "dora_scale": "DoRA",
+    ".lora_mid.": "LoCon (`lora_mid`)",
+    "lora_B.bias": "LoRA with biases (`lora_B.bias`)",
+    "lora_up.bias": "LoRA with biases (`lora_up.bias`)",
+}
+UNSUPPORTED_KEY_ENDINGS = {
+    ".diff": "full weight differences (`.diff`)",
+    ".diff_b": "full bias differences (`.diff_b`)",
+}
+
+
+@dataclass
+class LoraFactors:
+    """One LoRA'd Linear: its weight changes by `scale * up @ down`."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    scale: float = 1.0  # alpha / rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def alpha(self) -> float:
+        return self.scale * self.rank
+
+    def folded(self) -> "LoraFactors":
+        """The same delta at scale 1: `up * scale` (computed in float32, stored in up's dtype)."""
+        if self.scale == 1.0:
+            return self
+        return LoraFactors(self.down, (self.up.float() * self.scale).to(self.up.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parsing any format into {component: {module: LoraFactors}}
+
+
+def is_known_module(name: str, layout: str = "any") -> bool:
+    """Whether `name` is a Linear of the Ideogram 4 transformer, in the diffusers or original layout."""
+    if name in GLOBAL_MODULES:
+        return True
+    match = _BLOCK_MODULE.match(name)
+    if match is None:
+        return False
+    allowed = {"diffusers": BLOCK_MODULES, "original": ORIGINAL_BLOCK_MODULES}.get(layout)
+    return match.group("module") in (allowed or BLOCK_MODULES + ORIGINAL_BLOCK_MODULES)
+
+
+def split_prefix(key: str) -> tuple[str, str]:
+    """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key)."""
+    for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES):
+        if key.startswith(prefix):
+            return prefix, key[len(prefix) :]
+    return "", key
+
+
+def _split_suffix(key: str) -> tuple[str, str] | None:
+    """`layers.0.attention.qkv.lora_down.weight` -> (`layers.0.attention.qkv`, "down"); None when not a LoRA key."""
+    for suffixes, part in ((DOWN_SUFFIXES, "down"), (UP_SUFFIXES, "up"), ((ALPHA_SUFFIX,), "alpha")):
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                return key[: -len(suffix)], part
+    return None
+
+
+def refuse_unsupported(keys) -> None:
+    """Raise a ValueError naming the adapter kind (LoKr, LoHa, DoRA, ...) when any key belongs to one."""
+    found = defaultdict(list)
+    for key in keys:
+        for marker, kind in UNSUPPORTED_KEY_MARKERS.items():
+            if marker in key:
+                found[kind].append(key)
+        for ending, kind in UNSUPPORTED_KEY_ENDINGS.items():
+            if key.endswith(ending):
+                found[kind].append(key)
+    if found:
+        kinds = "; ".join(f"{kind}: {list_keys(found_keys)}" for kind, found_keys in sorted(found.items()))
+        raise ValueError(
+            f"This adapter format is not supported: only plain LoRA (lora_A/lora_B or lora_down/lora_up with alpha) "
+            f"loads into Ideogram 4 transformers, and nothing is skipped. Unsupported keys - {kinds}."
+        )
+
+
+def _resolve_components(prefixes, target: str | None) -> dict[str, str]:
+    """Which component each key prefix of a file goes to."""
+    if target is not None and target not in COMPONENTS:
+        raise ValueError(f"`target={target!r}` is not a LoRA-loadable component; use one of {list(COMPONENTS)}.")
+    default = {prefix: BRANCH_PREFIXES.get(prefix, DEFAULT_COMPONENT) for prefix in prefixes}
+    if target is None:
+        return default
+    if len(set(default.values())) > 1:
+        raise ValueError(
+            f"`target={target!r}` was given, but the LoRA holds adapters for both transformers (key prefixes "
+            f"{sorted(prefixes)}); drop `target` to load each part into its own transformer."
+        )
+    conflicting = sorted(p for p in prefixes if p in BRANCH_PREFIXES and BRANCH_PREFIXES[p] != target)
+    if conflicting:
+        raise ValueError(
+            f"`target={target!r}` conflicts with the LoRA's key prefix {conflicting[0]!r}, which names the "
+            f"{BRANCH_PREFIXES[conflicting[0]]!r} branch. Drop `target`, or convert the file to an unprefixed one."
+        )
+    return dict.fromkeys(prefixes, target)
+
+
+def _metadata_by_prefix(metadata: dict | None) -> dict[str, dict]:
+    """diffusers' LoRA metadata (`transformer.r`, `unconditional_transformer.lora_alpha`, or unprefixed) per prefix."""
+    grouped = defaultdict(dict)
+    for key, value in (metadata or {}).items():
+        prefix, name = split_prefix(key)
+        grouped[prefix][name] = value
+    return grouped
+
+
+def _scale_from_metadata(config: dict, module: str, rank: int, source: str) -> float:
+    """alpha / rank of one module under a PEFT LoraConfig dict (its rank_pattern / alpha_pattern rules)."""
+    if config.get("use_dora"):
+        raise ValueError(f"{source} is a DoRA adapter (`use_dora` in its metadata); DoRA is not supported.")
+    if config.get("lora_bias"):
+        raise ValueError(f"{source} has LoRA biases (`lora_bias` in its metadata); they are not supported.")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    configured_rank = rank_pattern.get(get_pattern_key(rank_pattern, module), config.get("r", rank))
+    if configured_rank != rank:
+        raise ValueError(
+            f"{source}: `{module}` has rank {rank} but the LoRA metadata says {configured_rank}; the file's metadata "
+            f"does not belong to its tensors."
+        )
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config.get("lora_alpha", rank))
+    return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def _peft_adapter_config(path: str, subfolder: str | None) -> dict:
+    """The `adapter_config.json` PEFT's `save_pretrained` writes beside `adapter_model.safetensors`: its alpha."""
+    folder = os.path.join(path, subfolder or "") if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, PEFT_CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise ValueError(
+            f"{path} holds a PEFT adapter (`{PEFT_SAVE_PREFIX}` keys) without its {PEFT_CONFIG_NAME}, so its "
+            f"`lora_alpha` is unknown. Put {PEFT_CONFIG_NAME} beside the weights, or pass `metadata=` (the "
+            "LoraConfig as a dict)."
+        )
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _split_attention(name: str, factors: LoraFactors) -> dict[str, LoraFactors]:
+    """Original-layout module -> diffusers-layout module(s). qkv: the down factor copied to q, k and v, the up factor
+    cut in row thirds, same scale (copies: safetensors refuses to write tensors that share memory)."""
+    parts = split_names(name)
+    if parts is None:
+        return {name: factors}
+    rows = factors.up.shape[0] // len(parts)
+    return {
+        part: LoraFactors(factors.down.clone(), factors.up[i * rows : (i + 1) * rows].clone(), factors.scale)
+        for i, part in enumerate(parts)
+    }
+
+
+def parse_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], metadata: dict | None = None, target: str | None = None
+) -> dict[str, dict[str, LoraFactors]]:
+    """Any supported LoRA state dict -> `{component: {module (diffusers layout): LoraFactors}}`.
+
+    Args:
+        state_dict: LoRA tensors in any supported format (module docstring).
+        metadata: diffusers' LoRA adapter metadata (the PEFT config per component), when the file has it.
+        target: the component for unprefixed / generic keys (default "transformer").
+
+    Raises ValueError naming every key that is not understood, every module that is not a Linear of the model,
+    incomplete or mis-shaped factors, and unsupported adapter kinds (LoKr, LoHa, DoRA, biases, weight diffs).
+    """
+    if not state_dict:
+        raise ValueError("The LoRA state dict is empty.")
+    refuse_unsupported(state_dict)
+    pieces = defaultdict(dict)  # (prefix, module) -> {"down"|"up"|"alpha": (key, tensor)}
+    not_lora, unknown_module, repeated = [], [], []
+    for key, tensor in state_dict.items():
+        prefix, rest = split_prefix(key)
+        split = _split_suffix(rest)
+        if split is None:
+            not_lora.append(key)
+            continue
+        module, part = split
+        if not is_known_module(module):
+            unknown_module.append(key)
+        elif part in pieces[prefix, module]:
+            repeated.append(f"{key} (and {pieces[prefix, module][part][0]})")
+        else:
+            pieces[prefix, module][part] = (key, tensor)
+    problems = []
+    if not_lora:
+        problems.append(f"keys that are not LoRA factors: {list_keys(not_lora)}")
+    if unknown_module:
+        problems.append(
+            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
+        )
+    if repeated:
+        problems.append(f"factors given twice: {list_keys(repeated)}")
+    raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
+
+    key_prefixes = {prefix for prefix, _ in pieces}
+    components = _resolve_components(key_prefixes, target)
+    metadata_by_prefix = _metadata_by_prefix(metadata)
+    if set(metadata_by_prefix) == {""}:  # one unprefixed PEFT config: it describes every key
+        metadata_by_prefix = dict.fromkeys(key_prefixes, metadata_by_prefix[""])
+    unmatched = sorted(set(metadata_by_prefix) - key_prefixes)
+    if unmatched:
+        raise ValueError(
+            f"The LoRA metadata is for key prefixes {unmatched}, but the LoRA's keys have {sorted(key_prefixes)}; "
+            "its alpha would be lost. Pass metadata whose prefixes match the keys (or unprefixed PEFT config)."
+        )
+    parsed = defaultdict(dict)
+    for (prefix, module), parts in pieces.items():
+        source = f"`{prefix}{module}`"
+        if "down" not in parts or "up" not in parts:
+            absent = "up (lora_B / lora_up)" if "up" not in parts else "down (lora_A / lora_down)"
+            problems.append(f"{source} has no {absent} factor")
+            continue
+        down, up = parts["down"][1], parts["up"][1]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            problems.append(
+                f"{source}: down {list(down.shape)} and up {list(up.shape)} are not (rank, in), (out, rank)"
+            )
+            continue
+        if module.endswith("attention.qkv") and up.shape[0] % 3:
+            problems.append(f"{source}: a fused qkv up factor needs 3 x hidden rows, got {list(up.shape)}")
+            continue
+        if "alpha" in parts:
+            alpha = parts["alpha"][1]
+            if alpha.numel() != 1:
+                problems.append(f"{source}: alpha must be one number, got shape {list(alpha.shape)}")
+                continue
+            if metadata_by_prefix.get(prefix):
+                problems.append(f"{source} has both an `alpha` key and LoRA metadata; give alpha one way only")
+                continue
+            # kohya style: folded into the up factor, so that the file's tensors alone carry the delta
+            factors = LoraFactors(down, up, float(alpha.item()) / down.shape[0]).folded()
+        elif metadata_by_prefix.get(prefix):
+            factors = LoraFactors(
+                down, up, _scale_from_metadata(metadata_by_prefix[prefix], module, down.shape[0], source)
+            )
+        else:
+            factors = LoraFactors(down, up)
+        component = components[prefix]
+        for name, split in _split_attention(module, factors).items():
+            if name in parsed[component]:
+                problems.append(f"`{component}.{name}` is given twice (again by {source})")
+            parsed[component][name] = split
+    raise_problems("The LoRA is malformed; nothing was loaded.", problems, ValueError)
+    return dict(parsed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing: PEFT / diffusers format and the original format
+
+
+def lora_config_kwargs(modules: dict[str, LoraFactors]) -> dict:
+    """PEFT `LoraConfig` arguments of the factors: the most common rank and alpha, every other one as a pattern."""
+
+    def common_and_patterns(values: dict[str, float]) -> tuple[float, dict]:
+        common = Counter(values.values()).most_common(1)[0][0]
+        # PEFT matches pattern keys as regexes against the end of the module name; `^` pins them to the whole name.
+        return common, {f"^{re.escape(name)}": value for name, value in sorted(values.items()) if value != common}
+
+    rank, rank_pattern = common_and_patterns({name: factors.rank for name, factors in modules.items()})
+    alpha, alpha_pattern = common_and_patterns({name: factors.alpha for name, factors in modules.items()})
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": sorted(modules),
+    }
+
+
+def peft_state_dict(modules: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    """`{module}.lora_A.weight` / `.lora_B.weight`, without prefix; alpha goes with `lora_config_kwargs`."""
+    state_dict = {}
+    for name, factors in sorted(modules.items()):
+        state_dict[name + PEFT_DOWN] = factors.down.contiguous()
+        state_dict[name + PEFT_UP] = factors.up.contiguous()
+    return state_dict
+
+
+def to_diffusers_format(components: dict[str, dict[str, LoraFactors]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state dict with `transformer.` / `unconditional_transformer.` prefixes, diffusers' LoRA metadata)."""
+    state_dict, metadata = {}, {}
+    for component, modules in components.items():
+        state_dict.update({f"{component}.{key}": value for key, value in peft_state_dict(modules).items()})
+        metadata.update({f"{component}.{key}": value for key, value in lora_config_kwargs(modules).items()})
+    return state_dict, metadata
+
+
+def _fuse_attention(modules: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """Diffusers-layout modules -> original layout: to_q/to_k/to_v become one `attention.qkv`, to_out.0 `attention.o`.
+
+    q, k and v sharing one down factor and one scale fuse as they were trained (up rows stacked); otherwise the down
+    factors are stacked and the up factor is block-diagonal (scales folded in, a missing projection is a zero block),
+    which gives the same delta at the summed rank.
+    """
+    fused, groups = {}, defaultdict(dict)
+    for name, factors in modules.items():
+        target = fused_name(name)
+        if target is None:
+            fused[name] = factors
+        elif target[2] == 1:
+            fused[target[0]] = factors
+        else:
+            groups[target[0]][target[1]] = factors
+    for name, parts in groups.items():
+        present = [parts[index] for index in sorted(parts)]
+        first = present[0]
+        if len(present) == 3 and all(
+            torch.equal(p.down, first.down) and p.scale == first.scale and p.up.dtype == first.up.dtype
+            for p in present
+        ):
+            fused[name] = LoraFactors(first.down, torch.cat([p.up for p in present]), first.scale)
+            continue
+        rows = first.up.shape[0]
+        up = first.up.new_zeros(3 * rows, sum(p.rank for p in present))
+        column = 0
+        for index in sorted(parts):
+            part = parts[index].folded()
+            up[index * rows : (index + 1) * rows, column : column + part.rank] = part.up
+            column += part.rank
+        fused[name] = LoraFactors(torch.cat([p.down for p in present]), up)
+    return fused
+
+
+def to_original_format(components: dict[str, dict[str, LoraFactors]]) -> dict[str, torch.Tensor]:
+    """-> original-format state dict: `diffusion_model.` (or `unconditional_transformer.`) prefix, fused attention,
+    `lora_down` / `lora_up` and a float32 `alpha` = scale x rank per module."""
+    state_dict = {}
+    for component, modules in components.items():
+        prefix = ORIGINAL_PREFIXES[component]
+        for name, factors in sorted(_fuse_attention(modules).items()):
+            state_dict[prefix + name + ORIGINAL_DOWN] = factors.down.contiguous()
+            state_dict[prefix + name + ORIGINAL_UP] = factors.up.contiguous()
+            state_dict[prefix + name + ALPHA_SUFFIX] = torch.tensor(factors.scale * factors.rank, dtype=torch.float32)
+    return state_dict
+
+
+LORA_FORMATS = ("diffusers", "original")
+
+
+def convert_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], to: str, metadata: dict | None = None, target: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Convert a LoRA between formats; the delta of every weight is kept (exactly, up to the rounding of folding
+    alpha / rank into the up factor). Returns (state dict, diffusers LoRA metadata or None for the original format).
+
+    Args:
+        state_dict: a LoRA in any supported format.
+        to: "diffusers" (PEFT keys, `transformer.` / `unconditional_transformer.` prefixes, alpha folded, metadata)
+            or "original" (`diffusion_model.` prefix, fused attention, lora_down / lora_up / alpha).
+        metadata: diffusers' LoRA metadata of the input, if it has some.
+        target: the component of unprefixed / generic keys (default "transformer").
+    """
+    if to not in LORA_FORMATS:
+        raise ValueError(f"`to={to!r}` is not a LoRA format; use one of {list(LORA_FORMATS)}.")
+    components = parse_lora_state_dict(state_dict, metadata, target)
+    if to == "diffusers":
+        return to_diffusers_format(components)
+    return to_original_format(components), None
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A LoRA safetensors file -> (tensors, diffusers' LoRA metadata or None)."""
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        raw = (handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    return tensors, json.loads(raw) if raw else None
+
+
+def write_lora_file(
+    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
+    """Write a LoRA safetensors file, with diffusers' LoRA metadata in its header when given."""
+    header = {"format": "pt"}
+    if metadata:
+        header[LORA_ADAPTER_METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
+    save_file({key: value.contiguous() for key, value in state_dict.items()}, str(path), metadata=header)
+
+
+def convert_lora_file(input_path, output_path, to: str, target: str | None = None) -> dict[str, torch.Tensor]:
+    """Convert a LoRA safetensors file to the "diffusers" or "original" format; returns the written tensors."""
+    state_dict, metadata = read_lora_file(input_path)
+    converted, converted_metadata = convert_lora_state_dict(state_dict, to=to, metadata=metadata, target=target)
+    write_lora_file(output_path, converted, converted_metadata)
+    return converted
