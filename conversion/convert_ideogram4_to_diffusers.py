@@ -10,7 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusers_ideogram4.conversion import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_original_to_diffusers
+from diffusers_ideogram4.conversion import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES,
+    VAE_BN_CHOICES,
+    convert_original_to_diffusers,
+)
 
 
 MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
@@ -49,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--components", default=None, help="comma-separated subset, e.g. transformer,vae")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 10GB)")
     parser.add_argument(
+        "--vae-bn",
+        choices=VAE_BN_CHOICES,
+        default="keep",
+        help="reference: write the reference release's latent normalisation into the VAE's bn (token order), so "
+        "that pipelines decoding with bn decode like the reference (the VAE is then for Ideogram 4 only)",
+    )
+    parser.add_argument(
         "--model-card",
         type=model_card_path,
         default=None,
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             components=args.components,
             max_shard_size=args.max_shard_size,
+            vae_bn=args.vae_bn,
             model_card=args.model_card,
             card_variables=dict(args.card_var),
             base_model=args.base_model,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CAPTION, CAPTION_SHORT, needs_peer, seeded
-from diffusers_ideogram4 import Ideogram4Pipeline
+from diffusers_ideogram4 import Ideogram4Pipeline, Ideogram4Transformer2DModel
 from diffusers_ideogram4.testing import tiny_pipeline
 
 
@@ -148,8 +148,8 @@ def test_two_prompts_times_two_images_equal_four_single_runs(tiny_pipe):
 
 def test_decode_latents_follows_spec_denormalisation():
     """SPEC 5, written out: z * sqrt(running_var + eps) + running_mean per token channel, unpatch
-    (B, gh, gw, 2, 2, 32) -> (B, 32, H/8, W/8), decode, clamp to [-1, 1]."""
-    pipe = tiny_pipeline(seed=2)
+    (B, gh, gw, 2, 2, 32) -> (B, 32, H/8, W/8), decode, clamp to [-1, 1] (with `latent_normalization="vae_bn"`)."""
+    pipe = tiny_pipeline(seed=2, latent_normalization="vae_bn")
     bn = pipe.vae.bn
     generator = torch.Generator().manual_seed(3)
     bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator))
@@ -591,3 +591,25 @@ def test_components_of_different_models_are_refused_when_the_pipeline_is_built()
         r"in_channels=128",
     ):
         Ideogram4Pipeline(**{**components, "vae": vae})
+
+
+def test_token_channels_come_from_the_transformer_config():
+    """A VAE with 4 latent channels and transformers of 16 token channels: the noise, the unpatching and the
+    latent statistics all follow the components (nothing assumes 128)."""
+    from diffusers import AutoencoderKLFlux2
+
+    from diffusers_ideogram4.constants import TRANSFORMER_SIZES, VAE_SIZES
+    from diffusers_ideogram4.testing import tiny_components
+
+    components = tiny_components(seed=3)
+    torch.manual_seed(3)
+    components["vae"] = AutoencoderKLFlux2(**{**VAE_SIZES["tiny"], "latent_channels": 4}).eval()
+    for name in ("transformer", "unconditional_transformer"):
+        components[name] = Ideogram4Transformer2DModel(**{**TRANSFORMER_SIZES["tiny"], "in_channels": 16}).eval()
+    pipe = Ideogram4Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=H, width=W, num_inference_steps=2, guidance_scale=3.0, generator=seeded(0))
+    latents = pipe(CAPTION, output_type="latent", **kwargs).images
+    assert latents.shape == (1, (H // 16) * (W // 16), 16)
+    images = pipe(CAPTION, output_type="np", **kwargs).images
+    assert images.shape == (1, H, W, 3) and np.isfinite(images).all()

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from .constants import OFFICIAL_ENTRIES
 from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, keeps_stored_dtype
+from .layout import reference_latent_norm, variance_for_scale
 from .loading import (
     CheckpointMismatchError,
     check_fp8_pairs,
@@ -65,6 +66,9 @@ ORIGINAL_WEIGHTS_NAME = "model.safetensors"
 SAFETENSORS_METADATA = {"format": "pt"}
 # `--dtype` choices: None keeps every tensor's dtype (fp8 stays fp8 with its scales).
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+# `--vae-bn` choices: copy the VAE as it is, or write the reference release's latent normalisation into its `bn`.
+VAE_BN_CHOICES = ("keep", "reference")
+VAE_NAME = "vae"
 # Top-level files of a source repo that are not carried over: the index is rewritten, the card describes another layout.
 SKIPPED_TOP_LEVEL_FILES = (MODEL_INDEX_NAME, MODEL_CARD_NAME, ".gitattributes")
 # bitsandbytes serialization (the nf4 release): cannot be re-laid out without bitsandbytes and a GPU.
@@ -104,13 +108,14 @@ class ConversionVerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Recipe:
     """One output tensor: source rows `(file, key, rows or None)` concatenated along dim 0, stored as `dtype`; with
-    `scale` (same form), fp8 source rows dequantized with those per-row scales."""
+    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`."""
 
     key: str
     parts: tuple[tuple[Path, str, slice | None], ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
     scale: tuple[Path, str, slice | None] | None = None
+    value: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -322,8 +327,9 @@ def _component_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).as_posix().startswith("."))
 
 
-def _plan_copy(plan: ConversionPlan, name: str, target) -> None:
-    """Copy a component byte for byte, except an fp8 text encoder when a float dtype is asked: dequantized."""
+def _plan_copy(plan: ConversionPlan, name: str, target, vae_bn: str = "keep") -> None:
+    """Copy a component byte for byte, except an fp8 text encoder when a float dtype is asked (dequantized) and the VAE
+    with `vae_bn="reference"` (the reference's latent normalisation written into its `bn`)."""
     folder = plan.root / name
     if not folder.is_dir():
         raise FileNotFoundError(f"model_index.json lists `{name}`, but {folder} does not exist.")
@@ -332,6 +338,8 @@ def _plan_copy(plan: ConversionPlan, name: str, target) -> None:
     rewritten = set()
     if target is not None and name == TEXT_ENCODER_NAME and config.get(FP8_CONFIG_FLAG):
         rewritten = _plan_dequantized_text_encoder(plan, folder, name, config, target)
+    if vae_bn == "reference" and name == VAE_NAME:
+        rewritten = _plan_reference_bn(plan, folder, name)
     for path in _component_files(folder):
         relative = f"{name}/{path.relative_to(folder).as_posix()}"
         if relative not in rewritten:
@@ -372,6 +380,26 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
     return written | {f"{name}/{CONFIG_NAME}"}
 
 
+def _plan_reference_bn(plan: ConversionPlan, folder: Path, name: str) -> set[str]:
+    """The VAE's files with `bn.running_mean` = the reference shift and `bn.running_var` = scale^2 - eps (to the
+    bit), in token order: `z * sqrt(running_var + eps) + running_mean` is then the reference's `z * scale + shift`."""
+    eps = json.loads((folder / CONFIG_NAME).read_text()).get("batch_norm_eps", 1e-4)
+    scale, shift = reference_latent_norm()
+    given = {"bn.running_mean": shift, "bn.running_var": variance_for_scale(scale, eps)}
+    written = set()
+    for file in checkpoint_files(folder):
+        recipes = []
+        for key, (_, dtype, shape) in locate_tensors([file]).items():
+            if key in given and tuple(shape) != tuple(given[key].shape):
+                raise ValueError(f"{file}: `{key}` has shape {list(shape)}; the reference vectors have 128 entries.")
+            value = given[key].to(_DTYPES[dtype]) if key in given else None
+            recipes.append(Recipe(key, ((file, key, None),), shape, _DTYPES[dtype], value=value))
+        plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
+        written.add(f"{name}/{file.name}")
+    plan.notes.append(f"{name}: the reference latent normalisation written into `bn` (token order)")
+    return written
+
+
 def _read_model_index(root: Path) -> dict:
     path = root / MODEL_INDEX_NAME
     if not path.exists():
@@ -400,7 +428,7 @@ def _select_components(index: dict, components: Iterable[str] | None, source: st
     return [c for c in available if c in components]  # model_index order
 
 
-def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_transformer, target) -> ConversionPlan:
+def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_transformer, target, vae_bn="keep"):
     """Every component's plan, then the top-level files and the hub's model_index.json; reads no tensor."""
     index = _read_model_index(root)
     selected = _select_components(index, components, source)
@@ -412,7 +440,7 @@ def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_
             plan_transformer(plan, name)
             entry = OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME]
         else:
-            _plan_copy(plan, name, target)
+            _plan_copy(plan, name, target, vae_bn)
         output_index[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
     # A LICENSE and other top-level files are carried over; the index is rewritten and the old card dropped.
     for path in sorted(p for p in root.iterdir() if p.is_file()):
@@ -429,14 +457,24 @@ def _diffusers_version() -> str:
 
 
 def plan_original_to_diffusers(
-    root: Path, source: str, dtype: str = "keep", components=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    root: Path,
+    source: str,
+    dtype: str = "keep",
+    components=None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    vae_bn: str = "keep",
 ) -> ConversionPlan:
     """Check every component's header against its model and list the files to write; reads no tensor."""
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
     target, max_bytes = DTYPES[dtype], parse_size(max_shard_size)
     plan_transformer = lambda plan, name: _plan_transformer_to_diffusers(plan, name, target, max_bytes)  # noqa: E731
-    return _plan(root, source, "original -> diffusers", dtype, components, plan_transformer, target)
+    return _plan(root, source, "original -> diffusers", dtype, components, plan_transformer, target, vae_bn)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}={value!r}` is not supported; use one of {list(choices)}.")
 
 
 def plan_diffusers_to_original(
@@ -493,7 +531,10 @@ class _Reader:
 
     def tensor(self, recipe: Recipe) -> torch.Tensor:
         """The value of one planned output tensor."""
-        value = torch.cat([self._read(*part) for part in recipe.parts])
+        if recipe.value is not None:
+            return recipe.value
+        parts = [self._read(*part) for part in recipe.parts]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts)
         if recipe.scale is not None:
             value = dequantize_fp8_weight(value, self._read(*recipe.scale), recipe.dtype)
         return value.to(recipe.dtype).contiguous()
@@ -523,7 +564,7 @@ def _write(plan: ConversionPlan, staging: Path, progress: bool) -> None:
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def verify_output(plan: ConversionPlan, folder: Path) -> None:
@@ -756,6 +797,7 @@ def convert_original_to_diffusers(
     dtype: str = "keep",
     components: Iterable[str] | str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    vae_bn: str = "keep",
     model_card: str | os.PathLike | None = None,
     card_variables: dict | None = None,
     base_model: str | None = None,
@@ -780,6 +822,9 @@ def convert_original_to_diffusers(
             components are copied byte for byte.
         components: a subset of model_index.json's components (list or comma-separated string); default all.
         max_shard_size: shard a transformer's weights above this size (`"5GB"`, `"10MB"`, bytes).
+        vae_bn: `"keep"` copies the VAE; `"reference"` writes the reference release's latent normalisation into its
+            `bn` statistics, in token order, so that pipelines decoding with `bn` (diffusers' built-in one) decode
+            like the reference. FLUX.2 pipelines read `bn` in another order: the folder's VAE is then for Ideogram 4.
         model_card: a template from model_cards/ to render into README.md; `card_variables` add or override values.
         base_model: the hub id in the card's `base_model` (default: the source when it is a hub id, else the release).
         dry_run: plan and check everything, write nothing; the report lists the files and sizes.
@@ -792,14 +837,14 @@ def convert_original_to_diffusers(
         raise ValueError("`push_to_hub_id` needs `verify=True`: only a folder checked against its source is pushed.")
     if push_to_hub_id is not None and not _REPO_ID.match(push_to_hub_id):
         raise ValueError(f"`push_to_hub_id={push_to_hub_id!r}` is not a hub repo id (`owner/name`).")
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
     parse_size(max_shard_size)
     if model_card is not None and not Path(model_card).is_file():
         raise FileNotFoundError(f"`model_card={str(model_card)!r}` is not a file; pass a template from model_cards/.")
     _check_output(output, overwrite)
     root = resolve_source(source, components, revision=revision, token=token)
-    plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size)
+    plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size, vae_bn)
     if model_card is not None:
         words = str(DTYPES[dtype]).removeprefix("torch.") if dtype != "keep" else ", ".join(sorted(plan.tensor_dtypes))
         variables = model_card_variables(

@@ -1,23 +1,33 @@
-"""The token layout of Ideogram 4 (SPEC 2, 5): the image grid, initial noise, patchify / unpatchify, and the packed
-`[text | image]` sequence with its positions, roles, segments and attention mask.
+"""The token layout of Ideogram 4 (SPEC 2, 5): the image grid, initial noise, patchify / unpatchify, the latent
+normalisation, and the packed `[text | image]` sequence with its positions, roles, segments and attention mask.
 
 A `PackedLayout` is built once per pipeline call and passed to every step: it decides once whether the batch needs an
 attention mask (only rows with padding do), packs the image tokens behind the text positions and unpacks the velocity.
 """
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .constants import (
     IMAGE_INDICATOR,
     IMAGE_POSITION_OFFSET,
+    LATENT_CHANNELS,
     PADDING_INDICATOR,
     PADDING_SEGMENT,
     PATCH_SIZE,
     PIXELS_PER_TOKEN,
     TEXT_INDICATOR,
+    TOKEN_CHANNELS,
 )
+
+
+# The reference release's latent normalisation (SPEC 10): two 128-vectors in token order, shipped as data, byte for
+# byte the numbers of the reference's `ideogram4/latent_norm.py`.
+REFERENCE_LATENT_NORM_PATH = Path(__file__).with_name("reference_latent_norm.json")
 
 
 def image_grid(height: int, width: int) -> tuple[int, int]:
@@ -47,6 +57,62 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
     grid_h, grid_w = lat_h // PATCH_SIZE, lat_w // PATCH_SIZE
     tokens = latents.view(batch, channels, grid_h, PATCH_SIZE, grid_w, PATCH_SIZE).permute(0, 2, 4, 3, 5, 1)
     return tokens.reshape(batch, grid_h * grid_w, PATCH_SIZE * PATCH_SIZE * channels)
+
+
+@functools.cache
+def reference_latent_norm() -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float32 (128,) in token order: token latents z decode as `z * scale + shift`."""
+    data = json.loads(REFERENCE_LATENT_NORM_PATH.read_text(encoding="utf-8"))
+    return torch.tensor(data["latent_scale"]), torch.tensor(data["latent_shift"])
+
+
+def variance_for_scale(scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The float32 `running_var` whose `sqrt(running_var + eps)` is `scale` to the last bit where one exists (a `bn`
+    that decodes exactly like the scale): scale^2 - eps, nudged an ulp at a time."""
+    scale = scale.float()
+    variance = (scale.double().square() - eps).float()
+    for _ in range(8):
+        got = torch.sqrt(variance + eps)
+        step = torch.where(got > scale, -torch.inf, torch.inf)
+        variance = torch.where(got == scale, variance, torch.nextafter(variance, step))
+    return variance
+
+
+def channel_major(vector: torch.Tensor) -> torch.Tensor:
+    """A per-token-channel vector, index (ph * 2 + pw) * C + c, re-ordered to the VAE's own channel-major index
+    c * 4 + ph * 2 + pw (diffusers' FLUX.2 `_patchify_latents` order, in which the FLUX.2 VAE stores `bn`)."""
+    return vector.view(PATCH_SIZE * PATCH_SIZE, -1).t().reshape(-1)
+
+
+def latent_statistics(vae, normalization: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(scale, shift) float32 in token order and where they come from: token latents z decode as `z * scale + shift`.
+
+    "reference": the reference release's vectors for the released layout (32 latent channels, 128 token channels);
+    "vae_bn" or any other layout: the VAE's `bn` statistics, sqrt(running_var + eps) and running_mean, read in token
+    order (as diffusers' built-in pipeline reads them)."""
+    bn = vae.bn
+    released = vae.config.latent_channels == LATENT_CHANNELS and bn.num_features == TOKEN_CHANNELS
+    if normalization == "reference" and released:
+        return *reference_latent_norm(), "reference"
+    return torch.sqrt(bn.running_var.float() + bn.eps), bn.running_mean.float(), "vae_bn"
+
+
+def describe_vae_statistics(vae) -> str | None:
+    """None when the VAE's `bn` holds the reference vectors in token order (or the layout is not the released one);
+    otherwise what it holds, in words."""
+    if vae.config.latent_channels != LATENT_CHANNELS or vae.bn.num_features != TOKEN_CHANNELS:
+        return None
+    bn_scale, bn_shift, _ = latent_statistics(vae, "vae_bn")
+    scale, shift = reference_latent_norm()
+
+    def same(a, b):
+        return torch.allclose(a.to(b.device), b, rtol=1e-5, atol=1e-6)
+
+    if same(scale, bn_scale) and same(shift, bn_shift):
+        return None
+    if same(channel_major(scale), bn_scale) and same(channel_major(shift), bn_shift):
+        return "the reference vectors in the VAE's channel-major order"
+    return "statistics that are not the reference vectors in any order (such as the FLUX.2 VAE's own)"
 
 
 def image_position_ids(grid_h: int, grid_w: int) -> torch.Tensor:

@@ -263,21 +263,16 @@ def rename_header(header: dict, key_plan, source: str) -> tuple[dict, dict]:
     return origin, renamed
 
 
-def build_on_meta(build_model, renamed: dict):
-    """The model `build_model()` returns, on the meta device, with fp8 layers where the checkpoint has scales."""
-    with init_empty_weights():
-        model = build_model()
-        replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
-    return model
-
-
 def check_header(build_model, header: dict, source, key_plan=None, hint: str = ""):
-    """Rename a checkpoint header with `key_plan` and check it against the model -> (model on meta, origin).
+    """Rename a checkpoint header with `key_plan` and check it against the model `build_model()` returns, built on
+    the meta device with fp8 layers where the checkpoint has scales -> (that model, origin of each model key).
 
     Reads no tensor: a missing, unexpected or mis-shaped key, or an fp8 weight without its scale, raises here."""
     origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
     check_fp8_pairs(renamed, source)
-    model = build_on_meta(build_model, renamed)
+    with init_empty_weights():
+        model = build_model()
+        replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source, hint)
     return model, origin

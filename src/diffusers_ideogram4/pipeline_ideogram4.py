@@ -15,12 +15,20 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (looked up here by diffusers' loader)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (likewise)
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
 from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
-from .layout import image_grid, image_only_layout, initial_noise, pack_layout, unpatchify
+from .layout import (
+    describe_vae_statistics,
+    image_grid,
+    image_only_layout,
+    initial_noise,
+    latent_statistics,
+    pack_layout,
+    unpatchify,
+)
 from .loading import load_pretrained, resolve_dtype
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
@@ -29,7 +37,11 @@ from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .validation import check_image_size, finite_float, require_positive_int
 
 
+logger = logging.get_logger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# How token latents become VAE latents: the reference release's vectors, or the VAE's `bn` (diffusers' built-in way).
+LATENT_NORMALIZATIONS = ("reference", "vae_bn")
 # diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
 DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
@@ -141,12 +153,16 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
 
     Args:
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): kept for the hub layout; the sampler computes its own times.
-        vae ([`AutoencoderKLFlux2`]): the FLUX.2 VAE; only its decoder and latent statistics (`bn`) are used.
+        vae ([`AutoencoderKLFlux2`]): the FLUX.2 VAE.
         text_encoder ([`Ideogram4TextEncoder`]): Qwen3-VL's language model, tapped at 13 layers.
         tokenizer ([`PreTrainedTokenizerBase`]): Qwen tokenizer with its chat template.
         transformer ([`Ideogram4Transformer2DModel`]): the conditional branch.
         unconditional_transformer ([`Ideogram4Transformer2DModel`], *optional*): the unconditional branch; leave it
             out for CFG-distilled checkpoints, which then run one branch with guidance 1.0.
+        latent_normalization (`str`, defaults to "reference"): how token latents become VAE latents before decoding
+            (and the reverse when encoding): "reference", the reference release's two 128-vectors (for the released
+            layout; any other layout uses the VAE's `bn`), or "vae_bn", the VAE's `bn` statistics as diffusers'
+            built-in pipeline uses them. Saved in model_index.json.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->unconditional_transformer->vae"
@@ -161,8 +177,15 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         tokenizer: PreTrainedTokenizerBase,
         transformer: Ideogram4Transformer2DModel,
         unconditional_transformer: Ideogram4Transformer2DModel | None = None,
+        latent_normalization: str = "reference",
     ) -> None:
         super().__init__()
+        if latent_normalization not in LATENT_NORMALIZATIONS:
+            raise ValueError(
+                f"`latent_normalization={latent_normalization!r}` is not supported; use 'reference' (the reference "
+                "release's vectors, the default) or 'vae_bn' (the VAE's `bn` statistics, like diffusers' built-in "
+                "pipeline)."
+            )
         self.register_modules(
             scheduler=scheduler,
             vae=vae,
@@ -171,7 +194,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             transformer=transformer,
             unconditional_transformer=unconditional_transformer,
         )
+        self.register_to_config(latent_normalization=latent_normalization)
         check_components_fit(vae, text_encoder, transformer, unconditional_transformer)
+        held = describe_vae_statistics(vae) if vae is not None and latent_normalization == "reference" else None
+        if held is not None:
+            logger.info(
+                f"The VAE's `bn` holds {held}; decoding (and encoding) follow the reference release's latent "
+                "normalisation. Pass `latent_normalization='vae_bn'` to use the VAE's statistics instead."
+            )
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -395,12 +425,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         return layout.unpack(velocity).float()
 
     def decode_latents(self, latents: torch.Tensor, grid: tuple[int, int], output_type: str):
-        """Token-layout latents on a (rows, columns) token grid -> images: denormalise with the VAE's latent
-        statistics, unpatch, decode."""
-        bn = self.vae.bn
-        std = torch.sqrt(bn.running_var + bn.eps).to(latents.device, torch.float32)
-        mean = bn.running_mean.to(latents.device, torch.float32)
-        latents = unpatchify(latents * std + mean, *grid)
+        """Token-layout latents on a (rows, columns) token grid -> images: denormalise (`latent_normalization`),
+        unpatch, decode."""
+        scale, shift, _ = latent_statistics(self.vae, self.config.latent_normalization)
+        latents = unpatchify(latents * scale.to(latents.device) + shift.to(latents.device), *grid)
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(decoded.float().clamp(-1, 1), output_type=output_type)
 

@@ -122,9 +122,9 @@ def tiny_components(seed: int = 0, unconditional: bool = True) -> dict:
     )
 
 
-def tiny_pipeline(seed: int = 0, unconditional: bool = True):
+def tiny_pipeline(seed: int = 0, unconditional: bool = True, **pipeline_kwargs):
     from .pipeline_ideogram4 import Ideogram4Pipeline
 
-    pipe = Ideogram4Pipeline(**tiny_components(seed, unconditional))
+    pipe = Ideogram4Pipeline(**tiny_components(seed, unconditional), **pipeline_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
