@@ -12,7 +12,7 @@ import sys
 from diffusers_ideogram4.conversion import ORIGINAL_WEIGHTS_NAME, convert_diffusers_to_original
 
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError: missing files, read-only folders, ...
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revision", default=None, help="source revision on the hub")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
+    )
+    parser.add_argument(
+        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             weights_name=args.weights_name,
             dry_run=args.dry_run,
             overwrite=args.overwrite,
+            replace_any_folder=args.replace_any_folder,
             verify=not args.no_verify,
             revision=args.revision,
             progress=not args.no_progress,

@@ -20,7 +20,7 @@ from diffusers_ideogram4.conversion import (
 
 MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 # What a failed conversion raises: printed as one message, without a traceback.
-USER_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # OSError: missing files, read-only folders, ...
 
 
 def model_card_path(value: str) -> Path:
@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--revision", default=None, help="source revision on the hub")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
+    )
+    parser.add_argument(
+        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output (not with --push-to-hub)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
             dry_run=args.dry_run,
             overwrite=args.overwrite,
+            replace_any_folder=args.replace_any_folder,
             verify=not args.no_verify,
             push_to_hub_id=args.push_to_hub,
             private=args.private,

@@ -361,10 +361,10 @@ def test_interrupted_run_leaves_no_folder_that_looks_valid(releases, tmp_path, m
     assert len(calls) == 2 and ".partial-" in calls[0]  # it was writing beside the output, not into it
     assert list(parent.iterdir()) == []
 
-    # With --overwrite, an existing output survives an interrupted run untouched.
+    # With --overwrite, an existing output (of an earlier conversion) survives an interrupted run untouched.
     existing = parent / "out"
     existing.mkdir()
-    (existing / "model_index.json").write_text("{}")
+    (existing / "model_index.json").write_text(json.dumps({conversion.CONVERSION_MARKER: {}}))
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         convert_original_to_diffusers(releases["bf16"][0], existing, overwrite=True, progress=False)
@@ -399,8 +399,15 @@ def test_existing_output_is_refused_unless_overwrite(releases, tmp_path, capsys)
     assert script.main(["--source", str(releases["bf16"][0]), "--output", str(output), "--no-progress"]) == 1
     assert "error:" in capsys.readouterr().err and (output / "keep.txt").exists()
 
-    convert_original_to_diffusers(releases["bf16"][0], output, overwrite=True, progress=False)
+    # A folder this converter did not write is replaced only with the separate, named flag.
+    with pytest.raises(FileExistsError, match=r"not a folder this converter wrote.*--replace-any-folder"):
+        convert_original_to_diffusers(releases["bf16"][0], output, overwrite=True, progress=False)
+    assert (output / "keep.txt").exists()
+    convert_original_to_diffusers(releases["bf16"][0], output, replace_any_folder=True, progress=False)
     assert not (output / "keep.txt").exists() and (output / "model_index.json").exists()
+    assert leftovers(tmp_path) == []
+    # A previous output is replaced with --overwrite alone.
+    convert_original_to_diffusers(releases["bf16"][0], output, overwrite=True, progress=False)
     assert leftovers(tmp_path) == []
 
 

@@ -104,12 +104,13 @@ def test_guidance_below_one_still_runs_both_branches(tiny_pipe):
     torch.testing.assert_close(ours.images, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_latents_are_sampled_in_float32_whatever_dtype_they_come_in(tiny_pipe):
-    noise = torch.randn(1, (H // 16) * (W // 16), 128, generator=seeded(3)).bfloat16()
+def test_latents_must_be_float32_noise(tiny_pipe):
+    """The sampler runs in float32; noise in another dtype is refused (issue 17: it used to be cast silently)."""
+    noise = torch.randn(1, (H // 16) * (W // 16), 128, generator=seeded(3))
     kwargs = dict(height=H, width=W, num_inference_steps=2, output_type="latent")
-    low = tiny_pipe(CAPTION, latents=noise, **kwargs).images
-    assert low.dtype == torch.float32
-    assert torch.equal(low, tiny_pipe(CAPTION, latents=noise.float(), **kwargs).images)
+    assert tiny_pipe(CAPTION, latents=noise, **kwargs).images.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"`latents` has dtype torch\.bfloat16; the sampler runs in float32"):
+        tiny_pipe(CAPTION, latents=noise.bfloat16(), **kwargs)
 
 
 def test_batch_of_two_lengths_equals_each_alone(tiny_pipe):

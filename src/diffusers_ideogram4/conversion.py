@@ -13,6 +13,8 @@ Check, write, verify, publish:
 An interrupted run leaves at most a `.<name>.partial-*` folder, never a half folder at the output path.
 """
 
+import ctypes
+import errno
 import filecmp
 import inspect
 import json
@@ -31,7 +33,6 @@ import torch
 from diffusers.utils.logging import tqdm as diffusers_tqdm
 from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .constants import OFFICIAL_ENTRIES
@@ -44,6 +45,7 @@ from .loading import (
     checkpoint_files,
     fused_name,
     locate_tensors,
+    open_safetensors,
     original_key_plan,
 )
 from .text_encoder import FP8_CONFIG_FLAG
@@ -64,6 +66,9 @@ DEFAULT_MAX_SHARD_SIZE = "10GB"  # diffusers' `save_pretrained` default
 # attention weights and no error (SPEC 2.1). Our loader accepts any single safetensors file.
 ORIGINAL_WEIGHTS_NAME = "model.safetensors"
 SAFETENSORS_METADATA = {"format": "pt"}
+# Written into every output's model_index.json (diffusers ignores `_`-keys): what makes an existing folder recognisably
+# one of ours, which `overwrite` may replace.
+CONVERSION_MARKER = "_diffusers_ideogram4_conversion"
 # `--dtype` choices: None keeps every tensor's dtype (fp8 stays fp8 with its scales).
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 # `--vae-bn` choices: copy the VAE as it is, or write the reference release's latent normalisation into its `bn`.
@@ -239,8 +244,13 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dic
     """Check a transformer's header against the model its config.json describes (strictly, reading no tensor) ->
     (model key -> recipe of its value as stored, the model's config.json text)."""
     folder = plan.root / name
-    located = locate_tensors(checkpoint_files(folder))
+    weights = checkpoint_files(folder)
+    located = locate_tensors(weights)
     config = Ideogram4Transformer2DModel.load_config(folder)
+    index = [p.name for p in folder.glob("*.safetensors.index.json")]
+    others = sorted({p.name for p in folder.iterdir()} - {p.name for p in weights} - {CONFIG_NAME, *index})
+    if others:
+        plan.notes.append(f"{name}/: not part of the checkpoint, not carried over: {others}")
     bnb = sorted(key for key in located if any(marker in key for marker in BNB_KEY_MARKERS))
     if bnb or "quantization_config" in config:
         raise ValueError(
@@ -323,8 +333,29 @@ def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name:
     plan.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for r in fused}
 
 
-def _component_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).as_posix().startswith("."))
+def _copied(plan: ConversionPlan, folder: Path, name: str, skip: set[str] = frozenset()) -> list[OutputFile]:
+    """Copies of a component folder's files (except `skip`), each checked to parse first (safetensors headers, JSON):
+    a truncated or damaged file stops the conversion before anything is written. Hidden files are not copied, and
+    the report says so."""
+    files, hidden = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = f"{name}/{path.relative_to(folder).as_posix()}"
+        if relative in skip:
+            continue
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            hidden.append(relative)
+            continue
+        if path.suffix == ".safetensors":
+            locate_tensors([path])
+        elif path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); nothing was written.") from None
+        files.append(OutputFile(relative, copy_from=path))
+    if hidden:
+        plan.notes.append(f"hidden files not copied: {hidden}")
+    return files
 
 
 def _plan_copy(plan: ConversionPlan, name: str, target, vae_bn: str = "keep") -> None:
@@ -340,10 +371,7 @@ def _plan_copy(plan: ConversionPlan, name: str, target, vae_bn: str = "keep") ->
         rewritten = _plan_dequantized_text_encoder(plan, folder, name, config, target)
     if vae_bn == "reference" and name == VAE_NAME:
         rewritten = _plan_reference_bn(plan, folder, name)
-    for path in _component_files(folder):
-        relative = f"{name}/{path.relative_to(folder).as_posix()}"
-        if relative not in rewritten:
-            plan.files.append(OutputFile(relative, copy_from=path))
+    plan.files += _copied(plan, folder, name, rewritten)
 
 
 def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> set[str]:
@@ -433,7 +461,13 @@ def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_
     index = _read_model_index(root)
     selected = _select_components(index, components, source)
     plan = ConversionPlan(direction, source, root, selected, dtype)
-    output_index = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": _diffusers_version()}
+    from . import __version__
+
+    output_index = {
+        "_class_name": PIPELINE_CLASS_NAME,
+        "_diffusers_version": _diffusers_version(),
+        CONVERSION_MARKER: {"direction": direction, "source": source, "version": __version__},
+    }
     for name in selected:
         entry = list(index[name])
         if _is_transformer(name, entry):
@@ -524,7 +558,7 @@ class _Reader:
 
     def _read(self, file: Path, key: str, rows: slice | None) -> torch.Tensor:
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         if rows is None:
             return self._handles[file].get_tensor(key)
         return self._handles[file].get_slice(key)[rows.start : rows.stop]  # only these rows are read
@@ -599,7 +633,7 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
             for file in plan.files:
                 if file.tensors is None or file.path.split("/")[0] in plan.checks:
                     continue
-                with safe_open(str(folder / file.path), framework="pt") as handle:
+                with open_safetensors(folder / file.path) as handle:
                     problems += [
                         f"{file.path}: `{r.key}` differs from its source value"
                         for r in file.tensors
@@ -625,30 +659,83 @@ def _verify_transformer(component, expected: dict[str, Recipe], load_dtype, fold
     return problems
 
 
-def _publish(staging: Path, output: Path, overwrite: bool) -> None:
-    """Move the finished folder into place; an existing output (with `overwrite`) is swapped out, then deleted."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Move the finished folder into place. An existing output is swapped with it in one step where the system can
+    (never nothing at `output`), else renamed aside and put back if the second rename fails; then deleted."""
     if not output.exists():
         os.replace(staging, output)
         return
-    if not overwrite or not output.is_dir():
-        raise FileExistsError(f"{output} exists; pass `overwrite=True` (`--overwrite`) to replace it.")
+    if _exchange(staging, output):
+        shutil.rmtree(staging)  # the previous output, now
+        return
     old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(output, old)
-    os.replace(staging, output)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
     shutil.rmtree(old)
 
 
-def _check_output(output, overwrite: bool) -> Path:
+def _written_by_us(folder: Path) -> bool:
+    index = folder / MODEL_INDEX_NAME
+    try:
+        return CONVERSION_MARKER in json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _check_output(output, overwrite: bool, replace_any_folder: bool = False, source: Path | None = None) -> Path:
+    """The output folder, absolute; refused when it is or contains the source (symlinks resolved), or exists and may
+    not be replaced: `overwrite` replaces a previous output of this converter, `replace_any_folder` any folder."""
     output = Path(output).absolute()
-    if output.exists() and not overwrite:
+    if source is not None:
+        real_output, real_source = output.resolve(), Path(source).resolve()
+        if real_source == real_output or real_output in real_source.parents:
+            raise ValueError(f"`output={str(output)!r}` is or contains the source {source}; choose another folder.")
+    if not output.exists():
+        return output
+    if not overwrite and not replace_any_folder:
         raise FileExistsError(f"{output} exists; pass `overwrite=True` (`--overwrite`) to replace it.")
-    if output.exists() and not output.is_dir():
+    if not output.is_dir():
         raise FileExistsError(f"{output} exists and is not a folder; remove it or choose another output.")
+    if not replace_any_folder and any(output.iterdir()) and not _written_by_us(output):
+        raise FileExistsError(
+            f"{output} is not a folder this converter wrote (its model_index.json has no `{CONVERSION_MARKER}`), so "
+            "`overwrite` does not replace it; pass `replace_any_folder=True` (`--replace-any-folder`) to replace it "
+            "anyway, or choose another output."
+        )
     return output
 
 
-def _execute(plan: ConversionPlan, output, *, dry_run, overwrite, verify, progress) -> ConversionReport:
-    output = _check_output(output, overwrite)
+def _leftovers(output: Path) -> list[str]:
+    """Folders an interrupted run left beside `output`."""
+    return sorted(
+        str(p) for p in output.parent.glob(f".{output.name}.*") if ".partial-" in p.name or ".old-" in p.name
+    )
+
+
+def _execute(plan: ConversionPlan, output, *, dry_run, overwrite, replace_any_folder, verify, progress):
+    output = _check_output(output, overwrite, replace_any_folder, plan.root)
+    plan.notes += [
+        f"left by an interrupted run, remove it when you no longer need it: {p}" for p in _leftovers(output)
+    ]
     files = sorted(plan.files, key=lambda f: f.path)
     report = ConversionReport(
         plan.direction,
@@ -674,7 +761,7 @@ def _execute(plan: ConversionPlan, output, *, dry_run, overwrite, verify, progre
             verify_output(plan, staging)
             report.verified = True
         report.files = [(f.path, (staging / f.path).stat().st_size) for f in files]
-        _publish(staging, output, overwrite)
+        _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -803,6 +890,7 @@ def convert_original_to_diffusers(
     base_model: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    replace_any_folder: bool = False,
     verify: bool = True,
     push_to_hub_id: str | None = None,
     private: bool = False,
@@ -828,7 +916,8 @@ def convert_original_to_diffusers(
         model_card: a template from model_cards/ to render into README.md; `card_variables` add or override values.
         base_model: the hub id in the card's `base_model` (default: the source when it is a hub id, else the release).
         dry_run: plan and check everything, write nothing; the report lists the files and sizes.
-        overwrite: replace an existing `output` (swapped out only after the new folder is complete).
+        overwrite: replace an existing `output` written by this converter (swapped in one step, once the new folder is
+            complete and verified). `replace_any_folder`: replace any existing folder.
         verify: reload every converted transformer and compare it to the source before moving the folder into place.
         push_to_hub_id: upload the verified folder to this hub repo (created if needed, `private` if asked).
     """
@@ -842,7 +931,7 @@ def convert_original_to_diffusers(
     parse_size(max_shard_size)
     if model_card is not None and not Path(model_card).is_file():
         raise FileNotFoundError(f"`model_card={str(model_card)!r}` is not a file; pass a template from model_cards/.")
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size, vae_bn)
     if model_card is not None:
@@ -857,7 +946,15 @@ def convert_original_to_diffusers(
         )
         card = render_model_card(Path(model_card).read_text(encoding="utf-8"), variables)
         plan.files.append(OutputFile(MODEL_CARD_NAME, text=card))
-    report = _execute(plan, output, dry_run=dry_run, overwrite=overwrite, verify=verify, progress=progress)
+    report = _execute(
+        plan,
+        output,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        replace_any_folder=replace_any_folder,
+        verify=verify,
+        progress=progress,
+    )
     if push_to_hub_id is not None and not dry_run:
         push_to_hub(report, push_to_hub_id, private=private, commit_message=commit_message, token=token)
     return report
@@ -871,6 +968,7 @@ def convert_diffusers_to_original(
     weights_name: str = ORIGINAL_WEIGHTS_NAME,
     dry_run: bool = False,
     overwrite: bool = False,
+    replace_any_folder: bool = False,
     verify: bool = True,
     revision: str | None = None,
     token: str | None = None,
@@ -881,7 +979,15 @@ def convert_diffusers_to_original(
     Every tensor is copied bit for bit (q/k/v rows concatenated in that order, fp8 scales likewise), so
     original -> diffusers -> original reproduces the source tensors exactly. The other components are copied.
     """
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_diffusers_to_original(root, str(source), components, weights_name)
-    return _execute(plan, output, dry_run=dry_run, overwrite=overwrite, verify=verify, progress=progress)
+    return _execute(
+        plan,
+        output,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        replace_any_folder=replace_any_folder,
+        verify=verify,
+        progress=progress,
+    )

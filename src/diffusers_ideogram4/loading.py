@@ -11,14 +11,17 @@ before a tensor is read.
 
 import json
 import re
+import struct
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .constants import FUSED_TO_SPLIT
-from .fp8 import SCALE_SUFFIX, is_fp8_checkpoint, keeps_stored_dtype, replace_linears_with_fp8
+from .fp8 import FP8_DTYPE, SCALE_SUFFIX, is_fp8_checkpoint, keeps_stored_dtype, replace_linears_with_fp8
 
 
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
@@ -37,6 +40,17 @@ _HOST_ONLY = {
 _NO_EFFECT = ("low_cpu_mem_usage", "use_safetensors", "variant")
 # How many offending keys an error message lists before it summarises.
 MAX_KEYS_IN_MESSAGE = 12
+# The safetensors dtypes each kind of model tensor may be stored in: floating weights in any float (cast to the load
+# dtype), fp8 weights in float8_e4m3fn and their per-row scales in float32 only, integer buffers in their own dtype.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+STORED_AS = {
+    torch.float8_e4m3fn: ("F8_E4M3",),
+    torch.int64: ("I64",),
+    torch.int32: ("I32",),
+    torch.uint8: ("U8",),
+    torch.bool: ("BOOL",),
+}
+SCALE_DTYPES = ("F32",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -170,11 +184,38 @@ def checkpoint_files(folder: Path, variant: str | None = None, name: str = "diff
     )
 
 
+def unreadable(file: Path, error: Exception) -> str:
+    """One line on why a file is not a readable safetensors file: truncated (its size against what its own header
+    describes), or not safetensors at all."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        if size < 8 + length + end:
+            return f"{file} is truncated: {size} bytes, its header describes {8 + length + end} ({error})."
+    except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+        return f"{file} is not a safetensors file, or its header is damaged ({size} bytes; {error})."
+    return f"{file} is not a readable safetensors file ({size} bytes; {error})."
+
+
+@contextmanager
+def open_safetensors(file):
+    """`safe_open(file)` whose failure names the file and says whether it is truncated (CheckpointMismatchError)."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except SafetensorError as error:
+        raise CheckpointMismatchError(unreadable(Path(file), error)) from None
+    with handle:
+        yield handle
+
+
 def locate_tensors(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """Key -> (file, safetensors dtype, shape) of every tensor in the files, without reading any tensor."""
     located = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():
                 if key in located:
                     raise CheckpointMismatchError(f"`{key}` appears in two shards: {located[key][0]} and {file}.")
@@ -273,9 +314,31 @@ def check_header(build_model, header: dict, source, key_plan=None, hint: str = "
     with init_empty_weights():
         model = build_model()
         replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source, hint)
+    state = model.state_dict()
+    check_keys(
+        {key: tuple(value.shape) for key, value in state.items()},
+        {k: s for k, (_, s) in renamed.items()},
+        source,
+        hint,
+    )
+    check_dtypes({key: (dtype, accepted_dtypes(key, state[key].dtype)) for key, (dtype, _) in renamed.items()}, source)
     return model, origin
+
+
+def accepted_dtypes(key: str, model_dtype: torch.dtype) -> tuple[str, ...]:
+    """The safetensors dtypes a checkpoint may store a model tensor in (`STORED_AS`)."""
+    return SCALE_DTYPES if key.endswith(SCALE_SUFFIX) else STORED_AS.get(model_dtype, FLOAT_DTYPES)
+
+
+def check_dtypes(found: dict[str, tuple[str, tuple[str, ...]]], source) -> None:
+    """Raise CheckpointMismatchError naming every key (-> (stored dtype, accepted dtypes)) stored in a dtype its format
+    does not define (an integer weight would be cast to float, a float8_e5m2 weight read as float32...)."""
+    wrong = [f"{key} ({dtype}, not {' or '.join(ok)})" for key, (dtype, ok) in found.items() if dtype not in ok]
+    if wrong:
+        raise CheckpointMismatchError(
+            f"The checkpoint at {source} stores tensors in dtypes their format does not define; it was not used: "
+            f"{list_keys(wrong)}."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -291,7 +354,7 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
         targets.setdefault(key, []).append((new_key, rows))
     state_dict = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in targets.keys() & set(handle.keys()):
                 tensor = handle.get_tensor(key)
                 tensor = tensor.clone() if disable_mmap else tensor
@@ -300,8 +363,29 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
                     if not keeps_stored_dtype(new_key, part.dtype):
                         part = part.to(torch_dtype or torch.float32)
                     state_dict[new_key] = part.contiguous()
+    scales = [
+        key
+        for key, value in state_dict.items()
+        if key.endswith(SCALE_SUFFIX) and not bool((torch.isfinite(value) & (value > 0)).all())
+    ]
+    if scales:
+        raise CheckpointMismatchError(f"fp8 scales must be finite and positive; these are not: {list_keys(scales)}.")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def warn_non_finite(model, source) -> None:
+    """Weights with NaN or inf are the user's to judge (a half-trained LoRA merge...): one warning naming the keys."""
+    bad = [
+        key
+        for key, value in model.state_dict().items()
+        if type(value) in (torch.Tensor, torch.nn.Parameter)  # quantized tensor subclasses hold their own checks
+        and value.is_floating_point()
+        and value.dtype != FP8_DTYPE
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        warnings.warn(f"The checkpoint at {source} has NaN or infinite values in {list_keys(bad)}.", stacklevel=3)
 
 
 def resolve_dtype(dtype, torch_dtype):
@@ -337,7 +421,7 @@ def load_pretrained(
         known_kwargs: when given, any other argument is refused (the host would only warn about it).
         check_before_host: check the header against the model before the host loads (diffusers' loader reports a
             mis-shaped key without naming the checkpoint); False leaves the key mapping to the host (transformers
-            renames some checkpoint keys itself) and checks only its loading info.
+            renames some checkpoint keys itself): then only the dtypes (floats) and the host's loading info.
         kwargs: the host's `from_pretrained` arguments (`dtype` or `torch_dtype`, `subfolder`, `device_map`, hub
             download arguments, ...).
     """
@@ -356,10 +440,15 @@ def load_pretrained(
 
     if not (is_original_layout(header) or is_fp8_checkpoint(header)):
         # A pre-quantized checkpoint stores its quantization state as extra keys that only the host can read.
-        if check_before_host and "quantization_config" not in json.loads((folder / "config.json").read_text()):
+        if "quantization_config" in json.loads((folder / "config.json").read_text()):
+            pass
+        elif check_before_host:
             check_header(build, header, folder, hint=hint)
+        else:
+            check_dtypes({key: (dtype, FLOAT_DTYPES) for key, (dtype, _) in header.items()}, folder)
         model, info = host_from_pretrained(folder, dtype, **kwargs)
         check_loading_info(info, folder, hint)
+        warn_non_finite(model, folder)
         return (model, info) if wants_info else model
 
     # The original layout or the fp8 release: this package's strict loader, on one device.
@@ -383,6 +472,7 @@ def load_pretrained(
     if isinstance(dtype, str):  # transformers' spellings: "auto" (as stored) or a name such as "bfloat16"
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     model = strict_load(model, origin, files, torch_dtype=dtype, disable_mmap=disable_mmap)
+    warn_non_finite(model, folder)
     if device_map is not None:
         model.to(device_map)
     model.eval()

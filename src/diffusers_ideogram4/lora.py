@@ -5,6 +5,7 @@ diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank 
 """
 
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -14,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from .fp8 import FP8Linear
-from .loading import HUB_DOWNLOAD_KWARGS, list_keys, raise_problems
+from .loading import HUB_DOWNLOAD_KWARGS, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
     PEFT_DOWN,
@@ -28,8 +29,10 @@ from .lora_formats import (
     peft_state_dict,
     to_diffusers_format,
 )
+from .validation import finite_float
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Saved beside the base weight of a LoRA layer while an adapter is fused with `exact_unfuse=True`.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
 HUB_KWARGS = (*HUB_DOWNLOAD_KWARGS, "subfolder")
@@ -127,6 +130,11 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         path = str(pretrained_model_name_or_path_or_dict)
         if os.path.isfile(path) and not path.endswith(".safetensors"):
             raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
+        if not os.path.exists(path) and not REPO_ID.match(path):
+            raise FileNotFoundError(f"{path} is neither a file, a folder, nor a hub repo id (`owner/name`).")
+        if os.path.isfile(path):
+            with open_safetensors(path):  # a damaged file is named, with what is wrong
+                pass
         state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
@@ -335,7 +343,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 `unfuse_lora` restores every adapter's scaling (diffusers leaves all of them multiplied by
                 `lora_scale`), and a weight keeps what its first fuse chose until it is unfused.
         """
+        lora_scale = finite_float("lora_scale", lora_scale)
         components = list(COMPONENTS) if components is None else components
+        self._check_adapter_names(adapter_names, components)
         fp8 = [
             f"{component}.{name}"
             for component in components
@@ -359,6 +369,37 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             adapter_names=adapter_names,
             **kwargs,
         )
+
+    def _check_adapter_names(self, adapter_names, components=COMPONENTS) -> None:
+        """Every named adapter is loaded in at least one of `components` (None: nothing to check)."""
+        if adapter_names is None:
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = {name for c in components for name in getattr(getattr(self, c, None), "peft_config", {})}
+        unknown = sorted(set(names) - loaded)
+        if not names or unknown:
+            raise ValueError(
+                f"`adapter_names={adapter_names!r}`: {'no adapter named' if names else 'empty'} {unknown or ''}; "
+                f"loaded adapters: {sorted(loaded)}. (`disable_lora()` turns every adapter off.)"
+            )
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' `set_adapters`, with the names and weights checked first: every name loaded, every weight a
+        finite number (a float, a list with one per adapter, or dicts of them as diffusers allows)."""
+        self._check_adapter_names(adapter_names)
+
+        def check(weight, where):
+            if isinstance(weight, dict):
+                for key, value in weight.items():
+                    check(value, f"{where}[{key!r}]")
+            elif isinstance(weight, (list, tuple)):
+                for index, value in enumerate(weight):
+                    check(value, f"{where}[{index}]")
+            elif weight is not None:
+                finite_float(where, weight)
+
+        check(adapter_weights, "adapter_weights")
+        super().set_adapters(adapter_names, adapter_weights)
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
         """Undo `fuse_lora`: weights (and adapter scaling) are restored exactly as they were before fusing."""

@@ -16,6 +16,7 @@ raise a ValueError that names them; nothing is skipped. Loading into the transfo
 """
 
 import json
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -24,11 +25,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .constants import FUSED_TO_SPLIT
-from .loading import fused_name, list_keys, raise_problems, split_names
+from .loading import fused_name, list_keys, open_safetensors, raise_problems, split_names
 
 
 COMPONENTS = ("transformer", "unconditional_transformer")
@@ -199,6 +199,10 @@ def _scale_from_metadata(config: dict, module: str, rank: int, source: str) -> f
             f"does not belong to its tensors."
         )
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config.get("lora_alpha", rank))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(
+            f"{source}: the LoRA metadata gives `{module}` the alpha {alpha!r}; it must be a finite number."
+        )
     return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
 
 
@@ -298,10 +302,13 @@ def parse_lora_state_dict(
         if module.endswith("attention.qkv") and up.shape[0] % 3:
             problems.append(f"{source}: a fused qkv up factor needs 3 x hidden rows, got {list(up.shape)}")
             continue
+        if not (down.is_floating_point() and up.is_floating_point()):
+            problems.append(f"{source}: factors must be floating point, got {down.dtype} and {up.dtype}")
+            continue
         if "alpha" in parts:
             alpha = parts["alpha"][1]
-            if alpha.numel() != 1:
-                problems.append(f"{source}: alpha must be one number, got shape {list(alpha.shape)}")
+            if alpha.numel() != 1 or not math.isfinite(float(alpha.flatten()[0])):
+                problems.append(f"{source}: alpha must be one finite number, got {alpha.tolist()}")
                 continue
             if metadata_by_prefix.get(prefix):
                 problems.append(f"{source} has both an `alpha` key and LoRA metadata; give alpha one way only")
@@ -439,7 +446,7 @@ def convert_lora_state_dict(
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """A LoRA safetensors file -> (tensors, diffusers' LoRA metadata or None)."""
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         raw = (handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
     return tensors, json.loads(raw) if raw else None

@@ -1,5 +1,6 @@
 """`Ideogram4Pipeline`: structured caption in, image out, faithful to the reference sampler (SPEC 3-5)."""
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .layout import (
     pack_layout,
     unpatchify,
 )
-from .loading import load_pretrained, resolve_dtype
+from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
 from .lora import Ideogram4LoraLoaderMixin
 from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
@@ -78,22 +79,58 @@ class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
         )
 
 
+# model_index.json class names each model component may have, and the class of this package that loads it.
+COMPONENT_CLASSES = {
+    "transformer": (("Ideogram4Transformer2DModel",), "Ideogram4Transformer2DModel"),
+    "unconditional_transformer": (("Ideogram4Transformer2DModel",), "Ideogram4Transformer2DModel"),
+    "text_encoder": (
+        ("Qwen3VLModel", "Qwen3VLForConditionalGeneration", "Ideogram4TextEncoder"),
+        "Ideogram4TextEncoder",
+    ),
+    "vae": (("AutoencoderKLFlux2",), "StrictAutoencoderKLFlux2"),
+}
+
+
+def _model_entry(name: str, entry) -> bool:
+    return name in COMPONENT_CLASSES and isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def check_component_entries(index: dict, passed=()) -> None:
+    """Refuse model_index.json entries of classes that cannot work here (another VAE would lose the latent statistics
+    and fail only after the denoising loop), before any component is loaded; `passed` components replace theirs."""
+    for name, entry in index.items():
+        if name not in passed and _model_entry(name, entry) and entry[1] not in COMPONENT_CLASSES[name][0]:
+            raise ValueError(
+                f"model_index.json names `{entry[1]}` ({entry[0]}) for `{name}`; an Ideogram 4 pipeline needs one of "
+                f"{list(COMPONENT_CLASSES[name][0])} there. Fix the entry, or pass a matching `{name}=` to "
+                "`from_pretrained`."
+            )
+
+
 def _our_entry(name: str, entry):
-    """Point a hub model_index.json entry at this package's class, or return it unchanged."""
-    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
-        return entry
-    if name in ("transformer", "unconditional_transformer") and entry[1] == "Ideogram4Transformer2DModel":
-        return (COMPONENT_LIBRARY, "Ideogram4Transformer2DModel")
-    if name == "text_encoder" and str(entry[1]).startswith(("Qwen3VL", "Ideogram4TextEncoder")):
-        return (COMPONENT_LIBRARY, "Ideogram4TextEncoder")
-    if name == "vae" and entry[1] == "AutoencoderKLFlux2":
-        return (COMPONENT_LIBRARY, "StrictAutoencoderKLFlux2")
-    return entry
+    """Point a hub model_index.json entry at this package's class that loads it."""
+    return (COMPONENT_LIBRARY, COMPONENT_CLASSES[name][1]) if _model_entry(name, entry) else entry
 
 
 def check_components_fit(vae, text_encoder, transformer, unconditional_transformer) -> None:
-    """Components from different models (a 4 B text encoder, another VAE) fail at the first step, after the text
-    encoder ran; refuse them when the pipeline is built, naming the sizes. Absent components are not checked."""
+    """Components of other classes or from different models (a 4 B text encoder, another VAE) fail at the first step
+    or after the loop; refuse them when the pipeline is built, naming the classes and sizes. Absent ones pass."""
+    expected = {
+        "vae": (vae, AutoencoderKLFlux2),
+        "text_encoder": (text_encoder, Ideogram4TextEncoder),
+        "transformer": (transformer, Ideogram4Transformer2DModel),
+        "unconditional_transformer": (unconditional_transformer, Ideogram4Transformer2DModel),
+    }
+    wrong = [
+        f"`{name}` is a {type(value).__module__}.{type(value).__name__}, not a {cls.__module__}.{cls.__name__}"
+        for name, (value, cls) in expected.items()
+        if value is not None and not isinstance(value, cls)
+    ]
+    if wrong:
+        raise ValueError(
+            "An Ideogram 4 pipeline cannot run these components: " + "; ".join(wrong) + ". Load them with "
+            "diffusers_ideogram4's classes (`Ideogram4Pipeline.from_pretrained` does)."
+        )
     problems = []
     if text_encoder is not None and transformer is not None:
         features, expected = text_encoder.feature_dim, transformer.config.llm_features_dim
@@ -214,6 +251,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype is not None:
             kwargs["dtype" if DIFFUSERS_TAKES_DTYPE else "torch_dtype"] = dtype
+        hub = {key: kwargs[key] for key in (*HUB_DOWNLOAD_KWARGS, "subfolder") if key in kwargs}
+        check_component_entries(cls.load_config(pretrained_model_name_or_path, **hub), passed=kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -268,16 +307,19 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 "`guidance_scale` and `guidance_schedule` were both given; pass a constant `guidance_scale` or a "
                 "per-step `guidance_schedule`, not both."
             )
+        if guidance_schedule is not None:
+            ordered = isinstance(guidance_schedule, (list, tuple)) or getattr(guidance_schedule, "ndim", None) == 1
+            if not ordered or len(guidance_schedule) == 0:
+                raise ValueError(
+                    f"`guidance_schedule` must be a list of numbers, one per step, got {guidance_schedule!r}; give a "
+                    "non-empty list, tuple or 1-D tensor, first step first (a set has no order)."
+                )
         if num_inference_steps is None:
             num_inference_steps = (
                 len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
             )
         require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
-            if isinstance(guidance_schedule, (str, bytes)) or not hasattr(guidance_schedule, "__len__"):
-                raise ValueError(
-                    f"`guidance_schedule` must be a list of numbers, one per step, got {guidance_schedule!r}."
-                )
             schedule = [finite_float(f"guidance_schedule[{i}]", g) for i, g in enumerate(guidance_schedule)]
             if len(schedule) != num_inference_steps:
                 raise ValueError(
@@ -333,6 +375,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"`caption_check={caption_check!r}` is not supported; use one of {list(CAPTION_CHECK_MODES)}."
             )
         if latents is not None:
+            self.check_latents(latents)
             expected = (len(prompts) * num_images_per_prompt, grid[0] * grid[1], self.transformer.config.in_channels)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -358,11 +401,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"`num_images_per_prompt={num_images_per_prompt}` make {batch_size} images; give one per image "
                 "or a single generator."
             )
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError(
-                f"`callback_on_step_end` must be callable as `callback(pipe, step, tau, tensors)`, got "
-                f"{callback_on_step_end!r}."
-            )
+        if callback_on_step_end is not None:
+            try:
+                inspect.signature(callback_on_step_end).bind(self, 0, 0.0, {})
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"`callback_on_step_end` must be callable as `callback(pipe, step, tau, tensors)`, got "
+                    f"{callback_on_step_end!r}."
+                ) from None
         if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` must be a list of names, got {callback_on_step_end_tensor_inputs!r}; "
@@ -374,6 +420,50 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; the callback can receive {self._callback_tensor_inputs}."
             )
         return prompts, grid
+
+    def check_latents(self, latents) -> None:
+        """Initial noise given by the user: a finite float32 tensor on the CPU or the execution device."""
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
+        if latents.dtype != torch.float32:
+            raise ValueError(
+                f"`latents` has dtype {latents.dtype}; the sampler runs in float32 (like the reference): pass "
+                "`latents.float()` (a cast of lower-precision noise is not the same noise)."
+            )
+        if latents.device.type not in ("cpu", self._execution_device.type):
+            raise ValueError(
+                f"`latents` is on {latents.device}; pass it on the CPU or on {self._execution_device}, where the "
+                "pipeline runs."
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("`latents` holds NaN or infinite values.")
+
+    def callback_outputs(self, callback, outputs, tensors: dict) -> dict:
+        """What a step callback returned: None, or a dict of some of the tensors it was given, same shape and dtype."""
+        if outputs is None:
+            return {}
+        name = getattr(callback, "__qualname__", type(callback).__name__)
+        if not isinstance(outputs, dict):
+            raise ValueError(
+                f"`callback_on_step_end` ({name}) returned a {type(outputs).__name__}; return None or a dict such as "
+                f'{{"latents": latents}}.'
+            )
+        unknown = sorted(set(outputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end` ({name}) returned {unknown}; it can return only "
+                f"{self._callback_tensor_inputs}."
+            )
+        for key, value in outputs.items():
+            given = tensors.get(key)
+            same = isinstance(value, torch.Tensor) and given is not None and value.shape == given.shape
+            if not same or value.dtype != given.dtype:
+                described = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+                raise ValueError(
+                    f"`callback_on_step_end` ({name}) returned `{key}` = {described}; it must be a tensor like the one "
+                    f"it was given ({tuple(given.shape)} {given.dtype})."
+                )
+        return outputs
 
     def check_captions(self, prompts: list[str], caption_check: str) -> None:
         """Structured-caption check of every prompt (SPEC 7): raise, warn or skip."""
@@ -536,8 +626,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
                 if callback_on_step_end is not None:
                     available = {"latents": latents}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, taus[step], tensors) or {}
-                    latents = outputs.pop("latents", latents)
+                    outputs = callback_on_step_end(self, step, taus[step], tensors)
+                    latents = self.callback_outputs(callback_on_step_end, outputs, available).get("latents", latents)
                 progress_bar.update()
 
         # 6. Decode.
