@@ -3,7 +3,8 @@
 `check_caption` promises an answer for any caption of up to 50 MB in under 2 s on one core (README, "Reliability").
 The cases are the inputs that broke that promise: thousands of text elements (overlapping or not), huge palettes,
 50 MB of text in several shapes, and the largest captions that the size bounds let through to the full check. The
-last rows time the pipeline from the call to its "too long" error (tiny model, nothing generated).
+last rows time the pipeline from the call to its "too long" error (tiny model, nothing generated). Seconds are the
+best of three runs (one when a run takes over 2 s).
 
 Run: `python benchmarks/bench_caption_checker.py [--timeout-s 60] [--case NAME ...]` (prints a Markdown table; a
 case still running after the timeout is shown as "> N").
@@ -19,6 +20,7 @@ import time
 
 
 MB = 1_000_000
+REPEATS = 3  # per case, unless one run already takes over 2 s
 
 
 def _caption(elements: str, style: str = "") -> str:
@@ -72,13 +74,13 @@ CASES = {
     "50 MB of plain text": lambda: "a lighthouse on a rock " * (50 * MB // 23),
     "50 MB of unclosed JSON": lambda: '{"a":[' + "1," * (25 * MB),
     # About the largest captions of each shape that the size bound lets through to the full check.
-    "under the bound: 5,400 {} elements": lambda: repeated("{}", 5_400 * 3),
-    'under the bound: 5,400 "" elements': lambda: repeated('""', 5_400 * 3),
-    'under the bound: 5,400 "" colours': lambda: palette(0).replace(
-        '"color_palette":[]', '"color_palette":[' + ",".join(['""'] * 5_400) + "]"
+    "under the bound: 4,000 {} elements": lambda: repeated("{}", 4_000 * 3),
+    'under the bound: 4,000 "" elements': lambda: repeated('""', 4_000 * 3),
+    'under the bound: 4,000 "" colours': lambda: palette(0).replace(
+        '"color_palette":[]', '"color_palette":[' + ",".join(['""'] * 4_000) + "]"
     ),
-    "under the bound: 250 overlapping text boxes": lambda: repeated(
-        '{"type":"text","bbox":[1,1,9,9],"text":"A","desc":"a"}', 250 * 56
+    "under the bound: 220 overlapping text boxes": lambda: repeated(
+        '{"type":"text","bbox":[1,1,9,9],"text":"A","desc":"a"}', 220 * 56
     ),
     "under the bound: 510 KB string": lambda: _caption("").replace('"b"', '"' + "ab " * 170_000 + '"'),
 }
@@ -115,9 +117,13 @@ def run_case(name: str) -> None:
         from diffusers_ideogram4.captions import check_caption
 
         caption = CASES[name]()
-        start = time.perf_counter()
-        issues = check_caption(caption)
-        seconds = time.perf_counter() - start
+        seconds = float("inf")
+        for _ in range(REPEATS):  # the best of a few: the machine may be shared
+            start = time.perf_counter()
+            issues = check_caption(caption)
+            seconds = min(seconds, time.perf_counter() - start)
+            if seconds > 2:
+                break
         answer = f"{len(issues)} issues"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"mb": len(caption.encode("utf-8", "replace")) / MB, "s": seconds, "peak": peak, "a": answer}))

