@@ -532,3 +532,27 @@ def test_caption_commands_report_mistakes_in_one_line(tmp_path, capsys, argv, ex
     assert main([part.format(tmp=tmp_path) for part in argv]) == 2
     assert one_error_line(capsys.readouterr().err) == expected.format(tmp=tmp_path)
     assert sorted(os.listdir(tmp_path)) == listing
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["generate", CAPTION, "--height", "q"],
+            "error: argument --height: invalid int value: 'q' (see `ideogram4 generate --help`)",
+        ),
+        (
+            ["generate", CAPTION, "--steps", "1.5"],
+            "error: argument --steps: invalid int value: '1.5' (see `ideogram4 generate --help`)",
+        ),
+        (
+            ["caption", "preview", "c.json"],
+            "error: the following arguments are required: -o/--output (see `ideogram4 caption preview --help`)",
+        ),
+    ],
+)
+def test_argument_syntax_errors_are_one_line_too(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == expected

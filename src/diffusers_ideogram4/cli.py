@@ -173,8 +173,15 @@ def run_generate(args) -> int:
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a mistake in the arguments reported like every other mistake: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ideogram4", description="Ideogram 4 with diffusers.")
+    parser = OneLineErrors(prog="ideogram4", description="Ideogram 4 with diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_command(subparsers)
     add_caption_commands(subparsers)

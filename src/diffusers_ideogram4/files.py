@@ -30,7 +30,8 @@ def _reason(error: OSError) -> str:
 
 
 def read_text(name: str) -> str:
-    """The text of file `name` (stdin for `-`), decoded as strict UTF-8. A byte-order mark is kept (the caption check names it).
+    """The text of file `name` (stdin for `-`), decoded as strict UTF-8; a byte-order mark is kept (the caption check
+    names it).
 
     Raises:
         UserFileError: the file cannot be read, or is not valid UTF-8 (the message gives the offset of the first
@@ -46,6 +47,7 @@ def read_text(name: str) -> str:
     except OSError as error:
         raise UserFileError(f"cannot read {label}: {_reason(error)}") from None
     try:
+        # A text stream without bytes (an embedding program's) is checked by encoding it back.
         return data.decode("utf-8") if isinstance(data, bytes) else data.encode("utf-8").decode("utf-8")
     except UnicodeError as error:
         unit = "byte" if isinstance(data, bytes) else "character"
