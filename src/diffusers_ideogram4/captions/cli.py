@@ -111,8 +111,8 @@ def run_validate(args) -> int:
 
 
 def _load(name: str) -> tuple[str | None, dict | None]:
-    """(text, caption dict), or print why the file holds no caption object and return (None, None): the text is
-    None too when the file could not be read (a usage error), not when it holds no caption."""
+    """(text, caption dict); (text, None) after printing why the text holds no caption object; (None, None) when the
+    file could not be read (its `error:` line printed: a usage error)."""
     text = _read(name)
     if text is None:
         return None, None
