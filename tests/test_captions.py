@@ -1019,8 +1019,8 @@ def test_cli_validate(tmp_path, capsys, monkeypatch):
     code, out, _ = run_cli(["caption", "validate", str(good), str(bad)], capsys)
     assert code == 1
     assert out.splitlines()[1].startswith(f"{bad}: {el(0, '.bbox')}: y_min 220 > y_max 60")
-    code, out, _ = run_cli(["caption", "validate", str(tmp_path / "missing.json")], capsys)
-    assert code == 1 and out.startswith(f"{tmp_path / 'missing.json'}: $: cannot read the file")
+    code, out, err = run_cli(["caption", "validate", str(tmp_path / "missing.json")], capsys)
+    assert (code, out, err) == (2, "", f"error: cannot read {tmp_path / 'missing.json'}: No such file or directory\n")
     monkeypatch.setattr("sys.stdin", io.StringIO(NO_SUMMARY))
     code, out, _ = run_cli(["caption", "validate", "-"], capsys)
     assert code == 0 and out.startswith("-: high_level_description: no high_level_description") and "[warning]" in out

@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput, logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
 from .captions import CAPTION_CHECK_MODES, check_prompts
+from .captions.limits import check_prompt_lengths
 from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
 from .layout import (
     describe_vae_statistics,
@@ -592,6 +593,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
+        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
         # Validates attention_kwargs before any model work.

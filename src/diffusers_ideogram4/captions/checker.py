@@ -1,13 +1,18 @@
 """Check structured JSON captions (SPEC 7): every issue at once, each with a JSON path and a fix.
 
-`check_caption` runs three passes:
+`check_caption` first measures the caption: one whose size alone proves it over the 2048-token limit gets that one
+issue and nothing else is read (`limits.py`). Then three passes:
 
 1. parse: the raw text (invalid JSON, plain text, `ensure_ascii=True` escapes, duplicate keys, non-minified text)
    and a depth / size guard so that nothing below can recurse without bound;
 2. schema: `caption_schema.json` through `jsonschema`, with its errors translated into `CaptionIssue`s;
-3. hand rules: what a JSON Schema cannot state (key order, bbox min <= max) and the advisory warnings.
+3. hand rules: what a JSON Schema cannot state (key order, bbox min <= max, text UTF-8 cannot encode) and the
+   advisory warnings.
 
-It never raises: malformed input of any kind is reported as an issue. Root issues use the path `"$"`.
+It never raises: malformed input of any kind is reported as an issue. Root issues use the path `"$"`. The work is
+bounded: the size limit keeps what reaches the passes under about 16,000 JSON values, the text-box overlap test is a
+sweep (O(n log n)), and at most MAX_ISSUES_PER_PLACE issues are listed per place and severity, with a count of the
+rest.
 """
 
 import difflib
@@ -21,9 +26,12 @@ from dataclasses import dataclass
 
 from jsonschema import Draft202012Validator, ValidationError, validators
 
+from ..constants import MAX_TEXT_TOKENS
+from .limits import min_caption_tokens
 from .schema import (
     ART_STYLE_KEY_ORDER,
     BBOX_FIELDS,
+    BBOX_MAX,
     COMPOSITION_KEY_ORDER,
     ELEMENT_KEY_ORDER,
     LOOSE_COLOR_PATTERN,
@@ -49,6 +57,9 @@ CAPTION_CHECK_MODES = ("error", "warn", "off")
 MAX_INT_BITS = 4096
 # Longest key or value echoed back in a message or a path.
 MAX_SHOWN_CHARS = 60
+# Issues listed per place (a JSON path with every index and unknown key as `[*]`) and severity; the rest are counted.
+MAX_ISSUES_PER_PLACE = 20
+BYTE_ORDER_MARK = "\ufeff"
 
 OPT_OUT_HINT = 'Fix the caption(s), or pass caption_check="warn" to generate anyway or caption_check="off" to skip it.'
 CANONICALIZE_HINT = "diffusers_ideogram4.captions.canonicalize(caption)"
@@ -199,14 +210,49 @@ def _sort_key(found: tuple[tuple, CaptionIssue]) -> tuple:
     return tuple(part if isinstance(part, int) else _KEY_RANK.get(part, len(_KEY_RANK)) for part in path)
 
 
+@dataclass(frozen=True)
+class _Unlisted:
+    """Issues that a check counted at a place without building them (the text-box overlaps past the first few)."""
+
+    count: int
+    severity: str
+
+
+def _place(path: tuple) -> tuple:
+    """The path with every index and every unknown key as `*`: issues at one place are capped together."""
+    return tuple(part if isinstance(part, str) and part in _KEY_RANK else _OddKey("*") for part in path)
+
+
 def _finish(found: list[tuple[tuple, CaptionIssue]]) -> list[CaptionIssue]:
-    """Sorted by path in caption order (stable within a path), duplicates dropped."""
+    """Sorted by path in caption order (stable within a path), duplicates dropped, at most MAX_ISSUES_PER_PLACE per
+    place and severity: the rest of a place are counted in one last issue of that place."""
     seen = set()
     issues = []
-    for _, issue in sorted(found, key=_sort_key):
-        if issue not in seen:
+    unlisted = Counter()
+    listed = Counter()
+    last = {}  # place -> position after its last listed issue
+    for path, issue in sorted(found, key=_sort_key):
+        if isinstance(issue, _Unlisted):
+            unlisted[_place(path), issue.severity] += issue.count
+        elif issue not in seen:
             seen.add(issue)
+            group = (_place(path), issue.severity)
+            if listed[group] == MAX_ISSUES_PER_PLACE:
+                unlisted[group] += 1
+                continue
+            listed[group] += 1
             issues.append(issue)
+            last[group] = len(issues)
+    end = len(issues)
+    for group in sorted(unlisted, key=lambda group: last.get(group, end), reverse=True):
+        (place, severity), count = group, unlisted[group]
+        noun = severity if count == 1 else f"{severity}s"
+        more = CaptionIssue(
+            format_path(place),
+            f"and {count:,} more {noun} here, not listed (at most {MAX_ISSUES_PER_PLACE} per place are)",
+            severity=severity,
+        )
+        issues.insert(last.get(group, end), more)
     return issues
 
 
@@ -248,6 +294,15 @@ _UNPARSED = object()
 def _parse_text(text: str) -> tuple[object, list]:
     """json.loads with every problem of the raw text reported. Returns (parsed or _UNPARSED, found issues)."""
     found = []
+    if text.startswith(BYTE_ORDER_MARK):
+        found.append(
+            _issue(
+                (),
+                "caption starts with a byte-order mark (U+FEFF, the bytes EF BB BF in a UTF-8 file)",
+                "remove it (save the file as UTF-8 without BOM): the prompt is tokenized verbatim, the mark included",
+            )
+        )
+        text = text[len(BYTE_ORDER_MARK) :]
     escape = _non_ascii_escape(text)
     if escape is not None:
         found.append(
@@ -378,6 +433,50 @@ def _path_key(key) -> str:
     return key if isinstance(key, str) else _OddKey(_show(key))
 
 
+def _unencodable(caption: dict) -> list:
+    """Every key and string value that UTF-8 cannot encode: lone surrogates, typed literally or decoded from a
+    `\\ud800` escape (valid JSON, but the tokenizer cannot take it). Runs after `_guard`: the depth is bounded."""
+    found = []
+    stack = [(caption, ())]
+    seen = set()  # containers already walked: a dict may contain itself
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            for key, child in value.items():
+                child_path = path + (_path_key(key),)
+                if isinstance(key, str):
+                    found += _lone_surrogate(key, child_path, "key")
+                stack.append((child, child_path))
+        elif isinstance(value, list):
+            stack.extend((child, path + (index,)) for index, child in enumerate(value))
+        elif isinstance(value, str):
+            found += _lone_surrogate(value, path, "string")
+    return found
+
+
+def _lone_surrogate(text: str, path: tuple, what: str) -> list:
+    if text.isascii():
+        return []
+    try:
+        text.encode("utf-8")
+        return []
+    except UnicodeEncodeError as error:
+        code_point = ord(text[error.start])
+        return [
+            _issue(
+                path,
+                f"{what} holds a lone surrogate U+{code_point:04X} at character {error.start}, which UTF-8 cannot "
+                "encode",
+                "a \\ud800-\\udfff escape is only valid as a high + low pair spelling one character; write the "
+                "character itself or remove the escape",
+            )
+        ]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Pass 2: the JSON Schema, through jsonschema
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,8 +508,20 @@ _validator = None
 def _schema_validator():
     global _validator
     if _validator is None:
-        _validator = _CaptionValidator(_schema())
+        _validator = _CaptionValidator(_inline_refs(_schema(), _schema()["$defs"]))
     return _validator
+
+
+def _inline_refs(node, definitions: dict):
+    """The schema with every local `$ref` replaced by its definition (the caption schema has no recursive ones):
+    jsonschema then validates each element without resolving a reference, a third faster on long lists."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(definitions[node["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {key: _inline_refs(value, definitions) for key, value in node.items() if key != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(value, definitions) for value in node]
+    return node
 
 
 def _resolve(subschema) -> dict:
@@ -574,9 +685,61 @@ def _bbox_order(bbox, path: tuple) -> list:
     return found
 
 
-def _overlaps(a: list[int], b: list[int]) -> bool:
-    # Strictly positive intersection area: boxes that only touch do not overlap.
-    return max(a[0], b[0]) < min(a[2], b[2]) and max(a[1], b[1]) < min(a[3], b[3])
+def _overlapping_boxes(boxes: list[tuple[int, list[int]]], limit: int) -> tuple[list[tuple[int, int]], int]:
+    """Pairs of boxes with a positive intersection area (boxes that only touch do not overlap): the first `limit`
+    pairs found from the top down, as (earlier, later) caption indices, and how many pairs there are in all.
+
+    O(n log n) for n boxes: a sweep down the y axis keeps the boxes open at the current y and counts, in two Fenwick
+    trees over x, how many of them start left of a new box's right edge and how many end left of its left edge; the
+    open boxes are scanned only while pairs are still listed. Boxes outside 0..1000 or of zero area are skipped (the
+    first get an error of their own, the second cannot overlap anything).
+    """
+    size = BBOX_MAX + 1
+    starts, ends = [0] * (size + 1), [0] * (size + 1)  # Fenwick trees: x edges of the open boxes
+
+    def add(tree: list[int], x: int, delta: int) -> None:
+        x += 1
+        while x <= size:
+            tree[x] += delta
+            x += x & -x
+
+    def at_most(tree: list[int], x: int) -> int:  # how many edges at positions <= x
+        x += 1
+        total = 0
+        while x > 0:
+            total += tree[x]
+            x -= x & -x
+        return total
+
+    kept = {
+        index: box for index, box in boxes if 0 <= box[0] < box[2] <= BBOX_MAX and 0 <= box[1] < box[3] <= BBOX_MAX
+    }
+    # (y, 0 = the box ends / 1 = it starts, index): at the same y, boxes end before others start (touching is fine).
+    events = sorted(
+        [(box[0], 1, index) for index, box in kept.items()] + [(box[2], 0, index) for index, box in kept.items()]
+    )
+    open_boxes = {}
+    pairs, total = [], 0
+    for _, starting, index in events:
+        _, x_min, _, x_max = box = kept[index]
+        if not starting:
+            del open_boxes[index]
+            add(starts, x_min, -1)
+            add(ends, x_max, -1)
+            continue
+        # An open box overlaps along x when it starts before x_max and ends after x_min; a box that ends at or
+        # before x_min also starts before x_max, so the difference counts exactly the overlapping ones.
+        overlapping = at_most(starts, x_max - 1) - at_most(ends, x_min)
+        total += overlapping
+        if overlapping and len(pairs) < limit:
+            found = (
+                other for other, (_, ox_min, _, ox_max) in open_boxes.items() if ox_min < x_max and ox_max > x_min
+            )
+            pairs += [(min(other, index), max(other, index)) for other in found][: limit - len(pairs)]
+        open_boxes[index] = box
+        add(starts, x_min, 1)
+        add(ends, x_max, 1)
+    return pairs, total
 
 
 def _elements(elements: list, path: tuple) -> list:
@@ -604,17 +767,20 @@ def _elements(elements: list, path: tuple) -> list:
             if isinstance(value, str) and not value.strip():
                 found.append(_issue(element_path + (key,), f"{key} is empty", _key_description({}, key), WARNING))
         if is_text and bbox is not None:
-            for other_index, other in text_boxes:
-                if _overlaps(bbox, other):
-                    found.append(
-                        _issue(
-                            element_path + ("bbox",),
-                            f"text bbox {bbox} overlaps the bbox {other} of text element elements[{other_index}]",
-                            "overlapping text tends to render garbled; separate the boxes or merge the texts",
-                            WARNING,
-                        )
-                    )
             text_boxes.append((index, bbox))
+    pairs, total = _overlapping_boxes(text_boxes, MAX_ISSUES_PER_PLACE)
+    for earlier, later in pairs:
+        found.append(
+            _issue(
+                path + (later, "bbox"),
+                f"text bbox {elements[later]['bbox']} overlaps the bbox {elements[earlier]['bbox']} of text element "
+                f"elements[{earlier}]",
+                "overlapping text tends to render garbled; separate the boxes or merge the texts",
+                WARNING,
+            )
+        )
+    if total > len(pairs):
+        found.append((path + (0, "bbox"), _Unlisted(total - len(pairs), WARNING)))
     return found
 
 
@@ -674,7 +840,33 @@ def check_caption(caption) -> list[CaptionIssue]:
         ]
 
 
+def _too_long(caption) -> list:
+    """The cheap limit first: a caption whose size alone proves it over the token limit gets this one issue and is
+    not read further. A dict is measured as its minified JSON text."""
+    if isinstance(caption, dict):
+        try:
+            caption = json.dumps(caption, ensure_ascii=False, separators=(",", ":"), default=lambda value: None)
+        except (TypeError, ValueError, RecursionError):  # odd keys, cycles, deep nesting: reported by the passes
+            return []
+    if not isinstance(caption, str):
+        return []
+    tokens, reason = min_caption_tokens(caption)
+    if tokens <= MAX_TEXT_TOKENS:
+        return []
+    return [
+        _issue(
+            (),
+            f"caption is too long: at least {tokens:,} tokens ({reason}), over the limit of {MAX_TEXT_TOKENS} "
+            "(chat template included); nothing else was checked",
+            "shorten it: fewer or shorter elements and descriptions; the pipeline never truncates a prompt",
+        )
+    ]
+
+
 def _check(caption) -> list:
+    too_long = _too_long(caption)
+    if too_long:
+        return too_long
     if isinstance(caption, str):
         parsed, found = _parse_text(caption)
         if parsed is _UNPARSED:
@@ -701,7 +893,7 @@ def _check(caption) -> list:
         return found + guarded
     for error in _schema_validator().iter_errors(parsed):
         found += _from_schema_error(error)
-    return found + _hand_rules(parsed)
+    return found + _unencodable(parsed) + _hand_rules(parsed)
 
 
 def is_valid(caption) -> bool:

@@ -6,16 +6,16 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from ..files import STDIN, UserFileError, check_image_path, read_text, save_image, write_atomically
 from .builder import to_json
-from .checker import ROOT_PATH, CaptionIssue, check_caption
+from .checker import CaptionIssue, check_caption
 from .preview import render_layout
 
 
-STDIN = "-"
 DEFAULT_SIDE = 1024
-# Exit codes: 0 success, 1 a caption has errors (or could not be read or written), 2 a usage error.
+# Exit codes: 0 success, 1 a caption has errors, 2 a usage error: a bad argument, or a file that cannot be read
+# (missing, not UTF-8) or written (one `error: ...` line on stderr; nothing was written).
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
@@ -77,14 +77,16 @@ def _print(line: str, stream=None) -> None:
     print(line.encode(encoding, "backslashreplace").decode(encoding), file=stream)
 
 
-def _read(name: str) -> tuple[str | None, CaptionIssue | None]:
-    """The caption text of a file (or stdin), without the file's trailing newline; or the reason it cannot be read."""
+def _read(name: str) -> str | None:
+    """The caption text of a file (or stdin) as strict UTF-8, without the file's trailing newline; None after
+    printing one `error:` line when it cannot be read."""
     try:
-        text = sys.stdin.read() if name == STDIN else Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        return None, CaptionIssue(ROOT_PATH, f"cannot read the file: {error}", "check the path; captions are UTF-8")
+        text = read_text(name)
+    except UserFileError as error:
+        _print(f"error: {error}", sys.stderr)
+        return None
     # A newline at the end is the file's, not the caption's.
-    return text.rstrip("\r\n"), None
+    return text.rstrip("\r\n")
 
 
 def _line(name: str, issue: CaptionIssue) -> str:
@@ -92,24 +94,27 @@ def _line(name: str, issue: CaptionIssue) -> str:
 
 
 def run_validate(args) -> int:
-    """`caption validate FILE...`: print every issue; 1 if any file has errors."""
-    failed = False
+    """`caption validate FILE...`: print every issue; 1 if any file has errors, 2 if one cannot be read."""
+    failed = unreadable = False
     for name in args.files:
-        text, unreadable = _read(name)
-        issues = [unreadable] if unreadable is not None else check_caption(text)
+        text = _read(name)
+        if text is None:
+            unreadable = True
+            continue
+        issues = check_caption(text)
         for issue in issues:
             _print(_line(name, issue))
         if not issues:
             _print(f"{name}: ok")
         failed = failed or any(issue.is_error for issue in issues)
-    return EXIT_INVALID if failed else EXIT_OK
+    return EXIT_USAGE if unreadable else EXIT_INVALID if failed else EXIT_OK
 
 
 def _load(name: str) -> tuple[str | None, dict | None]:
-    """(text, caption dict), or print why the file holds no caption object and return (None, None)."""
-    text, unreadable = _read(name)
-    if unreadable is not None:
-        _print(_line(name, unreadable), sys.stderr)
+    """(text, caption dict); (text, None) after printing why the text holds no caption object; (None, None) when the
+    file could not be read (its `error:` line printed: a usage error)."""
+    text = _read(name)
+    if text is None:
         return None, None
     try:
         caption = json.loads(text)
@@ -119,7 +124,7 @@ def _load(name: str) -> tuple[str | None, dict | None]:
         for issue in check_caption(text):
             if issue.is_error:
                 _print(_line(name, issue), sys.stderr)
-        return None, None
+        return text, None
     return text, caption
 
 
@@ -142,7 +147,7 @@ def run_format(args) -> int:
         return EXIT_USAGE
     text, caption = _load(args.file)
     if caption is None:
-        return EXIT_INVALID
+        return EXIT_USAGE if text is None else EXIT_INVALID
     if _has_duplicate_keys(text):  # json.loads kept only the last value of each: formatting would drop the others
         for issue in check_caption(text):
             _print(_line(args.file, issue), sys.stderr)
@@ -156,15 +161,30 @@ def run_format(args) -> int:
     except (ValueError, RecursionError) as error:
         _print(f"{args.file}: $: cannot serialize: {error}", sys.stderr)
         return EXIT_INVALID
+    # Encoded before anything is opened: text UTF-8 cannot hold (a lone surrogate) stops here, nothing written.
+    try:
+        data = (canonical + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        for issue in check_caption(canonical):
+            if issue.is_error:
+                _print(_line(args.file, issue), sys.stderr)
+        _print(f"error: {args.file} holds text that UTF-8 cannot encode (above); nothing was written", sys.stderr)
+        return EXIT_INVALID
     output = args.file if args.in_place else args.output
     if output is None:
-        _print(canonical)
+        stdout = getattr(sys.stdout, "buffer", None)  # the bytes themselves, whatever the terminal's encoding
+        if stdout is None:
+            sys.stdout.write(data.decode("utf-8"))
+        else:
+            sys.stdout.flush()
+            stdout.write(data)
+            stdout.flush()
     else:
         try:
-            Path(output).write_text(canonical + "\n", encoding="utf-8")
-        except OSError as error:
-            _print(f"error: cannot write {output}: {error}", sys.stderr)
-            return EXIT_INVALID
+            write_atomically(output, data)
+        except UserFileError as error:
+            _print(f"error: {error}", sys.stderr)
+            return EXIT_USAGE
     for issue in check_caption(canonical):
         _print(_line(args.file, issue), sys.stderr)
     return EXIT_OK
@@ -174,28 +194,29 @@ def run_preview(args) -> int:
     """`caption preview FILE -o layout.png [--width W --height H] [--image generated.png]`."""
     from PIL import Image
 
+    try:
+        check_image_path(args.output)
+    except UserFileError as error:
+        _print(f"error: {error}", sys.stderr)
+        return EXIT_USAGE
     text, caption = _load(args.file)
     if caption is None:
-        return EXIT_INVALID
+        return EXIT_USAGE if text is None else EXIT_INVALID
     image = None
     if args.image is not None:
         try:
             image = Image.open(args.image)
             image.load()
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:
             _print(f"error: cannot read --image {args.image}: {error}", sys.stderr)
-            return EXIT_INVALID
+            return EXIT_USAGE
     width = args.width if args.width is not None else image.width if image is not None else DEFAULT_SIDE
     height = args.height if args.height is not None else image.height if image is not None else DEFAULT_SIDE
     try:
-        layout = render_layout(caption, width, height, image=image)
-        layout.save(args.output)
-    except ValueError as error:
+        save_image(render_layout(caption, width, height, image=image), args.output)
+    except ValueError as error:  # a bad size, or UserFileError: the output could not be written
         _print(f"error: {error}", sys.stderr)
         return EXIT_USAGE
-    except OSError as error:
-        _print(f"error: cannot write {args.output}: {error}", sys.stderr)
-        return EXIT_INVALID
     for issue in check_caption(text):
         _print(_line(args.file, issue), sys.stderr)
     _print(f"wrote {args.output} ({width}x{height})")
