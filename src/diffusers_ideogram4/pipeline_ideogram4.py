@@ -457,7 +457,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         num_text = text_features.shape[1]
         transformer = self.transformer
         dtype = transformer.dtype
-        timestep = torch.full((latents.shape[0],), tau, device=latents.device, dtype=torch.float32)
+        # One time for the whole batch, shape (1,): its embedding and modulations are then computed once and
+        # broadcast, so an image comes out the same whether it is generated alone or in a batch (a (B,) row of
+        # equal times goes through B-row matmuls whose rounding depends on B).
+        timestep = torch.full((1,), tau, device=latents.device, dtype=torch.float32)
         packed = torch.cat((latents.new_zeros(latents.shape[0], num_text, latents.shape[2]), latents), dim=1)
         v_cond = transformer(
             hidden_states=packed.to(dtype),
