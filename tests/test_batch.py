@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -217,11 +218,11 @@ def test_cli_reports_bad_lines_before_loading_anything(tmp_path, capsys, no_mode
         (["--out", "o", "--revision", "main"], "error: --revision 'main': the tiny-random model is built locally"),
     ],
 )
-def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys, no_model, arguments, message):
+def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys, monkeypatch, no_model, arguments, message):
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "x.safetensors").write_bytes(b"")
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"caption": CAPTION, **SMALL}])
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     arguments = [str(tmp_path / a) if a in ("FILE", "o") else a for a in arguments]
     code, _, err = run_cli(capsys, "batch", jobs, "--model", TINY_RANDOM, *arguments)
     assert code == 2
@@ -236,6 +237,24 @@ def test_idea_lines_are_refused_until_prompt_expansion_exists(tmp_path, capsys, 
     assert (
         "line 1: idea: prompt expansion (turning a plain-text idea into a structured caption) is not available" in err
     )
+
+
+def test_the_readme_job_file_and_manifest_agree(tmp_path):
+    readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
+    job_file, manifest = re.findall(r"```jsonl\n(.*?)```", readme, flags=re.S)
+    job_list = read_jobs(write_jobs(tmp_path / "jobs.jsonl", job_file.splitlines()))
+    assert [(job.line, job.name, job.seeds) for job in job_list.jobs] == [
+        (1, "seaside", (1, 2, 3)),
+        (2, "hello", (10, 11)),
+    ]
+    assert [(problem.line, problem.field) for problem in job_list.problems] == [(3, "idea")]
+    records = [json.loads(line) for line in manifest.splitlines()]
+    assert [(r["status"], r["line"], r.get("file")) for r in records] == [
+        ("invalid", 3, None),
+        *[("done", 1, f"seaside-{seed}.png") for seed in (1, 2, 3)],
+        *[("done", 2, f"hello-{seed}.png") for seed in (10, 11)],
+    ]
+    assert records[0]["error"] == job_list.problems[0].text
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -462,6 +481,25 @@ def test_reproduce_regenerates_an_image_bit_for_bit(tmp_path, capsys, pipe):
     assert (tmp_path / "again.png").read_bytes() == (out / "p-3.png").read_bytes()
 
 
+def test_reproduce_says_when_the_pixels_differ(tmp_path, capsys, monkeypatch, pipe):
+    import diffusers_ideogram4.recipe as recipe_module
+
+    generate_batch(pipe, [{"caption": CAPTION, "name": "p", "seed": 3, **SMALL}], tmp_path, model=TINY, progress=False)
+    original = read_recipe(tmp_path / "p-3.png")
+    elsewhere = {**original["made_with"], "device": "cuda", "torch": "9.9"}
+    monkeypatch.setattr(
+        recipe_module,
+        "reproduce_image",
+        lambda recipe, device, offload: (Image.new("RGB", (256, 256)), {**recipe, "made_with": elsewhere}),
+    )
+    code, printed, _ = run_cli(capsys, "reproduce", tmp_path / "p-3.png")
+    assert code == 1
+    assert printed == (
+        f"Wrote {tmp_path / 'p-3.reproduced.png'}: the pixels differ from {tmp_path / 'p-3.png'} (made with device "
+        f"cpu -> cuda, torch {original['made_with']['torch']} -> 9.9).\n"
+    )
+
+
 def test_reproduce_refuses_what_it_cannot_run(tmp_path, capsys, no_model):
     Image.new("RGB", (16, 16)).save(tmp_path / "plain.png")
     code, _, err = run_cli(capsys, "reproduce", tmp_path / "plain.png")
@@ -521,6 +559,28 @@ def test_generate_with_a_lora_records_it_and_reproduce_checks_the_file(tmp_path,
         err
         == f"error: LoRA {str(lora)!r} has changed: its sha256 is no longer {styled['model']['loras'][0]['sha256']}. Restore that file.\n"
     )
+
+
+def test_a_local_model_folder_is_loaded_named_and_reproduced(tmp_path, capsys, monkeypatch):
+    from diffusers_ideogram4.testing import tiny_pipeline
+
+    tiny_pipeline(seed=0).save_pretrained(tmp_path / "model")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"caption": CAPTION, "name": "p", "seed": 1, **SMALL}])
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = run_cli(capsys, "batch", jobs, "--out", "out", "--model", "model", "--dtype", "fp32")
+    assert code == 0
+    recipe = read_recipe(tmp_path / "out" / "p-1.png")
+    assert recipe["model"] == {
+        "id": str(tmp_path / "model"),
+        "revision": None,
+        "dtype": "fp32",
+        "seed": None,
+        "loras": [],
+    }
+    monkeypatch.chdir(tmp_path / "out")  # the recipe holds the folder's absolute path
+    code, printed, _ = run_cli(capsys, "reproduce", "p-1.png", "-o", tmp_path / "again.png")
+    assert code == 0 and "the same pixels" in printed
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "out" / "p-1.png").read_bytes()
 
 
 def test_a_hub_revision_is_recorded_as_its_commit(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ import re
 import secrets
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +78,7 @@ LOCK_NAME = ".ideogram4-batch.lock"
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_IMAGES_PER_JOB = 10_000
+MAX_STEPS = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 DEFAULT_NAME_DIGITS = 12
 MAX_SHOWN_CHARS = 60
@@ -184,6 +185,17 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite_number(value) -> float | None:
+    """A JSON number as a finite float; None for bools, strings, NaN and ints beyond the float range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON (numbers must be finite)")
 
@@ -274,7 +286,7 @@ class _LineChecker:
             if bad:
                 self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
                 return ()
-            repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+            repeated = sorted(seed for seed, count in Counter(seeds).items() if count > 1)
             if repeated:
                 self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
                 return ()
@@ -300,17 +312,15 @@ class _LineChecker:
 
     def sampler(self) -> tuple:
         preset = self.job.get("preset")
-        if "preset" in self.job and preset not in PRESETS:
+        if "preset" in self.job and not (isinstance(preset, str) and preset in PRESETS):
             self.problem("preset", f"{_show(preset)} is not a preset; use one of {sorted(PRESETS)}")
             preset = None
-        steps = self.integer("steps", None, 1, 10_000, "denoising steps")
-        guidance = self.job.get("guidance_scale")
+        steps = self.integer("steps", None, 1, MAX_STEPS, "denoising steps")
+        guidance = None
         if "guidance_scale" in self.job:
-            if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-                self.problem("guidance_scale", f"must be a finite number, got {_show(guidance)}")
-                guidance = None
-            else:
-                guidance = float(guidance)
+            guidance = _finite_number(self.job["guidance_scale"])
+            if guidance is None:
+                self.problem("guidance_scale", f"must be a finite number, got {_show(self.job['guidance_scale'])}")
         return preset, steps, guidance
 
     def name(self, caption: str | None, settings: dict) -> str:

@@ -91,7 +91,7 @@ def run_generate(args) -> int:
 
 def add_device_options(parser) -> None:
     parser.add_argument(
-        "--device", default=None, help="default: cuda if available, else cpu; under accelerate launch, each process's"
+        "--device", default=None, help="default: cuda if available, else cpu (batch under accelerate: each process's)"
     )
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (16 GB cards)")
 
@@ -224,12 +224,11 @@ def run_reproduce(args) -> int:
         print(f"Wrote {output}: the same pixels as {source}.")
         return 0
     before, now = recipe["made_with"], new_recipe["made_with"]
-    changed = ", ".join(
+    changed = [
         f"{key} {before.get(key)} -> {now.get(key)}" for key in sorted(before | now) if before.get(key) != now.get(key)
-    )
-    print(
-        f"Wrote {output}: the pixels differ from {source} ({'made with ' + changed if changed else 'same software and device'})."
-    )
+    ]
+    detail = f"made with {', '.join(changed)}" if changed else "same software and device"
+    print(f"Wrote {output}: the pixels differ from {source} ({detail}).")
     return 1
 
 

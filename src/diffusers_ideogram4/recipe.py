@@ -73,7 +73,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA file and its strength, with the file's SHA-256 so that a recipe names the exact weights."""
+    """A LoRA file (absolute path) and its strength, with the file's SHA-256 so that a recipe names the exact
+    weights."""
 
     path: str
     scale: float = 1.0
@@ -99,7 +100,7 @@ class LoraSpec:
             raise ValueError(f"--lora {path!r}: no such file; give the path of a LoRA .safetensors file.")
         if not path.endswith(".safetensors"):
             raise ValueError(f"--lora {path!r}: LoRA weights are read from .safetensors files only.")
-        return cls(path, float(scale), file_sha256(path))
+        return cls(os.path.abspath(path), float(scale), file_sha256(path))
 
     def to_dict(self) -> dict:
         return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
@@ -110,7 +111,8 @@ class ModelSpec:
     """Which weights make the images: a hub repo (at a commit), a local folder, or the tiny random model.
 
     Args:
-        id: hub repo id, local folder, or "tiny-random" (built offline from `seed`; the images are noise).
+        id: hub repo id, local folder (absolute path), or "tiny-random" (built offline from `seed`; the images are
+            noise).
         revision: the hub commit the weights were read at (None for folders and the tiny model).
         dtype: "bf16", "fp16" or "fp32".
         seed: the weights' seed of the tiny random model (None otherwise).
@@ -142,7 +144,7 @@ class ModelSpec:
                 raise ValueError(
                     f"--revision {revision!r}: {model!r} is a local folder; a revision applies to hub repos only."
                 )
-            return cls(model, None, dtype or DEFAULT_DTYPE, None, loras)
+            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, loras)
         return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, loras)
 
     def to_dict(self) -> dict:
@@ -158,12 +160,6 @@ class ModelSpec:
     def from_dict(cls, data: dict) -> "ModelSpec":
         loras = tuple(LoraSpec(lora["path"], float(lora["scale"]), lora.get("sha256")) for lora in data["loras"])
         return cls(data["id"], data.get("revision"), data["dtype"], data.get("seed"), loras)
-
-    def describe(self) -> str:
-        where = f" at {self.revision[:12]}" if self.revision else ""
-        seed = f" (weights seed {self.seed})" if self.seed is not None else ""
-        loras = "".join(f" + LoRA {lora.path} x {lora.scale:g}" for lora in self.loras)
-        return f"{self.id}{where}{seed}, {self.dtype}{loras}"
 
     def load_tokenizer(self):
         """The tokenizer alone (no weights): enough to check captions against the token limit before loading."""
