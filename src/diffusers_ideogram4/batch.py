@@ -75,6 +75,7 @@ JOB_FIELDS = (
 )
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".ideogram4-batch.lock"
+MAX_RECORD_BYTES = 1 << 20
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_IMAGES_PER_JOB = 10_000
@@ -102,12 +103,12 @@ class Job:
     line: int
     caption: str
     seeds: tuple[int, ...]
+    name: str
     height: int = DEFAULT_IMAGE_SIDE
     width: int = DEFAULT_IMAGE_SIDE
     preset: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
-    name: str = ""
 
     def file_name(self, seed: int) -> str:
         return f"{self.name}-{seed}.png"
@@ -165,10 +166,6 @@ class JobList:
 
     def error(self, hint: str) -> JobFileError:
         return JobFileError(self.problems, self.source, hint)
-
-    @property
-    def invalid_lines(self) -> list[int]:
-        return sorted({problem.line for problem in self.problems})
 
 
 def _line_list(lines: list[int]) -> str:
@@ -355,7 +352,7 @@ def check_job(line: int, job) -> tuple[Job | None, list[JobProblem], list[JobPro
     name = checker.name(caption, settings)
     if checker.problems:
         return None, checker.problems, checker.notes
-    job = Job(line, caption, seeds, height, width, preset, steps, guidance, name)
+    job = Job(line, caption, seeds, name, height, width, preset, steps, guidance)
     return job, [], checker.notes
 
 
@@ -466,9 +463,10 @@ def check_token_limits(job_list: JobList, tokenizer) -> None:
 def process_state() -> PartialState:
     """accelerate's view of the processes of this run.
 
-    `PartialState()` forms a process group only on an accelerator with a distributed backend; in a group of processes
-    (`accelerate launch`, torchrun) on a machine without one, or under `accelerate launch --cpu`, each process would
-    be a separate single run that makes every image. There the processes join one group over gloo instead.
+    `PartialState()` forms a process group only on an accelerator with a distributed backend: in a group of processes
+    (`accelerate launch`, torchrun) on a machine without one, each process would be a separate single run that makes
+    every image. There, and with ACCELERATE_USE_CPU set (`accelerate launch --cpu`), the processes join one group
+    over gloo instead.
     """
     import torch
 
@@ -547,14 +545,17 @@ class Manifest:
         if not self.path.exists():
             return 0
         with open(self.path, "rb+") as handle:
-            data = handle.read()
-            if not data or data.endswith(b"\n"):
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - MAX_RECORD_BYTES)  # a record is far shorter: its last newline is in this tail
+            handle.seek(start)
+            tail = handle.read()
+            if not tail or tail.endswith(b"\n"):
                 return 0
-            keep = data.rfind(b"\n") + 1
+            keep = start + tail.rfind(b"\n") + 1
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
-            return len(data) - keep
+            return size - keep
 
     def append(self, records: list[dict]) -> None:
         if not records:
