@@ -38,6 +38,9 @@ _LAZY = {
     "Ideogram4TextEncoder": ".text_encoder",
     "count_caption_tokens": ".text_encoder",
     "Ideogram4Transformer2DModel": ".transformer_ideogram4",
+    "generate_batch": ".batch",
+    "ModelSpec": ".recipe",
+    "read_recipe": ".recipe",
 }
 
 

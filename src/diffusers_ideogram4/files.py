@@ -144,8 +144,9 @@ def check_image_path(path) -> None:
         raise UserFileError(f"cannot write {path}: the file is read-only")
 
 
-def save_image(image, path) -> None:
-    """Encode `image` in memory in the format of `path`'s extension, then `write_atomically` it.
+def save_image(image, path, **options) -> None:
+    """Encode `image` in memory in the format of `path`'s extension (with Pillow's save `options`, e.g. `pnginfo`),
+    then `write_atomically` it.
 
     Raises:
         UserFileError: the extension is not one Pillow writes, the image cannot be encoded in that format, or
@@ -154,7 +155,7 @@ def save_image(image, path) -> None:
     encoding = image_format(path)
     buffer = io.BytesIO()
     try:
-        image.save(buffer, format=encoding)
+        image.save(buffer, format=encoding, **options)
     except (OSError, ValueError) as error:
         reason = _reason(error) if isinstance(error, OSError) else error
         raise UserFileError(f"cannot write {path}: {reason}; nothing was written") from None

@@ -492,7 +492,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
 
     def predict_velocity(self, latents, tau, text_features, layout, uncond_layout, guidance) -> torch.Tensor:
         """One guided velocity (B, N_img, C) float32; the unconditional pass is skipped when guidance is 1."""
-        timestep = torch.full((latents.shape[0],), tau, device=latents.device, dtype=torch.float32)
+        # One time for the whole batch, shape (1,): its embedding and modulations are then computed once and
+        # broadcast, so an image comes out the same whether it is generated alone or in a batch (a (B,) row of
+        # equal times goes through B-row matmuls whose rounding depends on B).
+        timestep = torch.full((1,), tau, device=latents.device, dtype=torch.float32)
         v_cond = self.branch_velocity(self.transformer, latents, timestep, text_features, layout)
         v_uncond = None
         if guidance != 1.0:

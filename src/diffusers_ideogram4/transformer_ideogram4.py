@@ -288,7 +288,7 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
 
         Args:
             hidden_states (`(B, L, in_channels)`): noisy image tokens; other positions are zeroed here.
-            timestep (`(B,)`): model time in [0, 1], 0 = noise, 1 = data.
+            timestep (`(B,)` or `(1,)`): model time in [0, 1], 0 = noise, 1 = data; `(1,)` is shared by the batch.
             encoder_hidden_states (`(B, T, llm_features_dim)`, T <= L, or None): text features of the first T
                 positions (T = L as in diffusers' built-in model, or just the text prefix); non-text positions are
                 zeroed here. None when the sequence holds no text (the unconditional branch).

@@ -1,0 +1,925 @@
+"""Many images from a job file, on one process or many: `ideogram4 batch` and `generate_batch`.
+
+A job file is JSON Lines, one job per line (blank lines are allowed and skipped; line numbers count them):
+
+    {"caption": {...}, "seeds": [1, 2, 3], "height": 1024, "width": 768, "preset": "default_20", "name": "poster"}
+
+- `caption`: a structured caption object, or its JSON text (taken verbatim). `idea` (a plain-text idea to expand)
+  is refused until prompt expansion exists.
+- `seed` (default 0) with `num_images` (default 1) makes seeds seed, seed + 1, ...; or `seeds`, a list.
+- `height`, `width` (default 1024), `preset`, `steps`, `guidance_scale`: as in the pipeline call.
+- `name`: the images are `{name}-{seed}.png`; by default a hash of the caption and the settings, so that an edited or
+  reordered job file still finds the images it made before.
+
+Every line is checked (captions with the caption checker, against the token limit once a tokenizer is at hand)
+before any model is loaded or any image generated; a bad line is reported with its number and field.
+
+The run (`generate_batch`): job order -> image list -> images already done and verified are skipped (the file opens
+and its recipe equals the job's; `force` regenerates them) -> the rest are grouped into batches of equal size,
+schedule and caption token count (such a batch needs no attention mask, and the pipeline gives each image the same
+bits alone or in a batch) -> the batches are split between the processes of `accelerate launch` with
+`PartialState.split_between_processes`. Each process writes its own images (atomically, recipe inside); after every
+round of batches the results are gathered and process 0 appends them to `manifest.jsonl` (one JSON line per image:
+status done / failed / invalid, the error, the line number). The output folder must be one folder that every process
+sees (a shared file system when there are several machines), and one run uses it at a time.
+"""
+
+import contextlib
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+
+from .captions import CaptionWarning, check_caption
+from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
+from .recipe import (
+    DTYPES,
+    ModelSpec,
+    RecipeError,
+    build_recipe,
+    pipeline_arguments,
+    read_recipe,
+    recipe_differences,
+    remove_stale_temporaries,
+    resolve_sampling,
+    seeded_generator,
+    write_png,
+)
+from .sampler import PRESETS
+
+
+JOB_FIELDS = (
+    "caption",
+    "idea",
+    "seed",
+    "seeds",
+    "num_images",
+    "height",
+    "width",
+    "preset",
+    "steps",
+    "guidance_scale",
+    "name",
+)
+MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".ideogram4-batch.lock"
+MAX_RECORD_BYTES = 1 << 20
+DEFAULT_SEED = 0
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_IMAGES_PER_JOB = 10_000
+MAX_STEPS = 10_000
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+DEFAULT_NAME_DIGITS = 12
+MAX_SHOWN_CHARS = 60
+# The one place that knows prompt expansion is missing; replace this refusal with the expansion when it exists.
+IDEA_UNAVAILABLE = (
+    "prompt expansion (turning a plain-text idea into a structured caption) is not available in this version yet; "
+    "write the structured caption as `caption` instead (`ideogram4 caption` helps)"
+)
+CLI_SKIP_HINT = "Fix these lines, or pass --skip-invalid to record them in the manifest and generate the others."
+API_SKIP_HINT = "Fix these jobs, or pass skip_invalid=True to record them in the manifest and generate the others."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One valid line of a job file: a caption, its seeds and the settings they share."""
+
+    line: int
+    caption: str
+    seeds: tuple[int, ...]
+    name: str
+    height: int = DEFAULT_IMAGE_SIDE
+    width: int = DEFAULT_IMAGE_SIDE
+    preset: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+    def file_name(self, seed: int) -> str:
+        return f"{self.name}-{seed}.png"
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """Why a line is invalid: its number, the field (a JSON path below `caption`; empty for the whole line), what."""
+
+    line: int
+    field: str
+    message: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.text}"
+
+
+class JobFileError(ValueError):
+    """Invalid lines in a job file: `.problems` lists them all."""
+
+    def __init__(self, problems: list[JobProblem], source: str, hint: str = ""):
+        self.problems, self.source, self.hint = list(problems), source, hint
+        lines = sorted({problem.line for problem in self.problems})
+        header = f"{source}: {len(lines)} invalid line{'s' if len(lines) != 1 else ''} ({_line_list(lines)}):"
+        super().__init__(
+            "\n".join([header, *(f"  {problem}" for problem in self.problems), *([hint] if hint else [])])
+        )
+
+    def __reduce__(self):
+        return type(self), (self.problems, self.source, self.hint)
+
+
+@dataclass
+class JobList:
+    """The checked jobs of a file: the valid ones, the problems of the others, and the caption warnings.
+
+    `token_counts` (line -> tokens with the chat template) is filled by `check_token_limits`.
+    """
+
+    source: str
+    jobs: list[Job]
+    problems: list[JobProblem] = field(default_factory=list)
+    notes: list[JobProblem] = field(default_factory=list)
+    token_counts: dict[int, int] | None = None
+
+    def reject(self, problems: list[JobProblem]) -> None:
+        """Move the jobs of these problems' lines to the invalid ones."""
+        lines = {problem.line for problem in problems}
+        self.jobs = [job for job in self.jobs if job.line not in lines]
+        self.problems = sorted(self.problems + problems, key=lambda problem: problem.line)
+
+    def error(self, hint: str) -> JobFileError:
+        return JobFileError(self.problems, self.source, hint)
+
+
+def _line_list(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:10]))
+    return f"line {shown}" if len(lines) == 1 else f"lines {shown}" + (", ..." if len(lines) > 10 else "")
+
+
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_number(value) -> float | None:
+    """A JSON number as a finite float; None for bools, strings, NaN and ints beyond the float range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _parse_object(text: str) -> tuple[object, list[str]]:
+    """json.loads that also returns every key repeated within one object (json keeps only the last one)."""
+    repeated = []
+
+    def pairs(items):
+        seen = set()
+        for key, _ in items:
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=_refuse_constant), repeated
+
+
+def _default_name(caption: str, settings: dict) -> str:
+    """A stable name from what the image shows (caption, size, sampler settings), seeds excluded."""
+    text = json.dumps({"caption": caption, **settings}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DEFAULT_NAME_DIGITS]
+
+
+class _LineChecker:
+    """The checks of one job object; collects every problem of the line rather than stopping at the first."""
+
+    def __init__(self, line: int, job: dict) -> None:
+        self.line, self.job = line, job
+        self.problems: list[JobProblem] = []
+        self.notes: list[JobProblem] = []
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(JobProblem(self.line, name, message))
+
+    def integer(self, name: str, default, low: int, high: int, meaning: str):
+        if name not in self.job:
+            return default
+        value = self.job[name]
+        if not _is_int(value) or not low <= value <= high:
+            self.problem(name, f"must be an int from {low} to {high} ({meaning}), got {_show(value)}")
+            return default
+        return value
+
+    def caption(self) -> str | None:
+        has_caption, has_idea = "caption" in self.job, "idea" in self.job
+        if has_idea:
+            self.problem(
+                "idea", IDEA_UNAVAILABLE + ("; and give `caption` or `idea`, not both" if has_caption else "")
+            )
+        if not has_caption:
+            if not has_idea:
+                self.problem("caption", "missing; every job needs a `caption` (a caption object or its JSON text)")
+            return None
+        value = self.job["caption"]
+        if isinstance(value, dict):
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        elif isinstance(value, str):
+            text = value
+        else:
+            self.problem("caption", f"must be a caption object or its JSON text, got {_show(value)}")
+            return None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = text[error.start : error.end].encode("unicode_escape").decode("ascii")
+            self.problem("caption", f"holds {bad}, half of a surrogate pair, which is not text; fix that escape")
+            return None
+        for issue in check_caption(text):
+            where = "caption" if issue.path == "$" else f"caption.{issue.path}"
+            message = f"{issue.message} ({issue.hint})" if issue.hint else issue.message
+            (self.problems if issue.is_error else self.notes).append(JobProblem(self.line, where, message))
+        return text
+
+    def seeds(self) -> tuple[int, ...]:
+        given = [name for name in ("seed", "seeds", "num_images") if name in self.job]
+        if "seeds" in self.job and len(given) > 1:
+            other = next(name for name in given if name != "seeds")
+            self.problem(other, f"give `seeds` (a list) or `{other}`, not both")
+            return ()
+        if "seeds" in self.job:
+            seeds = self.job["seeds"]
+            if not isinstance(seeds, list) or not seeds or len(seeds) > MAX_IMAGES_PER_JOB:
+                self.problem("seeds", f"must be a list of 1 to {MAX_IMAGES_PER_JOB} ints, got {_show(seeds)}")
+                return ()
+            bad = [seed for seed in seeds if not _is_int(seed) or not 0 <= seed <= MAX_SEED]
+            if bad:
+                self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
+                return ()
+            repeated = sorted(seed for seed, count in Counter(seeds).items() if count > 1)
+            if repeated:
+                self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
+                return ()
+            return tuple(seeds)
+        first = self.integer("seed", DEFAULT_SEED, 0, MAX_SEED, "the initial noise's seed")
+        count = self.integer("num_images", 1, 1, MAX_IMAGES_PER_JOB, "images made with seed, seed + 1, ...")
+        if first + count - 1 > MAX_SEED:
+            self.problem("num_images", f"{count} images from seed {first} pass the largest seed, {MAX_SEED}")
+            return ()
+        return tuple(range(first, first + count))
+
+    def size(self, name: str) -> int:
+        from .validation import check_image_size
+
+        value = self.job.get(name, DEFAULT_IMAGE_SIDE)
+        sides = {"height": DEFAULT_IMAGE_SIDE, "width": DEFAULT_IMAGE_SIDE, name: value}
+        try:
+            check_image_size(sides["height"], sides["width"])  # its message names the side
+        except ValueError as error:
+            self.problem(name, str(error))
+            return DEFAULT_IMAGE_SIDE
+        return value
+
+    def sampler(self) -> tuple:
+        preset = self.job.get("preset")
+        if "preset" in self.job and not (isinstance(preset, str) and preset in PRESETS):
+            self.problem("preset", f"{_show(preset)} is not a preset; use one of {sorted(PRESETS)}")
+            preset = None
+        steps = self.integer("steps", None, 1, MAX_STEPS, "denoising steps")
+        guidance = None
+        if "guidance_scale" in self.job:
+            guidance = _finite_number(self.job["guidance_scale"])
+            if guidance is None:
+                self.problem("guidance_scale", f"must be a finite number, got {_show(self.job['guidance_scale'])}")
+        return preset, steps, guidance
+
+    def name(self, caption: str | None, settings: dict) -> str:
+        if "name" not in self.job:
+            return _default_name(caption or "", settings)
+        name = self.job["name"]
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            self.problem(
+                "name",
+                f"must be 1 to 100 letters, digits, `_`, `-` or `.`, not starting with `.` or `-`, got {_show(name)} "
+                "(it names the files `{name}-{seed}.png`)",
+            )
+        return name if isinstance(name, str) else ""
+
+
+def check_job(line: int, job) -> tuple[Job | None, list[JobProblem], list[JobProblem]]:
+    """One job object -> (the Job or None, its problems, its caption warnings)."""
+    if not isinstance(job, dict):
+        message = 'a job is a JSON object such as {"caption": {...}, "seed": 7}'
+        return None, [JobProblem(line, "", f"{message}, got {_show(job)}")], []
+    checker = _LineChecker(line, job)
+    for key in job:
+        if key not in JOB_FIELDS:
+            close = difflib.get_close_matches(str(key), JOB_FIELDS, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            checker.problem(str(key), f"unknown field; {hint}a job has {', '.join(JOB_FIELDS)}")
+    caption = checker.caption()
+    seeds = checker.seeds()
+    height, width = checker.size("height"), checker.size("width")
+    preset, steps, guidance = checker.sampler()
+    settings = {"height": height, "width": width, "preset": preset, "steps": steps, "guidance_scale": guidance}
+    name = checker.name(caption, settings)
+    if checker.problems:
+        return None, checker.problems, checker.notes
+    job = Job(line, caption, seeds, name, height, width, preset, steps, guidance)
+    return job, [], checker.notes
+
+
+def _job_objects(source) -> tuple[str, list[tuple[int, object, list[JobProblem]]]]:
+    """(name of the source, [(line number, parsed object or None, problems)]) from a path or a list of dicts."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"job file {path!r}: no such file; give a JSON Lines file, one job object per line.")
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{path}: line {line} is not UTF-8 ({error.reason}); save the job file as UTF-8."
+            ) from None
+        if text.startswith("\ufeff"):
+            raise ValueError(f"{path}: starts with a byte-order mark (BOM); save it as UTF-8 without BOM.")
+        entries = []
+        # split on "\n" only: str.splitlines would also split inside JSON strings at U+2028 and friends.
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
+            if not line.strip():
+                continue
+            try:
+                parsed, repeated = _parse_object(line)
+            except json.JSONDecodeError as error:
+                found = JobProblem(number, "", f"not valid JSON ({error.msg} at column {error.colno})")
+                entries.append((number, None, [found]))
+                continue
+            except (ValueError, RecursionError) as error:  # NaN / Infinity, or nesting too deep to parse
+                entries.append((number, None, [JobProblem(number, "", f"not valid JSON ({error})")]))
+                continue
+            problems = [JobProblem(number, key, "given twice in one object; keep one") for key in repeated]
+            entries.append((number, parsed, problems))
+        return path, entries
+    if isinstance(source, (list, tuple)):
+        return "jobs", [(number, job, []) for number, job in enumerate(source, start=1)]
+    raise ValueError(
+        f"`jobs` must be a job file path, a list of job dicts, or a JobList, got {type(source).__name__}."
+    )
+
+
+def read_jobs(source) -> JobList:
+    """Check every job of a JSON Lines file (or of a list of dicts, numbered from 1) and return them all.
+
+    Raises ValueError only when the source itself cannot be read (missing, not UTF-8); bad lines are collected in
+    `.problems`, with their line numbers.
+    """
+    name, entries = _job_objects(source)
+    jobs, problems, notes = [], [], []
+    for number, parsed, line_problems in entries:
+        job = None
+        if parsed is not None or not line_problems:
+            job, found, line_notes = check_job(number, parsed)
+            line_problems = line_problems + found
+            notes += line_notes
+        if line_problems:
+            problems += line_problems
+        else:
+            jobs.append(job)
+    job_list = JobList(name, [], problems, notes)
+    # Two jobs may not make the same file.
+    makers: dict[str, int] = {}
+    clashes = []
+    for job in jobs:
+        clash = next((job.file_name(seed) for seed in job.seeds if job.file_name(seed) in makers), None)
+        if clash is None:
+            job_list.jobs.append(job)
+            makers.update((job.file_name(seed), job.line) for seed in job.seeds)
+        else:
+            clashes.append(
+                JobProblem(
+                    job.line,
+                    "name",
+                    f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed",
+                )
+            )
+    job_list.reject(clashes)
+    return job_list
+
+
+def check_token_limits(job_list: JobList, tokenizer) -> None:
+    """Count every caption's tokens (chat template included) and reject the lines over the model's limit."""
+    from .text_encoder import tokenize_prompt
+
+    counts = {job.line: len(tokenize_prompt(tokenizer, job.caption)) for job in job_list.jobs}
+    job_list.token_counts = counts
+    job_list.reject(
+        [
+            JobProblem(
+                line,
+                "caption",
+                f"has {count} tokens, over the limit of {MAX_TEXT_TOKENS} (chat template included); shorten it, it "
+                "is never truncated",
+            )
+            for line, count in counts.items()
+            if count > MAX_TEXT_TOKENS
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output folder and manifest
+
+
+def process_state() -> PartialState:
+    """accelerate's view of the processes of this run.
+
+    `PartialState()` forms a process group only on an accelerator with a distributed backend: in a group of processes
+    (`accelerate launch`, torchrun) on a machine without one, each process would be a separate single run that makes
+    every image. There, and with ACCELERATE_USE_CPU set (`accelerate launch --cpu`), the processes join one group
+    over gloo instead.
+    """
+    import torch
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    if not cpu and "LOCAL_RANK" in os.environ:
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if accelerator is not None and accelerator.is_available():
+            cpu = accelerator.current_accelerator().type == "mps"  # MPS has no distributed backend
+        else:
+            cpu = not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+class RunLock:
+    """One run per output folder: process 0 holds an exclusive lock on `.ideogram4-batch.lock` while it runs (two
+    runs would delete each other's temporary files and interleave their manifests). POSIX only (fcntl)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_NAME
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            return self
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ValueError(
+                f"{self.path.parent}: another `ideogram4 batch` run (pid {holder}) is writing there; "
+                "wait for it to finish or give another folder. (Processes started together without a process group "
+                "would also each run alone: launch them with `accelerate launch`.)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
+
+
+def check_out_dir(out_dir, name: str = "`out_dir`") -> Path:
+    """The output folder may exist or not, but may not be a file, nor hold a folder named like the manifest, and it
+    (or the folder it will be made in) must be writable. `name` is how the message names the argument."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(out_dir)!r} is a file; give a folder for the images (created if missing).")
+    if (path / MANIFEST_NAME).is_dir():
+        raise ValueError(f"{path / MANIFEST_NAME} is a folder; the manifest must be a file. Move that folder away.")
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(out_dir)!r}: cannot write in {existing}; give a folder you can write to.")
+    return path
+
+
+class Manifest:
+    """`manifest.jsonl`, appended to by process 0 only: each call writes whole lines, then fsyncs."""
+
+    def __init__(self, path: Path, run: str) -> None:
+        self.path, self.run = path, run
+        self.trimmed = self._trim_torn_record()
+        self.descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def _trim_torn_record(self) -> int:
+        """A machine that lost power mid-append leaves a last line without its newline: cut it (its image, if any,
+        is found again by the next scan). Returns the bytes removed."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - MAX_RECORD_BYTES)  # a record is far shorter: its last newline is in this tail
+            handle.seek(start)
+            tail = handle.read()
+            if not tail or tail.endswith(b"\n"):
+                return 0
+            keep = start + tail.rfind(b"\n") + 1
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+            return size - keep
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps({"run": self.run, **record}, ensure_ascii=False) + "\n" for record in records)
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(self.descriptor, data) :]
+        os.fsync(self.descriptor)
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
+def read_manifest(path) -> list[dict]:
+    """Every record of a manifest, oldest first. A path's latest state is its last record."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"{path}: line {number} is not a JSON record ({error}).") from None
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images and batches
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to make: its position in the job file's image list, its job, seed, file and recipe."""
+
+    index: int
+    job: Job
+    seed: int
+    file: str
+    recipe: dict
+    group: tuple  # what one pipeline call shares: size, schedule, caption token count
+
+
+@dataclass
+class BatchResult:
+    """What a run did. `ok` is True only when every image of every job is done and no line was invalid."""
+
+    images: int
+    generated: int
+    skipped: int
+    failed: list[dict]
+    invalid: list[JobProblem]
+    ranks: list[dict]
+    manifest: Path
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.invalid and self.generated + self.skipped == self.images
+
+    def summary(self) -> list[str]:
+        lines = []
+        for rank in self.ranks:
+            rate = 60 * rank["generated"] / rank["seconds"] if rank["seconds"] else 0.0
+            lines.append(
+                f"rank {rank['rank']}: {rank['generated']} generated, {rank['failed']} failed in "
+                f"{rank['seconds']:.1f} s ({rate:.1f} images/min)"
+            )
+        done = self.generated + self.skipped
+        invalid_lines = sorted({problem.line for problem in self.invalid})
+        lines.append(
+            f"{done} of {self.images} images done ({self.generated} generated, {self.skipped} already there), "
+            f"{len(self.failed)} failed, {len(invalid_lines)} invalid "
+            f"line{'' if len(invalid_lines) == 1 else 's'}"
+            + (f" ({_line_list(invalid_lines)})" if invalid_lines else "")
+            + f"; manifest: {self.manifest}"
+        )
+        return lines
+
+
+def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
+    """The model the recipes name; the pipeline's own dtype and LoRAs must agree with it."""
+    import torch
+
+    dtype = {getattr(torch, name): key for key, name in DTYPES.items()}.get(pipe.transformer.dtype)
+    adapters = {name for names in pipe.get_list_adapters().values() for name in names}
+    if model is None:
+        if not pipe.name_or_path:
+            raise ValueError(
+                "`model` is needed: this pipeline was not loaded with from_pretrained, so the images' recipes could "
+                "not name its weights. Pass `model=ModelSpec(...)` (e.g. ModelSpec('tiny-random', seed=0, "
+                "dtype='fp32'))."
+            )
+        model = ModelSpec(pipe.name_or_path, None, dtype or str(pipe.transformer.dtype))
+    if dtype is not None and model.dtype != dtype:
+        raise ValueError(f"`model.dtype={model.dtype!r}` but the pipeline's transformer runs in {dtype}.")
+    if len(adapters) != len(model.loras):
+        raise ValueError(
+            f"The pipeline has {len(adapters)} LoRA adapter(s) ({sorted(adapters)}) but `model` lists "
+            f"{len(model.loras)}; a recipe must name every LoRA. Load them through ModelSpec(..., loras=...)."
+        )
+    return model
+
+
+def plan_images(pipe, job_list: JobList, model: ModelSpec, device_type: str) -> list[ImageTask]:
+    """Every image of the valid jobs, in job order then seed order, with its recipe. Jobs whose settings the
+    pipeline refuses (e.g. guidance on a CFG-distilled checkpoint) are moved to the invalid ones."""
+    tasks, refused = [], []
+    for job in list(job_list.jobs):
+        try:
+            sampling = resolve_sampling(pipe, job.preset, job.steps, job.guidance_scale)
+        except ValueError as error:
+            refused.append(JobProblem(job.line, "", str(error)))
+            continue
+        tokens = job_list.token_counts[job.line]
+        for seed in job.seeds:
+            recipe = build_recipe(job.caption, seed, job.height, job.width, sampling, model, device_type)
+            group = (job.height, job.width, tokens, json.dumps(pipeline_arguments(recipe), sort_keys=True))
+            tasks.append(ImageTask(len(tasks), job, seed, job.file_name(seed), recipe, group))
+    job_list.reject(refused)
+    lines = {job.line for job in job_list.jobs}
+    return [task for task in tasks if task.job.line in lines]
+
+
+def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[int], dict[int, str]]:
+    """(indices of the tasks to generate, why an existing file is to be replaced). A task is done when its file
+    opens completely and holds the task's recipe."""
+    pending, replaced = [], {}
+    for task in tasks:
+        path = out_dir / task.file
+        if not path.exists():
+            pending.append(task.index)
+            continue
+        if force:
+            pending.append(task.index)
+            replaced[task.index] = "--force"
+            continue
+        try:
+            differences = recipe_differences(read_recipe(path), task.recipe)
+        except RecipeError as error:
+            pending.append(task.index)
+            replaced[task.index] = f"unreadable: {error}"
+            continue
+        if differences:
+            pending.append(task.index)
+            replaced[task.index] = f"recipe differs in {', '.join(differences)}"
+    return pending, replaced
+
+
+def make_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
+    """Tasks grouped by what one call shares (in order of first appearance), cut into batches of `batch_size`."""
+    groups: dict[tuple, list[ImageTask]] = defaultdict(list)
+    for task in tasks:
+        groups[task.group].append(task)
+    return [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
+
+
+def _record(task: ImageTask, status: str) -> dict:
+    return {"status": status, "line": task.job.line, "name": task.job.name, "seed": task.seed, "file": task.file}
+
+
+def run_batch(pipe, batch: list[ImageTask], out_dir: Path, rank: int, replaced: dict[int, str]) -> list[dict]:
+    """One pipeline call for the batch, then each image written with its recipe. Returns one record per image."""
+    started = time.perf_counter()
+    first = batch[0].recipe
+    try:
+        images = pipe(
+            [task.recipe["caption"] for task in batch],
+            generator=[seeded_generator(task.seed) for task in batch],
+            caption_check="off",  # checked with the job file
+            **pipeline_arguments(first),
+        ).images
+        for task, image in zip(batch, images):
+            write_png(image, out_dir / task.file, task.recipe)
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        return [{**_record(task, "failed"), "error": message, "rank": rank} for task in batch]
+    seconds = round((time.perf_counter() - started) / len(batch), 3)
+    records = []
+    for task in batch:
+        record = {**_record(task, "done"), "generated": True, "rank": rank, "seconds": seconds}
+        if task.index in replaced:
+            record["replaced"] = replaced[task.index]
+        records.append(record)
+    return records
+
+
+def _run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{secrets.token_hex(3)}"
+
+
+def generate_batch(
+    pipe,
+    jobs,
+    out_dir,
+    *,
+    model: ModelSpec | None = None,
+    batch_size: int = 1,
+    skip_invalid: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> BatchResult:
+    r"""
+    Generate every image of a job file into `out_dir`, resumably; under `accelerate launch`, split between processes.
+
+    Args:
+        pipe (`Ideogram4Pipeline`): the loaded pipeline, placed on this process's device.
+        jobs: a JSON Lines file path, a list of job dicts (numbered from 1 like lines), or a `JobList`.
+        out_dir: folder for the images and `manifest.jsonl`; created if missing.
+        model (`ModelSpec`, *optional*): what the images' recipes name as the model (id, revision, dtype, LoRAs).
+            Default: the pipeline's `name_or_path` with no revision; required for pipelines not loaded with
+            `from_pretrained`. Must list every LoRA adapter the pipeline holds.
+        batch_size (`int`, defaults to 1): images per pipeline call, among images of the same size, schedule and
+            caption token count. An image has the same bits at any batch size (measured on the CPU).
+        skip_invalid (`bool`): record invalid lines in the manifest and generate the others, instead of raising
+            `JobFileError` before anything is generated.
+        force (`bool`): regenerate images that are already done.
+        progress (`bool`): one progress bar (process 0) over all images of all processes.
+
+    Returns:
+        `BatchResult` (the same on every process): counts, failed records, invalid lines, per-process timing.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    out_dir = check_out_dir(out_dir)
+    model = _model_of(pipe, model)
+    job_list = jobs if isinstance(jobs, JobList) else read_jobs(jobs)
+    if job_list.token_counts is None:
+        check_token_limits(job_list, pipe.tokenizer)
+    tasks = plan_images(pipe, job_list, model, pipe._execution_device.type)
+    if job_list.problems and not skip_invalid:
+        raise job_list.error(API_SKIP_HINT)
+
+    state = process_state()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        # Process 0 takes the folder, writes what is known already and finds what is done; the others wait for its
+        # plan (or its error) in the broadcast.
+        manifest, plan = None, [None, None, None]
+        if state.is_main_process:
+            try:
+                stack.enter_context(RunLock(out_dir))
+                manifest = stack.enter_context(contextlib.closing(Manifest(out_dir / MANIFEST_NAME, _run_id())))
+                plan = [*_start(job_list, tasks, out_dir, force, manifest), None]
+            except (ValueError, OSError) as error:
+                plan = [None, None, f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)]
+        pending, replaced, error = broadcast_object_list(plan)
+        if error is not None:
+            raise ValueError(error)
+        return _generate(pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest)
+
+
+def _start(job_list: JobList, tasks: list[ImageTask], out_dir: Path, force: bool, manifest: Manifest) -> tuple:
+    """Process 0's part before generating: report, clean up after a killed run, record the invalid lines, find the
+    images already done (and record them). Returns (indices of the tasks to generate, why files get replaced)."""
+    if job_list.notes:
+        notes = "\n".join(f"  {note}" for note in job_list.notes)
+        warnings.warn(CaptionWarning(f"{job_list.source}: caption warnings:\n{notes}"), stacklevel=3)
+    if manifest.trimmed:
+        print(f"{manifest.path}: removed an incomplete last record ({manifest.trimmed} bytes) of a killed run.")
+    for name in remove_stale_temporaries(out_dir):
+        print(f"Removed {out_dir / name}, a partial image of a killed run.")
+    by_line = defaultdict(list)
+    for problem in job_list.problems:
+        by_line[problem.line].append(problem)
+    manifest.append(
+        [
+            {"status": "invalid", "line": line, "error": "; ".join(problem.text for problem in found)}
+            for line, found in by_line.items()
+        ]
+    )
+    pending, replaced = scan_done(tasks, out_dir, force)
+    waiting = set(pending)
+    manifest.append([{**_record(task, "done"), "generated": False} for task in tasks if task.index not in waiting])
+    return pending, replaced
+
+
+def _generate(pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest) -> BatchResult:
+    """Every process: its share of the batches, in rounds; after each round the records are gathered and process 0
+    appends them to the manifest and moves the progress bar."""
+    main = state.is_main_process
+    skipped = len(tasks) - len(pending)
+    batches = make_batches([tasks[index] for index in pending], batch_size)
+    with state.split_between_processes(batches) as mine:
+        mine = list(mine)
+    rounds = -(-len(batches) // state.num_processes)  # process 0 gets the most batches
+    restore = _quiet_pipeline(pipe)
+    bar = _progress_bar(len(tasks), skipped, enabled=progress and main)
+    started = time.perf_counter()
+    busy, records = 0.0, []
+    try:
+        for round_index in range(rounds):
+            # Every process takes part in every gather, also after its own batches have run out.
+            begun = time.perf_counter()
+            done_now = []
+            if round_index < len(mine):
+                done_now = run_batch(pipe, mine[round_index], out_dir, state.process_index, replaced)
+            busy += time.perf_counter() - begun
+            gathered = gather_object(done_now)
+            records += gathered
+            if main:
+                manifest.append(gathered)
+                bar.update(len(gathered))
+                made = sum(record["status"] == "done" for record in records)
+                bar.set_postfix_str(f"{60 * made / (time.perf_counter() - started):.1f} images/min")
+    finally:
+        restore()
+        bar.close()
+    rank = state.process_index
+    mine_stats = {
+        "rank": rank,
+        "generated": sum(record["status"] == "done" and record["rank"] == rank for record in records),
+        "failed": sum(record["status"] == "failed" and record["rank"] == rank for record in records),
+        "seconds": round(busy, 3),
+    }
+    return BatchResult(
+        images=len(tasks),
+        generated=sum(record["status"] == "done" for record in records),
+        skipped=skipped,
+        failed=[record for record in records if record["status"] == "failed"],
+        invalid=list(job_list.problems),
+        ranks=gather_object([mine_stats]),
+        manifest=out_dir / MANIFEST_NAME,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _quiet_pipeline(pipe):
+    """Silence the pipeline's per-step bar (the batch has its own) and decode a batch one image at a time (the VAE's
+    convolutions round differently per batch size; diffusers' VAE slicing decodes one at a time). Returns the undo."""
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    saved_slicing = pipe.vae.use_slicing
+    pipe.set_progress_bar_config(**{**saved_bar, "disable": True})
+    pipe.vae.enable_slicing()
+
+    def restore() -> None:
+        pipe._progress_bar_config = saved_bar
+        pipe.vae.use_slicing = saved_slicing
+
+    return restore
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="images", unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+__all__ = [
+    "BatchResult",
+    "IDEA_UNAVAILABLE",
+    "ImageTask",
+    "Job",
+    "JobFileError",
+    "JobList",
+    "JobProblem",
+    "MANIFEST_NAME",
+    "Manifest",
+    "check_job",
+    "check_out_dir",
+    "check_token_limits",
+    "generate_batch",
+    "make_batches",
+    "plan_images",
+    "read_jobs",
+    "read_manifest",
+    "scan_done",
+]

@@ -1,0 +1,394 @@
+"""What made an image, written into the image: its recipe, the model the recipe names, and the atomic PNG writer.
+
+`ideogram4 generate` and `ideogram4 batch` store one JSON object in the PNG's `ideogram4-recipe` text chunk;
+`ideogram4 reproduce image.png` rebuilds the model from it and runs the same call again:
+
+    {"format": 1, "caption": "{...}", "seed": 7, "height": 1024, "width": 1024, "preset": "quality_48",
+     "num_inference_steps": 48, "guidance_schedule": [7.0, ..., 3.0], "mu": 0.0, "std": 1.5,
+     "model": {"id": "ideogram-ai/ideogram-4-fp8", "revision": "<commit>", "dtype": "bf16", "seed": null,
+               "loras": [{"path": "style.safetensors", "scale": 0.8, "sha256": "..."}]},
+     "made_with": {"diffusers_ideogram4": "0.1.0", "diffusers": "0.42.1", "transformers": "5.24.0",
+                   "torch": "2.13.0", "device": "cuda"}}
+
+Every key but `made_with` decides the pixels (`recipe_identity`); `made_with` says where they were made. The sampling
+values are stored resolved (the preset's guidance schedule, mu and std written out), so a later change of a preset
+does not change what a recipe means. The initial noise comes from a CPU `torch.Generator` seeded with `seed`, the same
+numbers on every device.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .files import save_image
+
+
+RECIPE_KEY = "ideogram4-recipe"
+RECIPE_FORMAT = 1
+TINY_RANDOM = "tiny-random"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_DTYPE = "bf16"
+TINY_DTYPE = "fp32"  # the tiny random model is built in float32
+RECIPE_KEYS = (
+    "format",
+    "caption",
+    "seed",
+    "height",
+    "width",
+    "preset",
+    "num_inference_steps",
+    "guidance_schedule",
+    "mu",
+    "std",
+    "model",
+    "made_with",
+)
+PROVENANCE_KEY = "made_with"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# `.{final name}.{8 hex}.tmp` beside the final file: hidden, and never taken for an image.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_HASH_CHUNK = 1 << 20
+
+
+class RecipeError(ValueError):
+    """An image without a readable recipe, or a recipe that cannot be run."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model a recipe names
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file (absolute path) and its strength, with the file's SHA-256 so that a recipe names the exact
+    weights."""
+
+    path: str
+    scale: float = 1.0
+    sha256: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        """`PATH` or `PATH:SCALE` (the `--lora` option): the file must exist and be a `.safetensors` file."""
+        path, scale = text, 1.0
+        head, sep, tail = text.rpartition(":")
+        if sep:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                path = text  # a colon that belongs to the path
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {text!r}: the scale {tail!r} is not a finite number; write PATH or PATH:0.8.")
+        return cls.from_file(path, scale)
+
+    @classmethod
+    def from_file(cls, path: str, scale: float = 1.0) -> "LoraSpec":
+        if not os.path.isfile(path):
+            raise ValueError(f"--lora {path!r}: no such file; give the path of a LoRA .safetensors file.")
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"--lora {path!r}: LoRA weights are read from .safetensors files only.")
+        return cls(os.path.abspath(path), float(scale), file_sha256(path))
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which weights make the images: a hub repo (at a commit), a local folder, or the tiny random model.
+
+    Args:
+        id: hub repo id, local folder (absolute path), or "tiny-random" (built offline from `seed`; the images are
+            noise).
+        revision: the hub commit the weights were read at (None for folders and the tiny model).
+        dtype: "bf16", "fp16" or "fp32".
+        seed: the weights' seed of the tiny random model (None otherwise).
+        loras: LoRA files loaded into the pipeline, in order, with their scales.
+    """
+
+    id: str
+    revision: str | None = None
+    dtype: str = DEFAULT_DTYPE
+    seed: int | None = None
+    loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_options(cls, model: str, revision=None, dtype=None, loras=(), tiny_seed: int = 0) -> "ModelSpec":
+        """The command-line options, resolved: the dtype's default, the hub revision's commit, the LoRA files read.
+
+        Checks everything that needs no download first; resolving a hub revision reads (or downloads)
+        `model_index.json` only.
+        """
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}.")
+        loras = tuple(lora if isinstance(lora, LoraSpec) else LoraSpec.parse(lora) for lora in loras)
+        if model == TINY_RANDOM:
+            if revision is not None:
+                raise ValueError(f"--revision {revision!r}: the {TINY_RANDOM} model is built locally, not downloaded.")
+            return cls(TINY_RANDOM, None, dtype or TINY_DTYPE, tiny_seed, loras)
+        if os.path.isdir(model):
+            if revision is not None:
+                raise ValueError(
+                    f"--revision {revision!r}: {model!r} is a local folder; a revision applies to hub repos only."
+                )
+            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, loras)
+        return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, loras)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "loras": [lora.to_dict() for lora in self.loras],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        loras = tuple(LoraSpec(lora["path"], float(lora["scale"]), lora.get("sha256")) for lora in data["loras"])
+        return cls(data["id"], data.get("revision"), data["dtype"], data.get("seed"), loras)
+
+    def load_tokenizer(self):
+        """The tokenizer alone (no weights): enough to check captions against the token limit before loading."""
+        if self.id == TINY_RANDOM:
+            from .testing import tiny_tokenizer
+
+            return tiny_tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.id, subfolder="tokenizer", revision=self.revision)
+
+    def load_pipeline(self, device, offload: bool = False):
+        """Build the pipeline, load the LoRAs at their scales, then place it on `device` (or model offload)."""
+        import torch
+
+        torch_dtype = getattr(torch, DTYPES[self.dtype])
+        if self.id == TINY_RANDOM:
+            from .testing import tiny_pipeline
+
+            pipe = tiny_pipeline(seed=self.seed)
+            if torch_dtype != torch.float32:
+                pipe.to(dtype=torch_dtype)
+        else:
+            from .pipeline_ideogram4 import Ideogram4Pipeline
+
+            location = {} if self.revision is None else {"revision": self.revision}
+            pipe = Ideogram4Pipeline.from_pretrained(self.id, dtype=torch_dtype, **location)
+        names = [f"lora{index}" for index in range(len(self.loras))]
+        for name, lora in zip(names, self.loras):
+            pipe.load_lora_weights(lora.path, adapter_name=name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in self.loras])
+        # LoRAs before offload: on machines without an accelerator diffusers cannot re-apply the hooks afterwards.
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        return pipe
+
+    def check_loras_unchanged(self) -> None:
+        """Every LoRA file is still there with the recorded SHA-256 (a recipe names exact weights)."""
+        for lora in self.loras:
+            if not os.path.isfile(lora.path):
+                raise RecipeError(f"LoRA {lora.path!r} (sha256 {lora.sha256}) is not there; put the file back.")
+            if lora.sha256 is not None and file_sha256(lora.path) != lora.sha256:
+                raise RecipeError(
+                    f"LoRA {lora.path!r} has changed: its sha256 is no longer {lora.sha256}. Restore that file."
+                )
+
+
+def resolve_revision(model: str, revision: str | None) -> str | None:
+    """The commit of a hub repo at `revision` (default: the main branch), read from where huggingface_hub caches
+    `model_index.json` (`.../snapshots/<commit>/`); works offline from the cache. None when it cannot be told."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(model, "model_index.json", revision=revision))
+    commit = path.parent.name
+    if path.parent.parent.name == "snapshots" and _COMMIT.fullmatch(commit):
+        return commit
+    return revision
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def made_with(device_type: str) -> dict:
+    """Software versions and device kind (not the index: an image is the same on cuda:0 and cuda:3). On the CPU also
+    torch's thread count, which changes how sums are split and so the last bits of the result."""
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    found = {
+        "diffusers_ideogram4": __version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "device": device_type,
+    }
+    if device_type == "cpu":
+        found["cpu_threads"] = torch.get_num_threads()
+    return found
+
+
+def resolve_sampling(pipe, preset: str | None, num_inference_steps: int | None, guidance_scale: float | None) -> dict:
+    """The preset name, step count, guidance schedule, mu and std that `pipe` runs for these options, written out
+    (raises the pipeline's ValueError for options it refuses, e.g. guidance on a CFG-distilled checkpoint)."""
+    from .sampler import DEFAULT_PRESET, DISTILLED_PRESET
+
+    schedule, mu, std = pipe.resolve_sampling(preset, num_inference_steps, guidance_scale, None, None, None)
+    if preset is None:
+        preset = DEFAULT_PRESET if pipe.has_unconditional_branch else DISTILLED_PRESET
+    return {
+        "preset": preset,
+        "num_inference_steps": len(schedule),
+        "guidance_schedule": [float(g) for g in schedule],
+        "mu": float(mu),
+        "std": float(std),
+    }
+
+
+def build_recipe(
+    caption: str, seed: int, height: int, width: int, sampling: dict, model: ModelSpec, device_type: str
+) -> dict:
+    """A recipe from a caption, a seed, a size, `resolve_sampling`'s values and the model."""
+    return {
+        "format": RECIPE_FORMAT,
+        "caption": caption,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        **sampling,
+        "model": model.to_dict(),
+        PROVENANCE_KEY: made_with(device_type),
+    }
+
+
+def recipe_text(recipe: dict) -> str:
+    return json.dumps(recipe, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def recipe_identity(recipe: dict) -> dict:
+    """What decides the pixels: the recipe without `made_with`, as it reads back from JSON."""
+    return json.loads(recipe_text({key: value for key, value in recipe.items() if key != PROVENANCE_KEY}))
+
+
+def recipe_differences(found: dict, wanted: dict) -> list[str]:
+    """Top-level keys whose values differ between two recipes (`made_with` ignored)."""
+    found, wanted = recipe_identity(found), recipe_identity(wanted)
+    return sorted(key for key in found.keys() | wanted.keys() if found.get(key) != wanted.get(key))
+
+
+def pipeline_arguments(recipe: dict) -> dict:
+    """The pipeline call's keyword arguments shared by every image of the recipe's size and schedule."""
+    return {
+        "height": recipe["height"],
+        "width": recipe["width"],
+        "num_inference_steps": recipe["num_inference_steps"],
+        "guidance_schedule": recipe["guidance_schedule"],
+        "mu": recipe["mu"],
+        "std": recipe["std"],
+    }
+
+
+def seeded_generator(seed: int):
+    """The initial noise's generator: on the CPU, so that a seed gives the same noise on every device."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def reproduce_image(recipe: dict, device, offload: bool = False):
+    """Rebuild the recipe's model (LoRA files checked against their SHA-256) and run its call again.
+
+    Returns (the image, the recipe with this machine's `made_with`).
+    """
+    model = ModelSpec.from_dict(recipe["model"])
+    model.check_loras_unchanged()
+    pipe = model.load_pipeline(device, offload)
+    image = pipe(
+        recipe["caption"],
+        generator=seeded_generator(recipe["seed"]),
+        caption_check="off",  # the recipe's caption is what made the image, checked or not
+        **pipeline_arguments(recipe),
+    ).images[0]
+    return image, {**recipe, PROVENANCE_KEY: made_with(pipe._execution_device.type)}
+
+
+def check_recipe(recipe, source: str) -> dict:
+    """A recipe that `reproduce` can run, or a RecipeError naming what is missing or wrong."""
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{source}: the recipe is not a JSON object.")
+    if recipe.get("format") != RECIPE_FORMAT:
+        raise RecipeError(
+            f"{source}: recipe format {recipe.get('format')!r} is not {RECIPE_FORMAT}, the one this version reads."
+        )
+    missing = [key for key in RECIPE_KEYS if key not in recipe]
+    model_keys = ("id", "revision", "dtype", "seed", "loras")
+    model = recipe.get("model")
+    if isinstance(model, dict):
+        missing += [f"model.{key}" for key in model_keys if key not in model]
+    elif "model" not in missing:
+        missing.append("model (an object)")
+    if missing:
+        raise RecipeError(f"{source}: the recipe lacks {', '.join(missing)}.")
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing and reading images
+
+
+def write_png(image: Image.Image, path: str | os.PathLike, recipe: dict) -> None:
+    """Write `image` with its recipe, complete or not at all (`files.save_image`: a hidden temporary file in the same
+    folder, fsync, one rename). A run killed at any moment leaves at most a `.NAME.XXXXXXXX.tmp` file behind."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(RECIPE_KEY, recipe_text(recipe), zip=True)
+    save_image(image, os.fspath(path), pnginfo=info)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed `write_png` left in `folder`; returns their names."""
+    removed = sorted(name for name in os.listdir(folder) if _TEMPORARY.match(name))
+    for name in removed:
+        os.remove(os.path.join(folder, name))
+    return removed
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The recipe of an image written by `write_png`, after checking the whole file (every chunk's checksum)."""
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(RECIPE_KEY)  # written before the pixels: no decoding needed
+            image.verify()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such file.") from None
+    except (OSError, SyntaxError, EOFError, ValueError) as error:
+        raise RecipeError(f"{path}: not a complete, readable PNG ({type(error).__name__}: {error}).") from None
+    if text is None:
+        raise RecipeError(
+            f"{path}: the image has no `{RECIPE_KEY}` text chunk; only images written by `ideogram4 generate` or "
+            "`ideogram4 batch` carry their recipe."
+        )
+    try:
+        recipe = json.loads(str(text))
+    except ValueError as error:
+        raise RecipeError(f"{path}: the `{RECIPE_KEY}` chunk is not valid JSON ({error}).") from None
+    return check_recipe(recipe, str(path))
