@@ -25,6 +25,7 @@ from .captions import CAPTION_CHECK_MODES, check_prompts
 from .constants import DEFAULT_IMAGE_SIDE, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, PATCH_SIZE, PIXELS_PER_TOKEN
 from .loading import require_cuda_for_bitsandbytes, resolve_dtype, uses_bitsandbytes
 from .lora import Ideogram4LoraLoaderMixin
+from .prompt_expansion import Ideogram4PromptEnhancerHead, Ideogram4PromptExpansionMixin, check_head_fits
 from .sampler import (
     DEFAULT_PRESET,
     DISTILLED_PRESET,
@@ -55,6 +56,7 @@ DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 OFFICIAL_ENTRIES = {
     "Ideogram4Transformer2DModel": ["diffusers", "Ideogram4Transformer2DModel"],
     "Ideogram4TextEncoder": ["transformers", "Qwen3VLModel"],
+    "Ideogram4PromptEnhancerHead": ["diffusers", "Ideogram4PromptEnhancerHead"],
 }
 # diffusers' loader resolves the remapped entries in this module, which therefore imports the base classes above.
 COMPONENT_LIBRARY = __name__
@@ -69,9 +71,11 @@ PIPELINE_SHIM_SOURCE = (
 
 @dataclass
 class Ideogram4PipelineOutput(BaseOutput):
-    """images: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or (B, N_img, 128) latents."""
+    """images: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or (B, N_img, 128) latents.
+    captions: with `prompt_upsampling=True`, the captions the ideas were expanded into (one per prompt), else None."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    captions: list[str] | None = None
 
 
 def _our_entry(name: str, entry):
@@ -84,6 +88,8 @@ def _our_entry(name: str, entry):
         return (COMPONENT_LIBRARY, "Ideogram4TextEncoder")
     if name == "vae" and entry[1] == "AutoencoderKLFlux2":
         return (COMPONENT_LIBRARY, "StrictAutoencoderKLFlux2")
+    if name == "prompt_enhancer_head" and entry[1] == "Ideogram4PromptEnhancerHead":
+        return (COMPONENT_LIBRARY, "Ideogram4PromptEnhancerHead")
     return entry
 
 
@@ -179,7 +185,7 @@ class _ReleaseOthers(UserCpuOffloadHook):
                 hook.offload()
 
 
-class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
+class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4PromptExpansionMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
@@ -191,10 +197,12 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         transformer ([`Ideogram4Transformer2DModel`]): the conditional branch.
         unconditional_transformer ([`Ideogram4Transformer2DModel`], *optional*): the unconditional branch; leave it
             out for CFG-distilled checkpoints, which then run one branch with guidance 1.0.
+        prompt_enhancer_head ([`Ideogram4PromptEnhancerHead`], *optional*): Qwen3-VL-8B-Instruct's LM head; with it
+            the text encoder expands plain-text ideas into captions (`expand_prompt`, `prompt_upsampling=True`).
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->unconditional_transformer->vae"
-    _optional_components = ["unconditional_transformer"]
+    model_cpu_offload_seq = "text_encoder->prompt_enhancer_head->transformer->unconditional_transformer->vae"
+    _optional_components = ["unconditional_transformer", "prompt_enhancer_head"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -205,6 +213,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         tokenizer: PreTrainedTokenizerBase,
         transformer: Ideogram4Transformer2DModel,
         unconditional_transformer: Ideogram4Transformer2DModel | None = None,
+        prompt_enhancer_head: Ideogram4PromptEnhancerHead | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -214,8 +223,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             tokenizer=tokenizer,
             transformer=transformer,
             unconditional_transformer=unconditional_transformer,
+            prompt_enhancer_head=prompt_enhancer_head,
         )
         check_components_fit(vae, text_encoder, transformer, unconditional_transformer)
+        check_head_fits(text_encoder, prompt_enhancer_head)
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -515,6 +526,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         callback_on_step_end: Callable[["Ideogram4Pipeline", int, float, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         caption_check: str = "error",
+        prompt_upsampling: bool = False,
+        prompt_upsampling_kwargs: dict[str, Any] | None = None,
     ) -> Ideogram4PipelineOutput | tuple:
         r"""
         Generate images from structured JSON captions.
@@ -543,6 +556,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
             caption_check (`str`, defaults to "error"): "error" raises `CaptionError` on an invalid caption,
                 "warn" warns and goes on, "off" skips the check.
+            prompt_upsampling (`bool`, defaults to False): treat every prompt as a plain-text idea and expand it into
+                a caption first (`expand_prompt` with its defaults, for `height` x `width`; needs
+                `prompt_enhancer_head`). The sampling is seeded by a copy of `generator` (per prompt, that of its
+                first image), so the initial noise is the same as for the expanded captions passed directly. The
+                captions are returned as `output.captions`.
+            prompt_upsampling_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens` and `limits` for the
+                expansion, as in `expand_prompt`.
         """
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
         if callback_on_step_end_tensor_inputs is None:
@@ -562,6 +582,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
+        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
+            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
+        captions = None
+        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
+            prompts = captions = self.upsample_prompts(
+                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
+            )
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
         # Validates attention_kwargs before any model work.
@@ -604,7 +631,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         # 6. Decode.
         images = latents if output_type == "latent" else self.decode_latents(latents, height, width, output_type)
         self.maybe_free_model_hooks()
-        return Ideogram4PipelineOutput(images=images) if return_dict else (images,)
+        output = Ideogram4PipelineOutput(images=images, captions=captions)
+        return output if return_dict else output.to_tuple()
 
     @property
     def guidance_scale(self) -> float | None:
