@@ -90,7 +90,7 @@ def test_caption_given_inline_equals_caption_file(tmp_path):
 
 
 # `ideogram4 caption expand`: short strings and few elements keep the tiny random model's captions short.
-EXPAND = ["--model", "tiny-random", "--height", "256", "--width", "320", "--max-chars", "16", "--max-elements", "4"]
+EXPAND = ["--model", "tiny-random", "--height", "256", "--width", "320", "--max-chars", "6", "--max-elements", "3"]
 
 
 def test_expand_validate_generate_round_trip(tmp_path, capsys):

@@ -303,11 +303,13 @@ class Ideogram4PromptExpansionMixin:
     def caption_grammar(self, limits: CaptionLimits | None = None) -> CaptionGrammar:
         """The caption grammar for this pipeline's tokenizer, compiled once per `limits`."""
         limits = limits or CaptionLimits()
+        vocab_size = self.prompt_enhancer_head.config.vocab_size
         cache = self.__dict__.setdefault("_caption_grammars", {})
-        key = (id(self.tokenizer), limits)
-        if key not in cache:
-            cache[key] = CaptionGrammar(self.tokenizer, self.prompt_enhancer_head.config.vocab_size, limits)
-        return cache[key]
+        tokenizer, grammar = cache.get((limits, vocab_size), (None, None))
+        if tokenizer is not self.tokenizer:  # first use, or the tokenizer was replaced
+            grammar = CaptionGrammar(self.tokenizer, vocab_size, limits)
+            cache[(limits, vocab_size)] = (self.tokenizer, grammar)
+        return grammar
 
     def caption_token_budget(self) -> int:
         """Tokens a caption may take: the text limit less the chat template the pipeline wraps it in."""
