@@ -340,7 +340,8 @@ def test_decoder_shares_the_text_encoder_weights(pipe):
     assert set(ours) == set(encoder) | {"lm_head.weight"}
     assert all(ours[name].data_ptr() == encoder[name].data_ptr() for name in encoder)
     assert ours["lm_head.weight"] is pipe.prompt_enhancer_head.lm_head.weight
-    # The pipeline gets no new component, and the text encoder's config is not touched by the wrapper.
+    # The wrapper is no pipeline component, and it writes its attention choice into a copy of the config.
+    assert "decoder" not in " ".join(pipe.components)
     assert decoder.config is not pipe.text_encoder.language_model.config
 
 
