@@ -298,10 +298,6 @@ INVALID_CASES = {
         [el(1, ".color_palette")],
     ),
     # key order
-    "top-level order": (
-        reordered(VALID, ["compositional_deconstruction", "high_level_description", "style_description"]),
-        ["$"],
-    ),
     "style order": (
         mutated(
             (
@@ -425,6 +421,19 @@ def test_warnings_do_not_invalidate(changes, expected):
     assert is_valid(caption)
 
 
+def test_top_level_key_order_is_a_warning():
+    """As in the reference verifier, which checks the order of the nested objects only; `caption format` fixes it."""
+    caption = reordered(VALID, ["compositional_deconstruction", "high_level_description", "style_description"])
+    [issue] = check_caption(caption)
+    assert (issue.path, issue.severity) == ("$", "warning") and is_valid(caption)
+    assert issue.message == (
+        "keys out of order: got compositional_deconstruction, high_level_description, style_description; expected "
+        "high_level_description, style_description, compositional_deconstruction"
+    )
+    assert "`ideogram4 caption format FILE`" in issue.hint
+    assert check_caption(canonicalize(caption)) == []
+
+
 def test_text_level_warnings():
     pretty = json.dumps(VALID, ensure_ascii=False, indent=2)
     assert [(issue.path, issue.severity) for issue in check_caption(pretty)] == [("$", "warning")]
@@ -466,6 +475,8 @@ def test_plain_text_says_what_to_do():
     [issue] = check_caption("a cat on a mat")
     assert issue.path == "$" and issue.message.startswith("plain text, not a structured JSON caption")
     assert "Caption" in issue.hint and "JSON caption" in issue.hint
+    for way in ("prompt_upsampling=True", "pipe.expand_prompt(idea)", '`ideogram4 caption expand "idea"`'):
+        assert way in issue.hint
 
 
 @pytest.mark.parametrize(

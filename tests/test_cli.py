@@ -87,3 +87,57 @@ def test_caption_given_inline_equals_caption_file(tmp_path):
         outputs.append(Image.open(out).tobytes())
     assert outputs[0] == outputs[1]
     assert json.loads(CAPTION)
+
+
+# `ideogram4 caption expand`: short strings and few elements keep the tiny random model's captions short.
+EXPAND = ["--model", "tiny-random", "--height", "256", "--width", "320", "--max-chars", "6", "--max-elements", "3"]
+
+
+def test_expand_validate_generate_round_trip(tmp_path, capsys):
+    caption = tmp_path / "caption.json"
+    assert (
+        main(["caption", "expand", "a jazz poster that says JAZZ NIGHT", *EXPAND, "--seed", "0", "-o", str(caption)])
+        == 0
+    )
+    assert "RANDOM weights" in capsys.readouterr().err
+    text = caption.read_text(encoding="utf-8")
+    assert text.endswith("\n") and text.count("\n") == 1
+
+    assert main(["caption", "validate", str(caption)]) == 0
+    assert capsys.readouterr().out == f"{caption}: ok\n"
+
+    image = tmp_path / "out.png"
+    generate = ["generate", str(caption), "--model", "tiny-random", "-o", str(image), "--steps", "2"]
+    assert main([*generate, "--height", "256", "--width", "320"]) == 0
+    assert Image.open(image).size == (320, 256)
+    capsys.readouterr()
+
+    # Without -o the caption goes to stdout alone; the same seed gives the same caption.
+    assert main(["caption", "expand", "a jazz poster that says JAZZ NIGHT", *EXPAND, "--seed", "0"]) == 0
+    assert capsys.readouterr().out == text
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--height", "250"], "error: `height=250` is not supported"),
+        (["--temperature", "-1"], "error: `temperature` must be a finite number >= 0"),
+        (["--max-new-tokens", "0"], "error: `max_new_tokens` must be a positive int or None, got 0"),
+        (["--max-elements", "20"], "error: `CaptionLimits.max_elements=20`: at most 12"),
+        (["--max-chars", "0"], "error: `CaptionLimits.description_chars` must be a positive int, got 0"),
+        (["--head", "some/head"], "error: --head does nothing with --model tiny-random"),
+    ],
+)
+def test_expand_reports_bad_input_before_loading_a_model(capsys, monkeypatch, arguments, message):
+    import diffusers_ideogram4.testing
+
+    loads = []
+    monkeypatch.setattr(diffusers_ideogram4.testing, "tiny_pipeline", lambda **kw: loads.append(kw))
+    assert main(["caption", "expand", "a cat", "--model", "tiny-random", *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert loads == []
+
+
+def test_generate_with_an_idea_says_how_to_expand_it(capsys):
+    assert main(["generate", "a cat on a mat", "--model", "tiny-random"]) == 2
+    assert '`ideogram4 caption expand "idea" -o caption.json`' in capsys.readouterr().err

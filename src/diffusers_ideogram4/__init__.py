@@ -30,6 +30,8 @@ _LAZY = {
     "CheckpointMismatchError": ".loading",
     "Ideogram4Pipeline": ".pipeline_ideogram4",
     "Ideogram4PipelineOutput": ".pipeline_ideogram4",
+    "Ideogram4PromptEnhancerHead": ".prompt_expansion",
+    "CaptionLimits": ".captions.grammar",
     "PRESETS": ".sampler",
     "SamplerPreset": ".sampler",
     "model_times": ".sampler",

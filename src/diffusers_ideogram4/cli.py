@@ -9,7 +9,7 @@ from pathlib import Path
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
 from .captions.cli import add_caption_commands
 from .constants import DEFAULT_IMAGE_SIDE
-from .files import STDIN, check_image_path, read_text, save_image
+from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
 from .recipe import DTYPES, TINY_RANDOM
 from .sampler import PRESETS
 
@@ -30,7 +30,8 @@ def read_caption(value: str) -> str:
     if not path.is_file():
         raise ValueError(
             f"caption {value!r} is neither a file nor JSON text: pass a caption file, '-' for stdin, or the JSON "
-            "caption itself (starting with '{')."
+            "caption itself (starting with '{'). To turn an idea into a caption, run "
+            '`ideogram4 caption expand "idea" -o caption.json` first.'
         )
     # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
     return read_text(value).rstrip("\n")
@@ -319,6 +320,84 @@ class OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def expansion_limits(args):
+    """`--max-elements` and `--max-chars` as `CaptionLimits` (None when neither is given)."""
+    from .captions.grammar import CaptionLimits
+
+    if args.max_elements is None and args.max_chars is None:
+        return None
+    changes = {} if args.max_elements is None else {"max_elements": args.max_elements}
+    if args.max_chars is not None:
+        changes.update(
+            dict.fromkeys(("description_chars", "style_chars", "element_chars", "text_chars"), args.max_chars)
+        )
+    return CaptionLimits(**changes)
+
+
+def run_caption_expand(args) -> int:
+    """`ideogram4 caption expand IDEA`: load only what decoding needs (text encoder, tokenizer, LM head)."""
+    import torch
+
+    from .captions.grammar import require_llguidance
+    from .prompt_expansion import (
+        DEFAULT_TEMPERATURE,
+        HEAD_REPO,
+        Ideogram4PromptEnhancerHead,
+        check_expansion_arguments,
+    )
+
+    # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
+    idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    limits = expansion_limits(args)
+    check_expansion_arguments(idea, args.height, args.width, None, temperature, args.max_new_tokens, limits)
+    require_llguidance()
+    if args.model == TINY_RANDOM and args.head is not None:
+        raise ValueError("--head does nothing with --model tiny-random (it builds its own random head); drop it.")
+    device = resolve_device(args.device)
+    if args.output is not None:
+        check_output_path(args.output, example=None)
+    if args.model is not None:
+        check_model_argument(args.model)
+    if args.model == TINY_RANDOM:
+        from .testing import tiny_pipeline
+
+        pipe = tiny_pipeline(seed=args.seed, prompt_enhancer_head=True)
+        print("Using a tiny model with RANDOM weights: the caption is valid but meaningless.", file=sys.stderr)
+    else:
+        from .pipeline_ideogram4 import Ideogram4Pipeline
+
+        dtype = getattr(torch, DTYPES[args.dtype])
+        head = Ideogram4PromptEnhancerHead.from_pretrained(args.head or HEAD_REPO, dtype=dtype)
+        pipe = Ideogram4Pipeline.from_pretrained(
+            args.model or DEFAULT_MODEL,
+            dtype=dtype,
+            transformer=None,
+            unconditional_transformer=None,
+            vae=None,
+            prompt_enhancer_head=head,
+        )
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    caption = pipe.expand_prompt(
+        idea,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        temperature=temperature,
+        max_new_tokens=args.max_new_tokens,
+        limits=limits,
+    )
+    if args.output is None:
+        print(caption)
+    else:
+        write_atomically(args.output, (caption + "\n").encode("utf-8"))
+        print(f"Wrote {args.output} (seed {args.seed}).", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

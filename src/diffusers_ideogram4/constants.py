@@ -32,6 +32,7 @@ FUSED_TO_SPLIT = {
 OFFICIAL_ENTRIES = {
     "Ideogram4Transformer2DModel": ("diffusers", "Ideogram4Transformer2DModel"),
     "Ideogram4TextEncoder": ("transformers", "Qwen3VLModel"),
+    "Ideogram4PromptEnhancerHead": ("diffusers", "Ideogram4PromptEnhancerHead"),
 }
 
 # Documented resolution range per side.

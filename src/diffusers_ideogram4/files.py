@@ -125,16 +125,25 @@ def image_format(path) -> str:
 
 
 def check_image_path(path) -> None:
-    """Everything about an output image path that can be checked before the image exists.
+    """Everything about an output image path that can be checked before the image exists: `check_output_path`, and
+    an extension Pillow can write."""
+    check_output_path(path, example="image.png")
+
+
+def check_output_path(path, example: str | None = None) -> None:
+    """Everything about an output path that can be checked before the content exists (with `example`, an image's).
 
     Raises:
-        UserFileError: `path` is a folder, has an extension Pillow cannot write, is in a folder that does not
-            exist or cannot be written, or is a file that cannot be replaced.
+        UserFileError: `path` is a folder, has an extension Pillow cannot write (images), is in a folder that does
+            not exist or cannot be written, or is a file that cannot be replaced.
     """
     target = Path(path)
     if target.is_dir():
-        raise UserFileError(f"cannot write {path}: it is a folder; give a file name such as {target / 'image.png'}")
-    image_format(target)
+        raise UserFileError(
+            f"cannot write {path}: it is a folder; give a file name such as {target / (example or 'out.txt')}"
+        )
+    if example is not None:
+        image_format(target)
     folder = Path(os.path.realpath(target)).parent
     if not folder.is_dir():
         raise UserFileError(f"cannot write {path}: the folder {folder} does not exist; create it first")

@@ -33,6 +33,7 @@ from .layout import (
 )
 from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
 from .lora import Ideogram4LoraLoaderMixin
+from .prompt_expansion import Ideogram4PromptEnhancerHead, Ideogram4PromptExpansionMixin, check_head_fits
 from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
@@ -54,9 +55,11 @@ COMPONENT_LIBRARY = __name__
 
 @dataclass
 class Ideogram4PipelineOutput(BaseOutput):
-    """images: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or (B, N_img, 128) latents."""
+    """images: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or (B, N_img, 128) latents.
+    captions: with `prompt_upsampling=True`, the captions the ideas were expanded into (one per prompt), else None."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    captions: list[str] | None = None
 
 
 class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
@@ -89,6 +92,7 @@ COMPONENT_CLASSES = {
         "Ideogram4TextEncoder",
     ),
     "vae": (("AutoencoderKLFlux2",), "StrictAutoencoderKLFlux2"),
+    "prompt_enhancer_head": (("Ideogram4PromptEnhancerHead",), "Ideogram4PromptEnhancerHead"),
 }
 
 
@@ -185,7 +189,7 @@ class _ReleaseOthers(UserCpuOffloadHook):
                 hook.offload()
 
 
-class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
+class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4PromptExpansionMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
@@ -197,14 +201,16 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         transformer ([`Ideogram4Transformer2DModel`]): the conditional branch.
         unconditional_transformer ([`Ideogram4Transformer2DModel`], *optional*): the unconditional branch; leave it
             out for CFG-distilled checkpoints, which then run one branch with guidance 1.0.
+        prompt_enhancer_head ([`Ideogram4PromptEnhancerHead`], *optional*): Qwen3-VL-8B-Instruct's LM head; with it
+            the text encoder expands plain-text ideas into captions (`expand_prompt`, `prompt_upsampling=True`).
         latent_normalization (`str`, defaults to "reference"): how token latents become VAE latents before decoding
             (and the reverse when encoding): "reference", the reference release's two 128-vectors (for the released
             layout; any other layout uses the VAE's `bn`), or "vae_bn", the VAE's `bn` statistics as diffusers'
             built-in pipeline uses them. Saved in model_index.json.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->unconditional_transformer->vae"
-    _optional_components = ["unconditional_transformer"]
+    model_cpu_offload_seq = "text_encoder->prompt_enhancer_head->transformer->unconditional_transformer->vae"
+    _optional_components = ["unconditional_transformer", "prompt_enhancer_head"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -215,6 +221,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         tokenizer: PreTrainedTokenizerBase,
         transformer: Ideogram4Transformer2DModel,
         unconditional_transformer: Ideogram4Transformer2DModel | None = None,
+        prompt_enhancer_head: Ideogram4PromptEnhancerHead | None = None,
         latent_normalization: str = "reference",
     ) -> None:
         super().__init__()
@@ -231,9 +238,11 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             tokenizer=tokenizer,
             transformer=transformer,
             unconditional_transformer=unconditional_transformer,
+            prompt_enhancer_head=prompt_enhancer_head,
         )
         self.register_to_config(latent_normalization=latent_normalization)
         check_components_fit(vae, text_encoder, transformer, unconditional_transformer)
+        check_head_fits(text_encoder, prompt_enhancer_head)
         held = describe_vae_statistics(vae) if vae is not None and latent_normalization == "reference" else None
         if held is not None:
             logger.info(
@@ -549,6 +558,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         callback_on_step_end: Callable[["Ideogram4Pipeline", int, float, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         caption_check: str = "error",
+        prompt_upsampling: bool = False,
+        prompt_upsampling_kwargs: dict[str, Any] | None = None,
     ) -> Ideogram4PipelineOutput | tuple:
         r"""
         Generate images from structured JSON captions.
@@ -577,6 +588,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
             caption_check (`str`, defaults to "error"): "error" raises `CaptionError` on an invalid caption,
                 "warn" warns and goes on, "off" skips the check.
+            prompt_upsampling (`bool`, defaults to False): treat every prompt as a plain-text idea and expand it into
+                a caption first (`expand_prompt` with its defaults, for `height` x `width`; needs
+                `prompt_enhancer_head`). The sampling is seeded by a copy of `generator` (per prompt, that of its
+                first image), so the initial noise is the same as for the expanded captions passed directly. The
+                captions are returned as `output.captions`.
+            prompt_upsampling_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens` and `limits` for the
+                expansion, as in `expand_prompt`.
         """
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
         if callback_on_step_end_tensor_inputs is None:
@@ -597,6 +615,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
         check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
+        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
+            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
+        captions = None
+        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
+            prompts = captions = self.upsample_prompts(
+                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
+            )
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
         # Validates attention_kwargs before any model work.
@@ -638,7 +663,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         # 6. Decode.
         images = latents if output_type == "latent" else self.decode_latents(latents, grid, output_type)
         self.maybe_free_model_hooks()
-        return Ideogram4PipelineOutput(images=images) if return_dict else (images,)
+        output = Ideogram4PipelineOutput(images=images, captions=captions)
+        return output if return_dict else output.to_tuple()
 
     @property
     def guidance_scale(self) -> float | None:

@@ -63,7 +63,7 @@ def tiny_text_encoder_config() -> Qwen3VLConfig:
     text_config = dict(
         size,
         rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
+        max_position_embeddings=32768,  # room for the expansion instruction, a long idea and a caption
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
@@ -110,9 +110,18 @@ def tiny_transformer(seed: int = 0, init_std: float = 0.05) -> Ideogram4Transfor
     return model.eval()
 
 
-def tiny_components(seed: int = 0, unconditional: bool = True) -> dict:
-    """Every pipeline component at tiny size, seeded, offline."""
-    return dict(
+def tiny_prompt_enhancer_head(seed: int = 0):
+    """A random LM head for the tiny text encoder: expansion decodes valid but meaningless captions with it."""
+    from .prompt_expansion import Ideogram4PromptEnhancerHead
+
+    size = TEXT_ENCODER_SIZES["tiny"]
+    torch.manual_seed(seed)
+    return Ideogram4PromptEnhancerHead(hidden_size=size["hidden_size"], vocab_size=size["vocab_size"]).eval()
+
+
+def tiny_components(seed: int = 0, unconditional: bool = True, prompt_enhancer_head: bool = False) -> dict:
+    """Every pipeline component at tiny size, seeded, offline (the optional LM head on request)."""
+    components = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(seed),
@@ -120,11 +129,14 @@ def tiny_components(seed: int = 0, unconditional: bool = True) -> dict:
         transformer=tiny_transformer(seed),
         unconditional_transformer=tiny_transformer(seed + 1) if unconditional else None,
     )
+    if prompt_enhancer_head:
+        components["prompt_enhancer_head"] = tiny_prompt_enhancer_head(seed)
+    return components
 
 
-def tiny_pipeline(seed: int = 0, unconditional: bool = True, **pipeline_kwargs):
+def tiny_pipeline(seed: int = 0, unconditional: bool = True, prompt_enhancer_head: bool = False, **pipeline_kwargs):
     from .pipeline_ideogram4 import Ideogram4Pipeline
 
-    pipe = Ideogram4Pipeline(**tiny_components(seed, unconditional), **pipeline_kwargs)
+    pipe = Ideogram4Pipeline(**tiny_components(seed, unconditional, prompt_enhancer_head), **pipeline_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -63,6 +63,11 @@ BYTE_ORDER_MARK = "\ufeff"
 
 OPT_OUT_HINT = 'Fix the caption(s), or pass caption_check="warn" to generate anyway or caption_check="off" to skip it.'
 CANONICALIZE_HINT = "diffusers_ideogram4.captions.canonicalize(caption)"
+FORMAT_HINT = "`ideogram4 caption format FILE`"
+EXPAND_HINT = (
+    "to expand an idea into a caption with the text encoder, pass prompt_upsampling=True, call "
+    'pipe.expand_prompt(idea), or run `ideogram4 caption expand "idea"`'
+)
 SERIALIZE_HINT = "json.dumps(caption, ensure_ascii=False, separators=(',', ':')) or Caption.to_json()"
 
 
@@ -333,7 +338,8 @@ def _parse_text(text: str) -> tuple[object, list]:
                     (),
                     f"plain text, not a structured JSON caption: {_show(text)}",
                     "Ideogram 4 was trained only on JSON captions; pass a structured JSON caption (README, "
-                    "'Structured JSON captions') or build one with diffusers_ideogram4.Caption(...).to_json()",
+                    "'Structured JSON captions'), build one with diffusers_ideogram4.Caption(...).to_json(), or "
+                    + EXPAND_HINT,
                 )
             )
         return _UNPARSED, found
@@ -626,7 +632,7 @@ def _from_schema_error(error) -> list:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _key_order(obj: dict, path: tuple, order: tuple) -> list:
+def _key_order(obj: dict, path: tuple, order: tuple, severity: str = ERROR) -> list:
     # Only known keys are compared: unknown keys are reported on their own.
     present = [key for key in obj if key in order]
     expected = [key for key in order if key in obj]
@@ -636,7 +642,9 @@ def _key_order(obj: dict, path: tuple, order: tuple) -> list:
         _issue(
             path,
             f"keys out of order: got {', '.join(present)}; expected {', '.join(expected)}",
-            f"the model was trained on the order {', '.join(order)}; reorder the keys or use {CANONICALIZE_HINT}",
+            f"the model was trained on the order {', '.join(order)}; reorder the keys or use {CANONICALIZE_HINT} "
+            f"({FORMAT_HINT} for a file)",
+            severity,
         )
     ]
 
@@ -785,7 +793,8 @@ def _elements(elements: list, path: tuple) -> list:
 
 
 def _hand_rules(caption: dict) -> list:
-    found = _key_order(caption, (), TOP_LEVEL_KEY_ORDER)
+    # Top-level order is a warning, as in the reference verifier (which checks the order of the nested objects only).
+    found = _key_order(caption, (), TOP_LEVEL_KEY_ORDER, WARNING)
     if "high_level_description" not in caption:
         found.append(
             _issue(

@@ -1,4 +1,4 @@
-"""`ideogram4 caption validate | format | preview`: the caption tools on the command line.
+"""`ideogram4 caption validate | format | preview | expand`: the caption tools on the command line.
 
 `add_caption_commands(subparsers)` adds them to any argparse parser; each handler is `args.func(args) -> int`.
 """
@@ -33,7 +33,7 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
         help="Validate, format and preview structured JSON captions.",
         description="Tools for Ideogram 4's structured JSON captions.",
     )
-    commands = parser.add_subparsers(dest="caption_command", required=True, metavar="{validate,format,preview}")
+    commands = parser.add_subparsers(dest="caption_command", required=True, metavar="{validate,format,preview,expand}")
 
     validate = commands.add_parser(
         "validate",
@@ -67,6 +67,36 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
     preview.add_argument("--height", type=int, default=None, help=f"default: --image's height, else {DEFAULT_SIDE}")
     preview.add_argument("--image", default=None, metavar="generated.png", help="draw over this image")
     preview.set_defaults(func=run_preview)
+
+    expand = commands.add_parser(
+        "expand",
+        help="Expand a plain-text idea into a caption with the text encoder (local, grammar-constrained).",
+        description="Decode a structured caption for IDEA with Ideogram 4's text encoder and the Qwen3-VL LM head, "
+        "constrained to the caption grammar: the result always passes `caption validate`. Needs "
+        '`pip install "diffusers-ideogram4[expand]"`.',
+    )
+    expand.add_argument("idea", metavar="IDEA", help="the idea as plain text, '-' for stdin")
+    expand.add_argument("-o", "--output", default=None, metavar="caption.json", help="write here instead of stdout")
+    expand.add_argument("--height", type=int, default=DEFAULT_SIDE, help=f"image height (default {DEFAULT_SIDE})")
+    expand.add_argument("--width", type=int, default=DEFAULT_SIDE, help=f"image width (default {DEFAULT_SIDE})")
+    expand.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same caption")
+    expand.add_argument("--temperature", type=float, default=None, help="default 0.7; 0 decodes greedily")
+    expand.add_argument("--max-new-tokens", type=int, default=None, help="default: what the 2048-token limit leaves")
+    expand.add_argument("--max-elements", type=int, default=None, help="at most this many elements (default 12)")
+    expand.add_argument(
+        "--max-chars", type=int, default=None, help="cap on every string of the caption, in characters"
+    )
+    expand.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local folder of the pipeline (only its text encoder and tokenizer are loaded); "
+        "'tiny-random' builds a tiny random model offline (a valid but meaningless caption)",
+    )
+    expand.add_argument("--head", default=None, help="hub id or folder of the LM head (default: the published one)")
+    expand.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    expand.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    expand.add_argument("--offload", action="store_true", help="enable_model_cpu_offload")
+    expand.set_defaults(func=run_expand)
     return parser
 
 
@@ -188,6 +218,13 @@ def run_format(args) -> int:
     for issue in check_caption(canonical):
         _print(_line(args.file, issue), sys.stderr)
     return EXIT_OK
+
+
+def run_expand(args) -> int:
+    """`caption expand IDEA [-o caption.json]`: the model side lives with `generate` (it imports torch)."""
+    from ..cli import run_caption_expand
+
+    return run_caption_expand(args)
 
 
 def run_preview(args) -> int:
