@@ -4,6 +4,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import diffusers.utils
 import numpy as np
@@ -222,6 +223,20 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin):
         """Point the hub entries (`diffusers.Ideogram4Transformer2DModel`, `transformers.Qwen3VLModel`) at ours."""
         config_dict = {name: _our_entry(name, entry) for name, entry in config_dict.items()}
         return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`: a pipeline of this class on the very same component objects as `pipeline` (no
+        reload, no copy; LoRA adapters, fp8 layers and `latent_normalization` carry over), e.g.
+        `Ideogram4InpaintPipeline.from_pipe(pipe)`. diffusers (0.42 included, its issue #12754) then casts the new
+        pipeline to `dtype`, float32 when none is given, which would cast the shared components of `pipeline` in
+        place; without `dtype` every component keeps its own here."""
+        if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
+            return super().from_pipe(pipeline, **kwargs)
+        kwargs.pop("dtype", None)
+        kwargs.pop("torch_dtype", None)
+        with mock.patch.object(cls, "to", lambda self, *args, **to_kwargs: self):  # the cast is its last statement
+            return super().from_pipe(pipeline, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' `save_pretrained` (and its `push_to_hub=True`), writing the hub repos' class names into
