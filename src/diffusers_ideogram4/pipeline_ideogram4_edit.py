@@ -136,6 +136,11 @@ def pixel_masks(mask_image, name: str = "mask_image") -> np.ndarray:
         values = entry.detach().cpu().float().numpy() if isinstance(entry, torch.Tensor) else np.asarray(entry)
         if isinstance(entry, torch.Tensor) and values.ndim == 4 and values.shape[1] == 1:
             values = values[:, 0]
+        if isinstance(entry, np.ndarray) and values.ndim == 3 and values.shape[-1] in (1, RGB_CHANNELS, 4):
+            raise ValueError(
+                f"`{where}` has shape {tuple(entry.shape)}, an (H, W, channels) picture; a mask is one channel: pass "
+                "(H, W) values in [0, 1] (e.g. `array[..., 0] / 255`) or the PIL image."
+            )
         if values.ndim not in (2, 3):
             layout = "(H, W), (n, H, W) or (n, 1, H, W)" if isinstance(entry, torch.Tensor) else "(H, W) or (n, H, W)"
             raise ValueError(f"`{where}` has shape {tuple(entry.shape)}; a mask is {layout}.")
@@ -228,7 +233,9 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
     def encode_image(self, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, N_img, 128) float32 token latents x0: the VAE encoder's latent mode,
         patchified, normalised with the exact inverse of `decode_latents` (`latent_normalization`)."""
-        latents = self.vae.encode(image.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
+        # diffusers' preprocess leaves channels-last strides, which pick other convolution kernels (last-bit changes).
+        image = image.to(device=device, dtype=self.vae.dtype, memory_format=torch.contiguous_format)
+        latents = self.vae.encode(image).latent_dist.mode()
         tokens = patchify(latents.float())
         scale, shift, _ = latent_statistics(self.vae, self.config.latent_normalization)
         return (tokens - shift.to(tokens.device)) / scale.to(tokens.device)
