@@ -351,6 +351,20 @@ def test_batches_one_image_for_all_prompts_or_one_per_prompt(pipes):
     torch.testing.assert_close(shared[0], alone[0][0], rtol=1e-5, atol=1e-5)
 
 
+def test_pil_numpy_and_tensor_inputs_are_the_same_edit(pipes):
+    _, _, inpaint = pipes
+    image, mask = picture(15), headline_mask()
+    array, mask_array = np.asarray(image, dtype=np.float32) / 255, np.asarray(mask, dtype=np.float32) / 255
+    call = dict(strength=0.5, num_inference_steps=2, latents=noise(), output_type="latent")
+    expected = inpaint(CAPTION, image=image, mask_image=mask, **call).images
+    for image_input, mask_input in (
+        (array, mask_array),
+        (torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(mask_array)[None, None]),
+        ([image], [mask_array > 0.5]),
+    ):
+        assert torch.equal(inpaint(CAPTION, image=image_input, mask_image=mask_input, **call).images, expected)
+
+
 def test_resize_is_explicit_and_resizes_the_mask_with_the_image(pipes):
     _, _, inpaint = pipes
     image = picture(10, width=200, height=300)
