@@ -1,5 +1,5 @@
-"""The `ideogram4` command: `generate` an image from a caption, `batch` many from a job file, `reproduce` an image
-from the recipe it carries, and the `caption` tools."""
+"""The `ideogram4` command: `generate` an image from a caption, `edit` one, `batch` many from a job file, `reproduce`
+an image from the recipe it carries, and the `caption` tools."""
 
 import argparse
 import math
@@ -121,15 +121,29 @@ def add_generate_command(subparsers) -> None:
         default="ideogram4.png",
         help="image to write, format from the extension; a .png carries its recipe (default: ideogram4.png)",
     )
-    add_model_options(parser, tiny_seed="--seed")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIDE)
     parser.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIDE)
+    add_sampling_options(parser)
+    add_model_options(parser, tiny_seed="--seed")
+    parser.set_defaults(func=run_generate)
+
+
+def add_sampling_options(parser) -> None:
+    """The seed, the sampler and the caption check: shared by `generate` and `edit`."""
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: quality_48")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--caption-check", choices=CAPTION_CHECK_MODES, default="error")
-    parser.set_defaults(func=run_generate)
+
+
+def checked_caption(args, caption: str) -> str:
+    """The caption checked as `--caption-check` says, with the command line's opt-out hint on an error."""
+    try:
+        check_prompts([caption], mode=args.caption_check)
+    except CaptionError as error:
+        raise CaptionError(error.issues, error.num_prompts, CLI_OPT_OUT_HINT) from None
+    return caption
 
 
 def run_generate(args) -> int:
@@ -142,10 +156,7 @@ def run_generate(args) -> int:
     check_image_size(args.height, args.width)
     check_generate_arguments(args)
     device = resolve_device(args.device)
-    try:
-        check_prompts([caption], mode=args.caption_check)
-    except CaptionError as error:
-        raise CaptionError(error.issues, error.num_prompts, CLI_OPT_OUT_HINT) from None
+    checked_caption(args, caption)
     model = model_spec(args, tiny_seed=args.seed)
     pipe = load_pipeline(model, device, args.offload)
     if model.id == TINY_RANDOM:
@@ -166,8 +177,111 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_edit_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "edit",
+        help="Edit an image: image-to-image, or inpaint a mask or a caption element's box.",
+        description="Without --mask or --element: image-to-image. With one: inpainting (white = repaint).",
+    )
+    parser.add_argument("caption", help="caption JSON file, '-' for stdin, or the JSON text itself")
+    parser.add_argument("--image", required=True, help="the image to edit")
+    region = parser.add_mutually_exclusive_group()
+    region.add_argument("--mask", default=None, help="mask image of the image's size: white = repaint, black = keep")
+    region.add_argument(
+        "--element", type=int, action="append", default=None, help="repaint this caption element's bbox (repeatable)"
+    )
+    parser.add_argument("--pad", type=int, default=0, help="pixels around each --element box (default: 0)")
+    parser.add_argument("--mask-blur", type=float, default=0, help="feathering of the mask edge in pixels")
+    parser.add_argument("--padding-mask-crop", type=int, default=None, help="repaint a crop around the mask")
+    parser.add_argument(
+        "--strength", type=float, default=None, help="in (0, 1] (default: 0.6 image-to-image, 1.0 inpainting)"
+    )
+    parser.add_argument("-o", "--output", default="ideogram4_edit.png", help="image to write (format from extension)")
+    parser.add_argument("--height", type=int, default=None, help="default: the image's")
+    parser.add_argument("--width", type=int, default=None, help="default: the image's")
+    parser.add_argument(
+        "--resize", choices=("default", "fill", "crop"), default=None, help="resize to --height/--width"
+    )
+    add_sampling_options(parser)
+    add_model_options(parser, tiny_seed="--seed")
+    parser.set_defaults(func=run_edit)
+
+
+def _open_image(option: str, path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as error:  # missing, unreadable, not an image
+        raise ValueError(f"{option} {path!r} cannot be read as an image ({error}); give a PNG or JPEG file.") from None
+
+
+def run_edit(args) -> int:
+    from .canvas import mask_from_caption
+    from .pipeline_ideogram4_edit import (
+        DEFAULT_IMG2IMG_STRENGTH,
+        DEFAULT_INPAINT_STRENGTH,
+        Ideogram4Img2ImgPipeline,
+        Ideogram4InpaintPipeline,
+        check_edit_inputs,
+    )
+    from .recipe import seeded_generator
+
+    # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
+    caption = read_caption(args.caption)
+    image = _open_image("--image", args.image)
+    mask = _open_image("--mask", args.mask) if args.mask else None
+    if args.element is not None:
+        mask = mask_from_caption(caption, args.element, height=image.height, width=image.width, pad=args.pad)
+    inpainting = mask is not None
+    if args.pad and args.element is None:
+        raise ValueError(f"--pad {args.pad} grows --element boxes; add --element, or draw the padding into --mask.")
+    if not inpainting and (args.mask_blur or args.padding_mask_crop is not None):
+        raise ValueError("--mask-blur and --padding-mask-crop shape an inpainting mask; add --mask or --element.")
+    strength = args.strength
+    if strength is None:
+        strength = DEFAULT_INPAINT_STRENGTH if inpainting else DEFAULT_IMG2IMG_STRENGTH
+    check_edit_inputs(
+        image,
+        mask,
+        strength=strength,
+        height=args.height,
+        width=args.width,
+        resize_mode=args.resize,
+        padding_mask_crop=args.padding_mask_crop,
+    )
+    check_generate_arguments(args)
+    device = resolve_device(args.device)
+    checked_caption(args, caption)
+    model = model_spec(args, tiny_seed=args.seed)
+    pipe = load_pipeline(model, device, args.offload)
+    if model.id == TINY_RANDOM:
+        print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
+    pipe = (Ideogram4InpaintPipeline if inpainting else Ideogram4Img2ImgPipeline).from_pipe(pipe)
+    region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
+    edited = pipe(
+        caption,
+        image=image,
+        strength=strength,
+        height=args.height,
+        width=args.width,
+        resize_mode=args.resize,
+        num_inference_steps=args.steps,
+        preset=args.preset,
+        guidance_scale=args.guidance_scale,
+        generator=seeded_generator(args.seed),
+        caption_check="off",  # checked before loading
+        **(region if inpainting else {}),
+    ).images[0]
+    save_image(edited, args.output)  # complete or not at all
+    what = "inpainted" if inpainting else "image-to-image"
+    print(f"Wrote {args.output} ({edited.width}x{edited.height}, {what}, strength {strength}, seed {args.seed}).")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Model options shared by generate, batch and reproduce
+# Model options shared by generate, edit, batch and reproduce
 
 
 def add_device_options(parser) -> None:
@@ -404,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="ideogram4", description="Ideogram 4 with diffusers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_command(subparsers)
+    add_edit_command(subparsers)
     add_batch_command(subparsers)
     add_reproduce_command(subparsers)
     add_caption_commands(subparsers)

@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import diffusers.utils
 import numpy as np
@@ -23,6 +24,7 @@ from .captions import CAPTION_CHECK_MODES, check_prompts
 from .captions.limits import check_prompt_lengths
 from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
 from .layout import (
+    PackedLayout,
     describe_vae_statistics,
     image_grid,
     image_only_layout,
@@ -270,6 +272,20 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         """Point the hub entries (`diffusers.Ideogram4Transformer2DModel`, `transformers.Qwen3VLModel`) at ours."""
         config_dict = {name: _our_entry(name, entry) for name, entry in config_dict.items()}
         return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`: a pipeline of this class on the very same component objects as `pipeline` (no
+        reload, no copy; LoRA adapters, fp8 layers and `latent_normalization` carry over), e.g.
+        `Ideogram4InpaintPipeline.from_pipe(pipe)`. diffusers (0.42 included, its issue #12754) then casts the new
+        pipeline to `dtype`, float32 when none is given, which would cast the shared components of `pipeline` in
+        place; without `dtype` every component keeps its own here."""
+        if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
+            return super().from_pipe(pipeline, **kwargs)
+        kwargs.pop("dtype", None)
+        kwargs.pop("torch_dtype", None)
+        with mock.patch.object(cls, "to", lambda self, *args, **to_kwargs: self):  # the cast is its last statement
+            return super().from_pipe(pipeline, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' `save_pretrained` (and its `push_to_hub=True`), writing the hub repos' class names into
@@ -527,6 +543,115 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         )[0]
         return layout.unpack(velocity).float()
 
+    def prepare_call(
+        self,
+        prompt,
+        height,
+        width,
+        *,
+        num_inference_steps,
+        guidance_scale,
+        guidance_schedule,
+        mu,
+        std,
+        preset,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        caption_check,
+        prompt_upsampling=False,
+        prompt_upsampling_kwargs=None,
+    ):
+        """Step 1 of every call: check all arguments, the captions and the token counts (no model work but the
+        expansion of ideas with `prompt_upsampling`), and set the call's attention kwargs.
+        -> (prompts, token grid, guidance per step, mu, std, token ids per prompt, expanded captions or None)."""
+        prompts, grid = self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_images_per_prompt,
+            latents,
+            output_type,
+            caption_check,
+            callback_on_step_end_tensor_inputs,
+            generator,
+            callback_on_step_end,
+        )
+        guidance, mu, std = self.resolve_sampling(
+            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
+        )
+        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
+        # Validates attention_kwargs before any model work.
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
+        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
+            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
+        captions = None
+        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
+            prompts = captions = self.upsample_prompts(
+                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
+            )
+        self.check_captions(prompts, caption_check)
+        token_ids = self.tokenize(prompts)
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        return prompts, grid, guidance, mu, std, token_ids, captions
+
+    def encode_prompts(
+        self, token_ids: list[list[int]], num_images_per_prompt: int, device: torch.device
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Text features of every image (B, T_max, 13 * hidden) and their text lengths: each prompt encoded once,
+        then repeated for its images."""
+        text_features, text_lengths = self.encode_prompt(token_ids, device)
+        text_features = text_features.repeat_interleave(num_images_per_prompt, dim=0)
+        return text_features, [n for n in text_lengths for _ in range(num_images_per_prompt)]
+
+    def prepare_layouts(self, text_lengths: list[int], grid, device) -> tuple[PackedLayout, PackedLayout]:
+        """The sequence layouts of the call: `[text | image]` for the conditional branch, image only for the other."""
+        layout = pack_layout(text_lengths, *grid).to(device)
+        return layout, image_only_layout(len(text_lengths), *grid).to(device)
+
+    def schedule(self, num_inference_steps: int, mu: float, std: float, height: int, width: int) -> list[float]:
+        """The N + 1 model times of the call, rising from TAU_MIN (noise) to TAU_MAX; step k runs from taus[k] to
+        taus[k + 1]."""
+        return model_times(num_inference_steps, mu, std, height, width).tolist()
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        taus: list[float],
+        guidance: list[float],
+        text_features: torch.Tensor,
+        layouts: tuple[PackedLayout, PackedLayout],
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        step_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop: step k moves `latents` from taus[k] to taus[k + 1] with guidance[k] (len(taus) =
+        len(guidance) + 1). `step_hook(k, latents)` may change the latents after each Euler step, before the user's
+        callback (inpainting puts the kept tokens back there)."""
+        layout, uncond_layout = layouts
+        self._num_timesteps = len(guidance)
+        with self.progress_bar(total=len(guidance)) as progress_bar:
+            for step, scale in enumerate(guidance):
+                if self.interrupt:  # set by a callback: stop here and decode what there is
+                    break
+                self._guidance_scale = scale
+                velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
+                latents = euler_step(latents, velocity, taus[step], taus[step + 1])
+                if step_hook is not None:
+                    latents = step_hook(step, latents)
+                if callback_on_step_end is not None:
+                    available = {"latents": latents}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step, taus[step], tensors)
+                    latents = self.callback_outputs(callback_on_step_end, outputs, available).get("latents", latents)
+                progress_bar.update()
+        return latents
+
     def decode_latents(self, latents: torch.Tensor, grid: tuple[int, int], output_type: str):
         """Token-layout latents on a (rows, columns) token grid -> images: denormalise (`latent_normalization`),
         unpatch, decode."""
@@ -599,66 +724,43 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        prompts, grid = self.check_inputs(
+        prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
             prompt,
             height,
             width,
-            num_images_per_prompt,
-            latents,
-            output_type,
-            caption_check,
-            callback_on_step_end_tensor_inputs,
-            generator,
-            callback_on_step_end,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            mu=mu,
+            std=std,
+            preset=preset,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            caption_check=caption_check,
+            prompt_upsampling=prompt_upsampling,
+            prompt_upsampling_kwargs=prompt_upsampling_kwargs,
         )
-        guidance, mu, std = self.resolve_sampling(
-            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
-        )
-        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
-        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
-            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
-        captions = None
-        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
-            prompts = captions = self.upsample_prompts(
-                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
-            )
-        self.check_captions(prompts, caption_check)
-        token_ids = self.tokenize(prompts)
-        # Validates attention_kwargs before any model work.
-        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.
-        text_features, text_lengths = self.encode_prompt(token_ids, device)
-        text_features = text_features.repeat_interleave(num_images_per_prompt, dim=0)
-        text_lengths = [n for n in text_lengths for _ in range(num_images_per_prompt)]
-        batch_size = len(text_lengths)
+        text_features, text_lengths = self.encode_prompts(token_ids, num_images_per_prompt, device)
 
         # 3. Latents and sequence layouts.
-        latents = self.prepare_latents(batch_size, grid, generator, latents, device)
-        layout = pack_layout(text_lengths, *grid).to(device)
-        uncond_layout = image_only_layout(batch_size, *grid).to(device)
+        latents = self.prepare_latents(len(text_lengths), grid, generator, latents, device)
+        layouts = self.prepare_layouts(text_lengths, grid, device)
 
         # 4. Schedule.
-        taus = model_times(len(guidance), mu, std, height, width).tolist()
-        self._num_timesteps = len(guidance)
+        taus = self.schedule(len(guidance), mu, std, height, width)
 
         # 5. Denoising loop.
-        with self.progress_bar(total=len(guidance)) as progress_bar:
-            for step, scale in enumerate(guidance):
-                if self.interrupt:  # set by a callback: stop here and decode what there is
-                    break
-                self._guidance_scale = scale
-                velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
-                latents = euler_step(latents, velocity, taus[step], taus[step + 1])
-                if callback_on_step_end is not None:
-                    available = {"latents": latents}
-                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, step, taus[step], tensors)
-                    latents = self.callback_outputs(callback_on_step_end, outputs, available).get("latents", latents)
-                progress_bar.update()
+        latents = self.denoise(
+            latents, taus, guidance, text_features, layouts, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 6. Decode.
         images = latents if output_type == "latent" else self.decode_latents(latents, grid, output_type)
