@@ -90,7 +90,9 @@ def original_key_plan(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice
     parts = split_names(key)
     if parts is None or len(parts) == 1:
         return [(parts[0] if parts else key, None)]
-    if not shape or shape[0] % len(parts):
+    if shape == ():  # a per-tensor scale of the fused weight holds for each of its parts
+        return [(part, None) for part in parts]
+    if shape[0] % len(parts):
         raise CheckpointMismatchError(
             f"`{key}` has shape {list(shape)}; a fused q/k/v tensor needs 3 * hidden rows (contiguous [q; k; v])."
         )
@@ -263,16 +265,24 @@ def rename_header(header: dict, key_plan, source: str) -> tuple[dict, dict]:
     return origin, renamed
 
 
-def check_header(build_model, header: dict, source, key_plan=None, hint: str = ""):
-    """Rename a checkpoint header with `key_plan` and check it against the model `build_model()` returns, built on
-    the meta device with fp8 layers where the checkpoint has scales -> (that model, origin of each model key).
-
-    Reads no tensor: a missing, unexpected or mis-shaped key, or an fp8 weight without its scale, raises here."""
-    origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
+def fp8_release_layers(model, renamed: dict, source) -> None:
+    """`check_header`'s default layer rule: FP8Linear wherever the checkpoint has a `.weight_scale` (the fp8 release),
+    after checking that every float8 weight has its scale."""
     check_fp8_pairs(renamed, source)
+    replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
+
+
+def check_header(build_model, header: dict, source, key_plan=None, hint: str = "", quantized_layers=None):
+    """Rename a checkpoint header with `key_plan` and check it against the model `build_model()` returns, built on
+    the meta device with quantized layers where the checkpoint has them -> (that model, origin of each model key).
+
+    `quantized_layers(model, renamed header, source)` checks the quantized tensors and swaps the meta model's Linears
+    for the layers that hold them (default `fp8_release_layers`). Reads no tensor: a missing, unexpected or mis-shaped
+    key, or an fp8 weight without its scale, raises here."""
+    origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
     with init_empty_weights():
         model = build_model()
-        replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
+        (quantized_layers or fp8_release_layers)(model, renamed, source)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source, hint)
     return model, origin
@@ -295,8 +305,10 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
             for key in targets.keys() & set(handle.keys()):
                 tensor = handle.get_tensor(key)
                 tensor = tensor.clone() if disable_mmap else tensor
+                shared = len(targets[key]) > 1
                 for new_key, rows in targets[key]:
                     part = tensor if rows is None else tensor[rows]
+                    part = part.clone() if shared and rows is None else part  # one scale for several layers
                     if not keeps_stored_dtype(new_key, part.dtype):
                         part = part.to(torch_dtype or torch.float32)
                     state_dict[new_key] = part.contiguous()
@@ -354,6 +366,10 @@ def load_pretrained(
     header = {key: value for key, value in read_header(files).items() if not (ignore and re.search(ignore, key))}
     build = lambda: build_model(folder)  # noqa: E731
 
+    from .sdnq_loading import SDNQ_METHOD, check_sdnq_checkpoint, quantization_method
+
+    if quantization_method(folder) == SDNQ_METHOD:  # the host loads it through the `sdnq` package's quantizer
+        check_sdnq_checkpoint(build, header, folder, hint, check_names=check_before_host)
     if not (is_original_layout(header) or is_fp8_checkpoint(header)):
         # A pre-quantized checkpoint stores its quantization state as extra keys that only the host can read.
         if check_before_host and "quantization_config" not in json.loads((folder / "config.json").read_text()):
