@@ -97,6 +97,14 @@ class LoraFactors:
     def alpha(self) -> float:
         return self.scale * self.rank
 
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
     def folded(self) -> "LoraFactors":
         """The same delta at scale 1: `up * scale` (computed in float32, stored in up's dtype)."""
         if self.scale == 1.0:
@@ -120,7 +128,13 @@ def is_known_module(name: str, layout: str = "any") -> bool:
 
 
 def split_prefix(key: str) -> tuple[str, str]:
-    """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key)."""
+    """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key).
+    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`)."""
+    from .lora_trainers import split_flat_prefix  # builds on this module
+
+    flat = split_flat_prefix(key)
+    if flat is not None:
+        return flat
     for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES):
         if key.startswith(prefix):
             return prefix, key[len(prefix) :]
