@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -108,7 +108,8 @@ class ConversionVerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Recipe:
     """One output tensor: source rows `(file, key, rows or None)` concatenated along dim 0, stored as `dtype`; with
-    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`."""
+    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`; or the tensor
+    `compute()` returns when it is written (a weight dequantized from a loaded model, one at a time)."""
 
     key: str
     parts: tuple[tuple[Path, str, slice | None], ...]
@@ -116,6 +117,7 @@ class Recipe:
     dtype: torch.dtype
     scale: tuple[Path, str, slice | None] | None = None
     value: torch.Tensor | None = field(default=None, compare=False)
+    compute: Callable[[], torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -533,6 +535,8 @@ class _Reader:
         """The value of one planned output tensor."""
         if recipe.value is not None:
             return recipe.value
+        if recipe.compute is not None:
+            return recipe.compute().to(recipe.dtype).contiguous()
         parts = [self._read(*part) for part in recipe.parts]
         value = parts[0] if len(parts) == 1 else torch.cat(parts)
         if recipe.scale is not None:
