@@ -148,8 +148,8 @@ def comfy_file(path, seed=0, formats=None, prefix="", how="tensors", dtype=torch
 
 
 def gguf_blocks(shape, quant_type, seed=0):
-    """Random but valid bytes of a GGUF block type (for types gguf-py cannot quantize: the K-quants): random codes,
-    the float16 super-block scales set to small finite values."""
+    """Random but valid bytes of a GGUF block type (for types gguf-py cannot quantize: the K-quants, IQ4_NL, IQ4_XS):
+    random codes, the float16 (super-)block scales set to small finite values."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -158,7 +158,10 @@ def gguf_blocks(shape, quant_type, seed=0):
     block_size, type_size = gguf.GGML_QUANT_SIZES[quant_type]
     blocks = data.reshape(-1, type_size)
     # Byte offsets of each K-quant's float16 scales (d, dmin), from ggml's block structs.
-    scale_fields = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+    scale_fields = {
+        **{"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)},
+        **{"IQ4_NL": (0,), "IQ4_XS": (0,)},
+    }
     for offset in scale_fields[quant_type.name]:
         scales = rng.uniform(1e-4, 4e-4, size=len(blocks)).astype(np.float16)
         blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
@@ -202,7 +205,7 @@ def gguf_file(path, linear_type, seed=0, prefix="", k_quant_keys=()):
         array = tensor.numpy()
         if key in k_quant_keys:
             array, quant_type = gguf_blocks(array.shape, linear_type, seed=index), linear_type
-        elif key in linears and not linear_type.name.endswith("_K") and array.shape[-1] % block_size == 0:
+        elif key in linears and not k_quant_keys and array.shape[-1] % block_size == 0:
             quant_type = linear_type
         elif key.endswith("norm1.weight") or key.endswith("indicator.weight"):
             quant_type = types.BF16  # sd.cpp keeps unmatched tensors in their source type

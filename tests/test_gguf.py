@@ -21,9 +21,9 @@ FLOAT16_ROUNDING = 1e-3
 # N(0, 0.05^2), seed 0, measured 2026-12-02): F16 4.1e-4, BF16 2.2e-3, Q8_0 6.7e-3, Q5_1 0.048, Q5_0 0.053, Q4_1 0.098,
 # Q4_0 0.111; asserted with some room.
 BUDGET = {"F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.015, "Q5_1": 0.08, "Q5_0": 0.08, "Q4_1": 0.15, "Q4_0": 0.15}
-# gguf-py cannot quantize these; their test files hold random valid blocks on the layers whose input width fits
-# (`feed_forward.w2`, 256 inputs, for the 256-wide super-blocks), and are compared with gguf-py's dequantization.
-RANDOM_BLOCK_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# gguf-py cannot quantize these; their test files hold random valid blocks on `feed_forward.w2` (256 inputs, one
+# 256-wide super-block per row), the other Linears in F32, compared with gguf-py's dequantization.
+RANDOM_BLOCK_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 W2 = ["layers.0.feed_forward.w2.weight", "layers.1.feed_forward.w2.weight"]
 
 
@@ -52,7 +52,7 @@ def test_gguf_equals_the_model_on_dequantized_weights(tmp_path, type_name):
 
 
 @pytest.mark.parametrize("type_name", RANDOM_BLOCK_TYPES)
-def test_gguf_k_quants_equal_the_model_on_dequantized_weights(tmp_path, type_name):
+def test_gguf_random_block_types_equal_the_model_on_dequantized_weights(tmp_path, type_name):
     path, dequantized, _ = gguf_file(tmp_path / f"{type_name}.gguf", TYPES[type_name], k_quant_keys=W2)
     loaded = Ideogram4Transformer2DModel.from_single_file(path, config="tiny")
     assert loaded.layers[1].feed_forward.w2.weight.quant_type == TYPES[type_name]
