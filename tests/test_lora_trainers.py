@@ -270,6 +270,13 @@ def test_lycoris_refusals_name_the_modules(tmp_path):
     )
     mixed = {**loha_file(tmp_path, "onetrainer_comfy")[1], "layers.0.attention.o.lora_A.weight": torch.zeros(2, 128)}
     refused(pipe, mixed, r"keys that are not LoHa / LoKr factors: layers\.0\.attention\.o\.lora_A\.weight")
+    twice = {**loha_file(tmp_path, "onetrainer_comfy")[1]}
+    twice.update(
+        {k.replace("layers.1.attention.qkv.", "layers.1.attention.to_k."): v for k, v in twice.items() if ".qkv." in k}
+    )
+    twice["layers.1.attention.to_k.hada_w1_a"] = twice["layers.1.attention.to_k.hada_w1_a"][:128]
+    twice["layers.1.attention.to_k.hada_w2_a"] = twice["layers.1.attention.to_k.hada_w2_a"][:128]
+    refused(pipe, twice, r"`transformer\.layers\.1\.attention\.to_k` is given twice")
     incomplete = {"diffusion_model.layers.0.attention.o.hada_w1_a": torch.zeros(128, 2)}
     refused(
         pipe, incomplete, r"`diffusion_model\.layers\.0\.attention\.o` lacks \['hada_w1_b', 'hada_w2_a', 'hada_w2_b'\]"
@@ -304,3 +311,35 @@ def test_loha_on_the_unconditional_branch_by_target(tmp_path):
     unconditional = velocity(pipe.unconditional_transformer, "unconditional_transformer")
     torch.testing.assert_close(unconditional, velocity(reference, "unconditional_transformer"), **TOLERANCE)
     assert torch.equal(velocity(pipe.transformer), before)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adapters on quantized single-file transformers
+
+
+@pytest.mark.parametrize("kind", ["nvfp4_mixed", "gguf_q8_0"])
+def test_lora_on_a_quantized_single_file_equals_its_dequantized_weights_merged_by_hand(tmp_path, kind):
+    import gguf
+
+    from diffusers_ideogram4 import Ideogram4Transformer2DModel
+    from single_file_formats import comfy_file, gguf_file
+    from test_single_file import MIXED, model_on
+
+    if kind == "gguf_q8_0":
+        path, dequantized, _ = gguf_file(tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+        tolerance = dict(rtol=0, atol=5e-3)  # diffusers dequantizes GGUF through float16 (see test_gguf.py)
+    else:
+        path, dequantized, _ = comfy_file(tmp_path / "nvfp4.safetensors", formats=MIXED, dtype=torch.float32)
+        tolerance = TOLERANCE
+    model, config = peft_adapter()
+    tensors = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(model, adapter_name="a").items()}
+    metadata = {f"transformer.{k}": v for k, v in config.to_dict().items() if k in ("r", "lora_alpha")}
+    pipe = tiny_pipeline()
+    pipe.transformer = Ideogram4Transformer2DModel.from_single_file(path, config="tiny")
+    reference = merged_by_hand(
+        model_on(dequantized, torch.float32), tensors, default_scale=config.lora_alpha / config.r
+    )
+    pipe.load_lora_weights(tensors, metadata=metadata, adapter_name="style")
+    torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **tolerance)
+    with pytest.raises(ValueError, match=r"cannot fold adapters into quantized weight-only layers .*adaln_proj"):
+        pipe.fuse_lora()

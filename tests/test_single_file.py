@@ -359,6 +359,17 @@ def test_broken_single_file_is_refused_by_name(tmp_path, monkeypatch, kind):
         Ideogram4Transformer2DModel.from_single_file(path, config="tiny")
 
 
+def test_nvfp4_qkv_that_does_not_split_into_whole_tiles_is_refused(tmp_path):
+    """q/k/v thirds of the tiled block scales are whole only at 128-row tiles (4608 rows in the released model)."""
+    config = dict(CONFIG, attention_head_dim=32, mrope_section=(6, 5, 5))  # hidden 64: qkv thirds of 64 rows
+    model = Ideogram4Transformer2DModel(**config)
+    state = {k: v.bfloat16() for k, v in diffusers_to_original(model.state_dict()).items()}
+    nvfp4_layer(state, "layers.0.attention.qkv")
+    path = write_safetensors(tmp_path / "small.safetensors", state)
+    with pytest.raises(CheckpointMismatchError, match=r"nvfp4 q/k/v rows 192 do not split into 128-row tiles"):
+        Ideogram4Transformer2DModel.from_single_file(path, config=config)
+
+
 def test_neither_safetensors_nor_gguf_and_wrong_size_are_refused(tmp_path):
     text = tmp_path / "model.safetensors"
     text.write_text("not a checkpoint")
