@@ -129,7 +129,12 @@ def test_comfy_scaled_fp8_equals_the_model_on_dequantized_weights(tmp_path, how)
     path, dequantized, original = comfy_file(
         tmp_path / "fp8_scaled.safetensors", formats=formats, how=how, legacy=how == "legacy", prefix=prefix
     )
+    if how == "legacy":  # older files also hold static activation scales, `scale_input`
+        state = load_file(str(path))
+        write_safetensors(path, {**state, "layers.0.feed_forward.w3.scale_input": torch.tensor(0.5)})
     loaded = Ideogram4Transformer2DModel.from_single_file(path, config="tiny", dtype=torch.bfloat16)
+    if how == "legacy":
+        assert loaded.layers[0].feed_forward.w3.input_scale.item() == 0.5
     layer = loaded.layers[1].feed_forward.w2
     assert type(layer) is ScaledFP8Linear and layer.weight.dtype == torch.float8_e5m2  # its own dtype, not e4m3fn
     assert layer.weight_scale.shape == () and layer.weight_scale.dtype == torch.float32

@@ -8,7 +8,8 @@ Published Ideogram 4 LoRAs come in two key formats, told apart here by their key
 Key prefixes: `transformer.`, `diffusion_model.`, `base_model.model.` or none name "the denoiser" (the conditional
 transformer unless `target` says otherwise); `conditional_transformer.` and `unconditional_transformer.` name a branch.
 
-Every file is parsed into one form, `{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
+kohya flat names (`lora_unet_layers_0_attention_qkv.lora_down.weight`) and LyCORIS LoHa / LoKr are read by
+`diffusers_ideogram4.lora_trainers`. Every LoRA file is parsed into one form, `{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
 (kohya style) is folded into the up factor (scale 1); alpha given as PEFT metadata stays a scale, which the diffusers
 format carries as `lora_alpha` / `alpha_pattern` (the tensors are passed on unchanged). A fused qkv LoRA splits
 exactly: the down matrix is shared by q, k and v, the up matrix is cut in row thirds. Keys that are not understood
@@ -67,8 +68,8 @@ _BLOCK_MODULE = re.compile(r"^layers\.(?P<index>\d+)\.(?P<module>.+)$")
 
 # Adapter kinds PEFT-LoRA loading cannot represent, recognised by a piece of their key names.
 UNSUPPORTED_KEY_MARKERS = {
-    "lokr_": "LoKr",
-    "hada_": "LoHa",
+    "lokr_": "LoKr (`load_lora_weights` loads it; it has no LoRA form to convert to)",
+    "hada_": "LoHa (`load_lora_weights` loads it; it has no LoRA form to convert to)",
     "lora_magnitude_vector": "DoRA",
     "dora_scale": "DoRA",
     ".lora_mid.": "LoCon (`lora_mid`)",

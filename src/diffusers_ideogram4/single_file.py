@@ -271,10 +271,13 @@ def check_comfy_tensors(header: dict, formats: dict[str, str], prefix: str, sour
 def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
     """`check_header`'s layer rule for ComfyUI files: each quantized layer (renamed like its weight) becomes the layer
     that holds its format."""
+    # The activation scale under its current name or its legacy one (`scale_input`).
+    input_scale_names = [".input_scale", *(old for old, new in LEGACY_RENAMES.items() if new == ".input_scale")]
     by_module = {}
     for layer, fmt in formats.items():
-        for _, module in _renamed_modules(layer):
-            by_module[module] = (fmt, prefix + layer + ".input_scale" in header)
+        has_input_scale = any(prefix + layer + name in header for name in input_scale_names)
+        for module in split_names(layer) or (layer,):
+            by_module[module] = (fmt, has_input_scale)
 
     def replace(model, renamed: dict, source) -> None:
         not_linear = []
@@ -295,11 +298,6 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
             )
 
     return replace
-
-
-def _renamed_modules(layer: str) -> list[tuple[str, str]]:
-    """(file layer, model module) pairs: a fused layer maps to its split modules."""
-    return [(layer, module) for module in (split_names(layer) or (layer,))]
 
 
 # --------------------------------------------------------------------------------------------------------------------
