@@ -396,6 +396,16 @@ def test_neither_safetensors_nor_gguf_and_wrong_size_are_refused(tmp_path):
         Ideogram4Transformer2DModel.from_single_file(tmp_path / "absent.safetensors", config="tiny")
 
 
+def test_truncated_safetensors_file_is_refused_by_file_name(tmp_path):
+    path = write_safetensors(tmp_path / "ideogram4_fp8_scaled.safetensors", original_state()[0])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointMismatchError, match=r"ideogram4_fp8_scaled\.safetensors is not a readable safetensors"
+    ):
+        Ideogram4Transformer2DModel.from_single_file(path, config="tiny")
+
+
 def test_hub_file_url_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -75,7 +75,7 @@ def unswizzle_block_scales(tiled: torch.Tensor, rows: int, columns: int) -> torc
 
 
 def swizzle_block_scales(plain: torch.Tensor) -> torch.Tensor:
-    """The inverse of `unswizzle_block_scales`: plain (rows, columns) -> the tiled layout, zero-padded to whole tiles."""
+    """The inverse of `unswizzle_block_scales`: plain (rows, columns) -> the tiled layout, padded to whole tiles."""
     rows, columns = plain.shape
     padded = plain.new_zeros(round_up(rows, NVFP4_ROW_TILE), round_up(columns, NVFP4_COLUMN_TILE))
     padded[:rows, :columns] = plain

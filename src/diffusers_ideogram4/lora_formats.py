@@ -9,7 +9,8 @@ Key prefixes: `transformer.`, `diffusion_model.`, `base_model.model.` or none na
 transformer unless `target` says otherwise); `conditional_transformer.` and `unconditional_transformer.` name a branch.
 
 kohya flat names (`lora_unet_layers_0_attention_qkv.lora_down.weight`) and LyCORIS LoHa / LoKr are read by
-`diffusers_ideogram4.lora_trainers`. Every LoRA file is parsed into one form, `{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
+`diffusers_ideogram4.lora_trainers`. Every LoRA file is parsed into one form,
+`{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
 (kohya style) is folded into the up factor (scale 1); alpha given as PEFT metadata stays a scale, which the diffusers
 format carries as `lora_alpha` / `alpha_pattern` (the tensors are passed on unchanged). A fused qkv LoRA splits
 exactly: the down matrix is shared by q, k and v, the up matrix is cut in row thirds. Keys that are not understood

@@ -5,7 +5,8 @@ own source:
   own wrapper: `lycoris_`) + the module path with every `.` turned into `_`, then `.lora_down.weight` /
   `.lora_up.weight` / `.alpha` (or LyCORIS factors). The flat name is mapped back through a table of the model's own
   Linear names (original and diffusers layouts), which flatten to distinct strings; it is never split on `_`.
-- LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, `alpha`): dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r.
+- LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, `alpha`):
+  dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r.
 - LyCORIS LoKr (`lokr_w1` or `lokr_w1_a` / `lokr_w1_b`, `lokr_w2` or `lokr_w2_a` / `lokr_w2_b`, `alpha`):
   dW = kron(w1, w2) * alpha / r when a factor is decomposed (r its rank), kron(w1, w2) when both are full matrices
   (alpha is then not used, as in LyCORIS; ai-toolkit stores a meaningless 1e10 there, `inf` in float16).
@@ -72,9 +73,8 @@ def unflatten_module(flat: str) -> str | None:
 
 
 def split_flat_prefix(key: str) -> tuple[str, str] | None:
-    """`lora_unet_layers_3_attention_qkv.lora_down.weight` -> (`lora_unet_`, `layers.3.attention.qkv.lora_down.weight`);
-    the flat part is left as it is when it names no module (reported as an unknown module); None without a flat
-    prefix."""
+    """`lora_unet_layers_3_attention_qkv.alpha` -> (`lora_unet_`, `layers.3.attention.qkv.alpha`). A flat part that
+    names no module is left as it is (then reported as an unknown module); None without a flat prefix."""
     for prefix in FLAT_PREFIXES:
         if key.startswith(prefix):
             flat, dot, rest = key[len(prefix) :].partition(".")

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .comfy_formats import (
     COMFY_QUANT_SUFFIX,
@@ -102,7 +102,7 @@ def resolve_single_file(path_or_url, **hub_kwargs) -> Path:
 
 
 def file_kind(path: Path) -> str:
-    """ "gguf" or "safetensors", from the first bytes (a safetensors file starts with its header's length, then `{`)."""
+    """ "gguf" or "safetensors", from the first bytes (safetensors: the header's length, then `{`)."""
     with open(path, "rb") as handle:
         start = handle.read(9)
     if start[:4] == GGUF_MAGIC:
@@ -306,10 +306,15 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
 
 def load_safetensors_transformer(cls, path: Path, config: dict, dtype, disable_mmap: bool = False):
     """A safetensors single file (module docstring) -> the model, checked before any weight is read."""
-    located = locate_tensors([path])
+    try:
+        located = locate_tensors([path])
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise CheckpointMismatchError(
+            f"{path} is not a readable safetensors file ({error}); nothing was loaded."
+        ) from None
     header = {key: (dtype_name, shape) for key, (_, dtype_name, shape) in located.items()}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
     prefix = common_prefix(header, path)
     formats, consumed = comfy_layer_formats(path, header, metadata, prefix)
     header = {key: value for key, value in header.items() if key not in consumed}
