@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +39,7 @@ from .constants import OFFICIAL_ENTRIES
 from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, keeps_stored_dtype
 from .layout import reference_latent_norm, variance_for_scale
 from .loading import (
+    SAFETENSORS_DTYPES,
     CheckpointMismatchError,
     check_fp8_pairs,
     check_header,
@@ -85,21 +86,6 @@ LICENSE_LINK = "https://huggingface.co/ideogram-ai/ideogram-4-fp8/blob/main/LICE
 NOT_MEASURED = "not measured yet"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BINARY_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])iB\s*$", re.IGNORECASE)
-# safetensors header dtype names.
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class ConversionVerificationError(RuntimeError):
@@ -113,7 +99,8 @@ class ConversionVerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Recipe:
     """One output tensor: source rows `(file, key, rows or None)` concatenated along dim 0, stored as `dtype`; with
-    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`."""
+    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`; or the tensor
+    `compute()` returns when it is written (a weight dequantized from a loaded model, one at a time)."""
 
     key: str
     parts: tuple[tuple[Path, str, slice | None], ...]
@@ -121,6 +108,7 @@ class Recipe:
     dtype: torch.dtype
     scale: tuple[Path, str, slice | None] | None = None
     value: torch.Tensor | None = field(default=None, compare=False)
+    compute: Callable[[], torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +137,7 @@ class OutputFile:
 class ConversionPlan:
     direction: str
     source: str
-    root: Path
+    root: Path | None  # the source folder (None: single files only)
     components: list[str]
     dtype: str
     files: list[OutputFile] = field(default_factory=list)
@@ -270,7 +258,7 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dic
     for key, (source_key, rows) in origin.items():
         file, dtype, shape = located[source_key]
         shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
-        recipes[key] = Recipe(key, ((file, source_key, rows),), shape, _DTYPES[dtype])
+        recipes[key] = Recipe(key, ((file, source_key, rows),), shape, SAFETENSORS_DTYPES[dtype])
     known = set(inspect.signature(Ideogram4Transformer2DModel.__init__).parameters) | {
         "_class_name",
         "_diffusers_version",
@@ -388,7 +376,9 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
             scale = (
                 Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32) if scale else None
             )
-            by_file[file].append(_cast(Recipe(key, ((file, key, None),), shape, _DTYPES[dtype]), target, scale))
+            by_file[file].append(
+                _cast(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype]), target, scale)
+            )
     written = set()
     for file, recipes in by_file.items():
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
@@ -420,8 +410,8 @@ def _plan_reference_bn(plan: ConversionPlan, folder: Path, name: str) -> set[str
         for key, (_, dtype, shape) in locate_tensors([file]).items():
             if key in given and tuple(shape) != tuple(given[key].shape):
                 raise ValueError(f"{file}: `{key}` has shape {list(shape)}; the reference vectors have 128 entries.")
-            value = given[key].to(_DTYPES[dtype]) if key in given else None
-            recipes.append(Recipe(key, ((file, key, None),), shape, _DTYPES[dtype], value=value))
+            value = given[key].to(SAFETENSORS_DTYPES[dtype]) if key in given else None
+            recipes.append(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype], value=value))
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
         written.add(f"{name}/{file.name}")
     plan.notes.append(f"{name}: the reference latent normalisation written into `bn` (token order)")
@@ -567,6 +557,8 @@ class _Reader:
         """The value of one planned output tensor."""
         if recipe.value is not None:
             return recipe.value
+        if recipe.compute is not None:
+            return recipe.compute().to(recipe.dtype).contiguous()
         parts = [self._read(*part) for part in recipe.parts]
         value = parts[0] if len(parts) == 1 else torch.cat(parts)
         if recipe.scale is not None:
@@ -621,7 +613,9 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
             problems.append(f"{file.path} differs from {file.copy_from}")
         elif file.tensors is not None:
             planned = {r.key: (r.dtype, r.shape) for r in file.tensors}
-            got = {key: (_DTYPES[dtype], shape) for key, (_, dtype, shape) in locate_tensors([path]).items()}
+            got = {
+                key: (SAFETENSORS_DTYPES[dtype], shape) for key, (_, dtype, shape) in locate_tensors([path]).items()
+            }
             if got != planned:
                 bad = sorted(k for k in set(got) | set(planned) if got.get(k) != planned.get(k))
                 problems.append(f"{file.path}: keys, dtypes or shapes differ from the plan: {bad[:12]}")

@@ -13,8 +13,13 @@ import torch.nn.functional as F
 
 
 FP8_DTYPE = torch.float8_e4m3fn
+# Both float8 formats checkpoints store weights in (ComfyUI's scaled fp8 files also use e5m2).
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 SCALE_SUFFIX = ".weight_scale"
+# Scales that keep their stored dtype in every quantized format: per row or per tensor (`weight_scale`), NVFP4's
+# per-tensor second level (`weight_scale_2`), and static activation scales (`input_scale`).
+STORED_SCALE_SUFFIXES = (SCALE_SUFFIX, ".weight_scale_2", ".input_scale")
 # The parameters of an FP8Linear that keep the release's dtypes (float8, float32) whatever the model's dtype.
 STORED_FORMAT = ("weight", "weight_scale")
 
@@ -24,9 +29,10 @@ def is_fp8_checkpoint(keys) -> bool:
 
 
 def keeps_stored_dtype(key: str, dtype: torch.dtype) -> bool:
-    """Whether a checkpoint tensor keeps its stored dtype when a model is loaded in another one: fp8 weights, their
-    float32 scales, and anything that is not a float (every other tensor is cast to the load dtype)."""
-    return not dtype.is_floating_point or dtype == FP8_DTYPE or key.endswith(SCALE_SUFFIX)
+    """Whether a checkpoint tensor keeps its stored dtype when a model is loaded in another one: float8 weights, their
+    scales (`STORED_SCALE_SUFFIXES`), and anything that is not a float (packed NVFP4 weights); every other tensor is
+    cast to the load dtype."""
+    return not dtype.is_floating_point or dtype in FLOAT8_DTYPES or key.endswith(STORED_SCALE_SUFFIXES)
 
 
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,19 +76,47 @@ def linear_weight_keys(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-class FP8Linear(nn.Linear):
-    """A Linear holding a float8 weight and a float32 per-row scale (frozen parameters `weight`, `weight_scale`).
+class QuantizedLinear(nn.Linear):
+    """Base of the weight-only quantized Linears: a stored weight format (`stored_format` names its parameters) that
+    is dequantized in the compute dtype when the layer runs, on any device.
 
-    Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint. It is an
-    `nn.Linear` (PEFT wraps it with its LoRA Linear; the adapter then runs beside the dequantized weight), but its
-    stored format never changes: `model.to(dtype)` moves it without casting the float8 weight or the float32 scale.
-    Parameters rather than buffers, so that sequential CPU offload streams them like any weight (accelerate keeps
-    buffers resident on the accelerator there).
+    It is an `nn.Linear` (PEFT wraps it with its LoRA Linear; the adapter then runs beside the dequantized weight), but
+    its stored format never changes: `model.to(dtype)` moves those parameters without casting them. Parameters rather
+    than buffers, so that sequential CPU offload streams them like any weight (accelerate keeps buffers resident on the
+    accelerator there).
     """
 
+    stored_format: tuple[str, ...] = ()
     # PEFT casts new adapters to a base layer's `compute_dtype` when it has one, else to its weight's dtype (float8
-    # here, which would ruin them). None: adapters keep the dtype they are created or loaded in.
+    # or uint8 here, which would ruin them). None: adapters keep the dtype they are created or loaded in.
     compute_dtype = None
+
+    def _apply(self, fn, recurse=True):
+        stored = {name: p.data for name in self.stored_format if (p := self._parameters.get(name)) is not None}
+        super()._apply(fn, recurse)
+        for name, original in stored.items():
+            parameter = self._parameters[name]
+            if parameter.dtype != original.dtype:  # a dtype cast: redo it as a move only
+                parameter.data = original.to(parameter.device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight in `dtype`."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight(hidden_states.dtype)
+        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
+        return F.linear(hidden_states, weight, bias)
+
+
+class FP8Linear(QuantizedLinear):
+    """A Linear holding a float8 weight and a float32 per-row scale (frozen parameters `weight`, `weight_scale`).
+
+    Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint.
+    """
+
+    stored_format = STORED_FORMAT
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight to allocate and initialise
@@ -100,21 +134,17 @@ class FP8Linear(nn.Linear):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
 
-    def _apply(self, fn, recurse=True):
-        stored = {name: self._parameters[name].data for name in STORED_FORMAT}
-        super()._apply(fn, recurse)
-        for name, original in stored.items():
-            parameter = self._parameters[name]
-            if parameter.dtype != original.dtype:  # a dtype cast: redo it as a move only
-                parameter.data = original.to(parameter.device)
-        return self
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8_weight(self.weight, self.weight_scale, dtype)
+
+    def row_scales(self) -> torch.Tensor:
+        """(out,) float32 weight scales, for the fp8 matmul."""
+        return self.weight_scale.float()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.use_fp8_matmul:
             return self._fp8_matmul(hidden_states)
-        weight = dequantize_fp8_weight(self.weight, self.weight_scale, hidden_states.dtype)
-        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
-        return F.linear(hidden_states, weight, bias)
+        return super().forward(hidden_states)
 
     def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Quantize the activations per row and multiply in fp8 with row-wise scales on both sides."""
@@ -126,7 +156,7 @@ class FP8Linear(nn.Linear):
             quantized,
             self.weight.t(),
             scale_a=row_scale,
-            scale_b=self.weight_scale.float()[None, :],
+            scale_b=self.row_scales()[None, :],
             bias=bias,
             out_dtype=hidden_states.dtype,
         )
@@ -136,18 +166,24 @@ class FP8Linear(nn.Linear):
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model computes in: that of its first floating parameter outside the fp8 stored format (diffusers'
     and transformers' `model.dtype` would report float8 for a model whose first parameter is an fp8 weight)."""
-    stored = {id(m._parameters[name]) for m in model.modules() if isinstance(m, FP8Linear) for name in STORED_FORMAT}
+    stored = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear)
+        for name in m.stored_format
+        if (p := m._parameters.get(name)) is not None
+    }
     return next(p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in stored)
 
 
 class ComputeDtypeMixin:
     """`model.dtype` as the dtype the model computes in. diffusers' and transformers' `dtype` is the first floating
-    parameter's, which is float8 for an fp8-release model whose first Linear is quantized."""
+    parameter's (or the last dtype seen), which is float8 or uint8 for a model whose first Linear is quantized."""
 
     @property
     def dtype(self) -> torch.dtype:
         dtype = super().dtype
-        return compute_dtype(self) if dtype == FP8_DTYPE else dtype
+        return compute_dtype(self) if dtype in FLOAT8_DTYPES or not dtype.is_floating_point else dtype
 
 
 def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[str]:

@@ -21,7 +21,13 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 
 from .constants import FUSED_TO_SPLIT
-from .fp8 import FP8_DTYPE, SCALE_SUFFIX, is_fp8_checkpoint, keeps_stored_dtype, replace_linears_with_fp8
+from .fp8 import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    is_fp8_checkpoint,
+    keeps_stored_dtype,
+    replace_linears_with_fp8,
+)
 
 
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
@@ -45,12 +51,28 @@ MAX_KEYS_IN_MESSAGE = 12
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 STORED_AS = {
     torch.float8_e4m3fn: ("F8_E4M3",),
+    torch.float8_e5m2: ("F8_E5M2",),
     torch.int64: ("I64",),
     torch.int32: ("I32",),
     torch.uint8: ("U8",),
     torch.bool: ("BOOL",),
 }
 SCALE_DTYPES = ("F32",)
+# safetensors header dtype names and the torch dtypes they store.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,7 +126,9 @@ def original_key_plan(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice
     parts = split_names(key)
     if parts is None or len(parts) == 1:
         return [(parts[0] if parts else key, None)]
-    if not shape or shape[0] % len(parts):
+    if shape == ():  # a per-tensor scale of the fused weight holds for each of its parts
+        return [(part, None) for part in parts]
+    if shape[0] % len(parts):
         raise CheckpointMismatchError(
             f"`{key}` has shape {list(shape)}; a fused q/k/v tensor needs 3 * hidden rows (contiguous [q; k; v])."
         )
@@ -304,16 +328,24 @@ def rename_header(header: dict, key_plan, source: str) -> tuple[dict, dict]:
     return origin, renamed
 
 
-def check_header(build_model, header: dict, source, key_plan=None, hint: str = ""):
-    """Rename a checkpoint header with `key_plan` and check it against the model `build_model()` returns, built on
-    the meta device with fp8 layers where the checkpoint has scales -> (that model, origin of each model key).
-
-    Reads no tensor: a missing, unexpected or mis-shaped key, or an fp8 weight without its scale, raises here."""
-    origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
+def fp8_release_layers(model, renamed: dict, source) -> None:
+    """`check_header`'s default layer rule: FP8Linear wherever the checkpoint has a `.weight_scale` (the fp8 release),
+    after checking that every float8 weight has its scale."""
     check_fp8_pairs(renamed, source)
+    replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
+
+
+def check_header(build_model, header: dict, source, key_plan=None, hint: str = "", quantized_layers=None):
+    """Rename a checkpoint header with `key_plan` and check it against the model `build_model()` returns, built on
+    the meta device with quantized layers where the checkpoint has them -> (that model, origin of each model key).
+
+    `quantized_layers(model, renamed header, source)` checks the quantized tensors and swaps the meta model's Linears
+    for the layers that hold them (default `fp8_release_layers`). Reads no tensor: a missing, unexpected or mis-shaped
+    key, or an fp8 weight without its scale, raises here."""
+    origin, renamed = rename_header(header, key_plan or (lambda key, shape: [(key, None)]), source)
     with init_empty_weights():
         model = build_model()
-        replace_linears_with_fp8(model, [key.removesuffix("_scale") for key in renamed if key.endswith(SCALE_SUFFIX)])
+        (quantized_layers or fp8_release_layers)(model, renamed, source)
     state = model.state_dict()
     check_keys(
         {key: tuple(value.shape) for key, value in state.items()},
@@ -321,13 +353,17 @@ def check_header(build_model, header: dict, source, key_plan=None, hint: str = "
         source,
         hint,
     )
-    check_dtypes({key: (dtype, accepted_dtypes(key, state[key].dtype)) for key, (dtype, _) in renamed.items()}, source)
+    # Tensors stored in safetensors dtypes (a GGUF header names its quantization types instead, checked by its loader).
+    stored = {key: dtype for key, (dtype, _) in renamed.items() if dtype in SAFETENSORS_DTYPES}
+    check_dtypes({key: (dtype, accepted_dtypes(key, state[key].dtype)) for key, dtype in stored.items()}, source)
     return model, origin
 
 
 def accepted_dtypes(key: str, model_dtype: torch.dtype) -> tuple[str, ...]:
     """The safetensors dtypes a checkpoint may store a model tensor in (`STORED_AS`)."""
-    return SCALE_DTYPES if key.endswith(SCALE_SUFFIX) else STORED_AS.get(model_dtype, FLOAT_DTYPES)
+    if model_dtype in STORED_AS:  # fp8 weights and block scales, packed codes, integer buffers
+        return STORED_AS[model_dtype]
+    return SCALE_DTYPES if key.endswith(SCALE_SUFFIX) else FLOAT_DTYPES
 
 
 def check_dtypes(found: dict[str, tuple[str, tuple[str, ...]]], source) -> None:
@@ -358,15 +394,22 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
             for key in targets.keys() & set(handle.keys()):
                 tensor = handle.get_tensor(key)
                 tensor = tensor.clone() if disable_mmap else tensor
+                shared = len(targets[key]) > 1
                 for new_key, rows in targets[key]:
                     part = tensor if rows is None else tensor[rows]
+                    part = part.clone() if shared and rows is None else part  # one scale for several layers
                     if not keeps_stored_dtype(new_key, part.dtype):
                         part = part.to(torch_dtype or torch.float32)
                     state_dict[new_key] = part.contiguous()
+
+    # Per-row and per-tensor float32 scales multiply whole weights: finite and positive. (Block scales of packed
+    # formats are checked by their own loaders: their padding rows hold no meaning.)
     scales = [
         key
         for key, value in state_dict.items()
-        if key.endswith(SCALE_SUFFIX) and not bool((torch.isfinite(value) & (value > 0)).all())
+        if key.endswith(SCALE_SUFFIX)
+        and value.dtype == torch.float32
+        and not bool((torch.isfinite(value) & (value > 0)).all())
     ]
     if scales:
         raise CheckpointMismatchError(f"fp8 scales must be finite and positive; these are not: {list_keys(scales)}.")
@@ -438,6 +481,10 @@ def load_pretrained(
     header = {key: value for key, value in read_header(files).items() if not (ignore and re.search(ignore, key))}
     build = lambda: build_model(folder)  # noqa: E731
 
+    from .sdnq_loading import SDNQ_METHOD, check_sdnq_checkpoint, quantization_method
+
+    if quantization_method(folder) == SDNQ_METHOD:  # the host loads it through the `sdnq` package's quantizer
+        check_sdnq_checkpoint(build, header, folder, hint, check_names=check_before_host)
     if not (is_original_layout(header) or is_fp8_checkpoint(header)):
         # A pre-quantized checkpoint stores its quantization state as extra keys that only the host can read.
         if "quantization_config" in json.loads((folder / "config.json").read_text()):

@@ -14,7 +14,7 @@ from diffusers.utils import USE_PEFT_BACKEND
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .fp8 import FP8Linear
+from .fp8 import FLOAT8_DTYPES
 from .loading import HUB_DOWNLOAD_KWARGS, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
@@ -29,6 +29,7 @@ from .lora_formats import (
     peft_state_dict,
     to_diffusers_format,
 )
+from .lora_trainers import check_adapter_kinds, is_lycoris, load_lycoris_weights
 from .validation import finite_float
 
 
@@ -48,7 +49,8 @@ def base_layer(module: nn.Module) -> nn.Module:
 def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFactors]) -> None:
     """Raise a ValueError naming every module the LoRA targets that the model lacks, cannot wrap, or has another shape.
 
-    fp8 weight-only layers (`FP8Linear`) are Linears: the adapter runs beside the dequantized weight.
+    Quantized weight-only layers (fp8, nvfp4, GGUF) are Linears: the adapter runs beside the dequantized weight.
+    `modules` hold LoRA, LoHa or LoKr factors (anything with `in_features` / `out_features`).
     """
     found = dict(model.named_modules())
     missing, unsupported, mis_shaped = [], [], []
@@ -59,9 +61,9 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
         layer = base_layer(found[name])
         if not isinstance(layer, nn.Linear):
             unsupported.append(f"{component}.{name} ({type(layer).__name__})")
-        elif factors.down.shape[1] != layer.in_features or factors.up.shape[0] != layer.out_features:
+        elif factors.in_features != layer.in_features or factors.out_features != layer.out_features:
             mis_shaped.append(
-                f"{component}.{name} (LoRA {factors.up.shape[0]}x{factors.down.shape[1]}, model "
+                f"{component}.{name} (LoRA {factors.out_features}x{factors.in_features}, model "
                 f"{layer.out_features}x{layer.in_features})"
             )
     problems = []
@@ -183,6 +185,8 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if not USE_PEFT_BACKEND:
             raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
+        if is_lycoris(state_dict):  # LyCORIS LoHa / LoKr: through PEFT's own layers
+            return load_lycoris_weights(self, state_dict, adapter_name, target, hotswap, low_cpu_mem_usage)
         components = parse_lora_state_dict(state_dict, metadata, target)
         for component, modules in components.items():
             model = getattr(self, component, None)
@@ -192,6 +196,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                     f"checkpoint?). Load the pipeline with its `{component}`, or pass `target=` another component."
                 )
             check_lora_fits(component, model, modules)
+        check_adapter_kinds(self, components, "LoRA")
         adapter_name = adapter_name or self._unused_adapter_name()
         # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
         loaded_names = self.get_list_adapters()
@@ -313,6 +318,12 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         for component in COMPONENTS:
             model = getattr(self, component, None)
             if model is not None and adapter_name in getattr(model, "peft_config", {}):
+                peft_type = model.peft_config[adapter_name].peft_type
+                if str(getattr(peft_type, "value", "")) != "LORA":
+                    raise ValueError(
+                        f"`{adapter_name}` is a {peft_type.value} adapter; `save_lora_adapter` writes "
+                        "LoRA adapters only. Keep the file it was loaded from."
+                    )
                 arguments[f"{component}_lora_layers"] = get_peft_model_state_dict(model, adapter_name=adapter_name)
                 arguments[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
         if not arguments:
@@ -346,17 +357,17 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         lora_scale = finite_float("lora_scale", lora_scale)
         components = list(COMPONENTS) if components is None else components
         self._check_adapter_names(adapter_names, components)
-        fp8 = [
+        quantized = [
             f"{component}.{name}"
             for component in components
             for name, layer in _named_tuner_layers(getattr(self, component, None))
-            if isinstance(base_layer(layer), FP8Linear)
+            if _is_quantized(base_layer(layer).weight)
         ]
-        if fp8:
+        if quantized:
             raise ValueError(
-                f"`fuse_lora` cannot fold adapters into fp8 weight-only layers: {list_keys(fp8)}. Their weights stay "
-                "float8; run the adapters unfused (they apply at run time, `set_adapters` / `attention_kwargs` "
-                "scale them), or load the bf16 checkpoint to fuse."
+                f"`fuse_lora` cannot fold adapters into quantized weight-only layers (fp8, nvfp4, GGUF, SDNQ): "
+                f"{list_keys(quantized)}. Their weights stay quantized; run the adapters unfused (they apply at run "
+                "time, `set_adapters` / `attention_kwargs` scale them), or load a bf16 checkpoint to fuse."
             )
         for component in components:
             model = getattr(self, component, None)
@@ -443,6 +454,11 @@ def _check_loaded(component: str, model: nn.Module, modules: dict[str, LoraFacto
         raise ValueError(f"PEFT did not load the whole LoRA: modules without the adapter: {list_keys(absent)}.")
 
 
+def _is_quantized(weight: torch.Tensor) -> bool:
+    """A weight stored quantized (float8, or packed bytes), which a LoRA delta cannot be added to."""
+    return not weight.is_floating_point() or weight.dtype in FLOAT8_DTYPES
+
+
 def _named_tuner_layers(model: nn.Module | None) -> list[tuple[str, BaseTunerLayer]]:
     return [] if model is None else [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
@@ -458,7 +474,7 @@ def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact
         if hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
-        merging = any(adapter in module.lora_A and adapter not in module.merged_adapters for adapter in wanted)
+        merging = any(adapter in module.scaling and adapter not in module.merged_adapters for adapter in wanted)
         weight = module.get_base_layer().weight
         copy = weight.detach().to("cpu", copy=True) if exact and merging and weight.is_floating_point() else None
         setattr(module, _UNFUSED_STATE, (copy, dict(module.scaling)))

@@ -8,7 +8,9 @@ Published Ideogram 4 LoRAs come in two key formats, told apart here by their key
 Key prefixes: `transformer.`, `diffusion_model.`, `base_model.model.` or none name "the denoiser" (the conditional
 transformer unless `target` says otherwise); `conditional_transformer.` and `unconditional_transformer.` name a branch.
 
-Every file is parsed into one form, `{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
+kohya flat names (`lora_unet_layers_0_attention_qkv.lora_down.weight`) and LyCORIS LoHa / LoKr are read by
+`diffusers_ideogram4.lora_trainers`. Every LoRA file is parsed into one form,
+`{component: {module (diffusers layout): LoraFactors}}`. A per-module `alpha` tensor
 (kohya style) is folded into the up factor (scale 1); alpha given as PEFT metadata stays a scale, which the diffusers
 format carries as `lora_alpha` / `alpha_pattern` (the tensors are passed on unchanged). A fused qkv LoRA splits
 exactly: the down matrix is shared by q, k and v, the up matrix is cut in row thirds. Keys that are not understood
@@ -67,8 +69,8 @@ _BLOCK_MODULE = re.compile(r"^layers\.(?P<index>\d+)\.(?P<module>.+)$")
 
 # Adapter kinds PEFT-LoRA loading cannot represent, recognised by a piece of their key names.
 UNSUPPORTED_KEY_MARKERS = {
-    "lokr_": "LoKr",
-    "hada_": "LoHa",
+    "lokr_": "LoKr (`load_lora_weights` loads it; it has no LoRA form to convert to)",
+    "hada_": "LoHa (`load_lora_weights` loads it; it has no LoRA form to convert to)",
     "lora_magnitude_vector": "DoRA",
     "dora_scale": "DoRA",
     ".lora_mid.": "LoCon (`lora_mid`)",
@@ -97,6 +99,14 @@ class LoraFactors:
     def alpha(self) -> float:
         return self.scale * self.rank
 
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
     def folded(self) -> "LoraFactors":
         """The same delta at scale 1: `up * scale` (computed in float32, stored in up's dtype)."""
         if self.scale == 1.0:
@@ -120,7 +130,13 @@ def is_known_module(name: str, layout: str = "any") -> bool:
 
 
 def split_prefix(key: str) -> tuple[str, str]:
-    """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key)."""
+    """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key).
+    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`)."""
+    from .lora_trainers import split_flat_prefix  # builds on this module
+
+    flat = split_flat_prefix(key)
+    if flat is not None:
+        return flat
     for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES):
         if key.startswith(prefix):
             return prefix, key[len(prefix) :]

@@ -400,3 +400,26 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
             known_kwargs=LOADING_KWARGS,
             **kwargs,
         )
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """Load one transformer from a single file, strictly (`diffusers_ideogram4.single_file`): a GGUF file (through
+        diffusers' GGUF support), or a safetensors file in the original or diffusers layout, in bf16 / fp32, the fp8
+        release's format, or ComfyUI's scaled fp8 and nvfp4 formats; keys may carry `model.diffusion_model.` or
+        `diffusion_model.`. The format is read from the file.
+
+        Args:
+            pretrained_model_link_or_path: a file path or a hub file URL
+                (`https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>`).
+            config: the architecture: a size name (`"ideogram4"`, the default, or `"tiny"`), a dict of this class's
+                arguments, or a folder / hub repo with the transformer's config.json (`subfolder`, default
+                `transformer/` when the root has no config.json).
+            dtype (or torch_dtype): the compute dtype (default float32); quantized weights keep their stored format.
+            device: where to put the model (default the CPU).
+            quantization_config: GGUF files only, a `diffusers.GGUFQuantizationConfig` (its compute_dtype).
+            disable_mmap, cache_dir, revision, token, local_files_only, force_download, proxies: as in
+                `from_pretrained`.
+        """
+        from .single_file import load_single_file
+
+        return load_single_file(cls, pretrained_model_link_or_path, **kwargs)

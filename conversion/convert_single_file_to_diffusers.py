@@ -1,0 +1,81 @@
+"""Convert single-file Ideogram 4 transformers (GGUF, ComfyUI's fp8_scaled / nvfp4_mixed files, original-layout
+safetensors) into the hub's diffusers layout, dequantized to bf16 or fp32.
+
+    python conversion/convert_single_file_to_diffusers.py --transformer ideogram4-Q8_0.gguf \
+        --unconditional-transformer ideogram4_uncond-Q8_0.gguf --base ideogram-ai/ideogram-4-nf4-diffusers \
+        --output ideogram-4-bf16
+
+The logic lives in `diffusers_ideogram4.single_file_conversion.convert_single_files_to_diffusers`; this file only
+parses arguments.
+"""
+
+import argparse
+import sys
+
+from diffusers_ideogram4.conversion import DEFAULT_MAX_SHARD_SIZE
+from diffusers_ideogram4.single_file_conversion import DEQUANTIZED_DTYPES, convert_single_files_to_diffusers
+
+
+# What a failed conversion raises: printed as one message, without a traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)  # OSError: missing files, read-only folders
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transformer", default=None, help="single file (.safetensors or .gguf) or hub file URL")
+    parser.add_argument("--unconditional-transformer", default=None, help="the unconditional branch's single file")
+    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="hub-layout folder or repo id to copy the other components from (text encoder, "
+        "VAE, tokenizer, scheduler); without it only the transformer folders are written",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the architecture: a size name (ideogram4, tiny) or a folder / repo with the "
+        "transformer's config.json (default: the released model)",
+    )
+    parser.add_argument("--dtype", choices=list(DEQUANTIZED_DTYPES), default="bf16", help="dequantize to this dtype")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 10GB)")
+    parser.add_argument("--revision", default=None, help="revision of --base on the hub")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
+    )
+    parser.add_argument(
+        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = convert_single_files_to_diffusers(
+            args.output,
+            transformer=args.transformer,
+            unconditional_transformer=args.unconditional_transformer,
+            base=args.base,
+            config=args.config,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            dry_run=args.dry_run,
+            overwrite=args.overwrite,
+            replace_any_folder=args.replace_any_folder,
+            verify=not args.no_verify,
+            revision=args.revision,
+            progress=not args.no_progress,
+        )
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

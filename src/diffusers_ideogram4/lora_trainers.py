@@ -1,0 +1,507 @@
+"""Trainers' LoRA key formats beyond diffusers / PEFT and the original layout (SPEC 8, 10), read from each trainer's
+own source:
+
+- kohya-style flat names (musubi-tuner, OneTrainer's "kohya" output, LyCORIS' kohya wrapper): `lora_unet_` (LyCORIS'
+  own wrapper: `lycoris_`) + the module path with every `.` turned into `_`, then `.lora_down.weight` /
+  `.lora_up.weight` / `.alpha` (or LyCORIS factors). The flat name is mapped back through a table of the model's own
+  Linear names (original and diffusers layouts), which flatten to distinct strings; it is never split on `_`.
+- LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, `alpha`):
+  dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r.
+- LyCORIS LoKr (`lokr_w1` or `lokr_w1_a` / `lokr_w1_b`, `lokr_w2` or `lokr_w2_a` / `lokr_w2_b`, `alpha`):
+  dW = kron(w1, w2) * alpha / r when a factor is decomposed (r its rank), kron(w1, w2) when both are full matrices
+  (alpha is then not used, as in LyCORIS; ai-toolkit stores a meaningless 1e10 there, `inf` in float16).
+  Any prefix `lora_formats` accepts (`diffusion_model.`, `transformer.`, ...) or a flat one.
+Both load through PEFT's own LoHa / LoKr layers (`LoHaConfig` / `LoKrConfig` with per-module `rank_pattern` /
+`alpha_pattern`, `inject_adapter_in_model`, `set_peft_model_state_dict`), after a fused `attention.qkv` is split into
+q/k/v: exactly, by rows of `w1_a` / `w2_a` for LoHa, and of `w1` for a LoKr whose Kronecker rows split in thirds into a
+layout PEFT's LoKr can hold; anything else is refused by name.
+"""
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .loading import list_keys, raise_problems, split_names
+from .lora_formats import (
+    BLOCK_MODULES,
+    GLOBAL_MODULES,
+    ORIGINAL_BLOCK_MODULES,
+    _resolve_components,
+    is_known_module,
+    split_prefix,
+)
+
+
+FLAT_PREFIXES = ("lora_unet_", "lycoris_")
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+ALPHA = "alpha"
+# LyCORIS tensors this package does not load: Tucker cores (convolutions only), weight decomposition (DoRA).
+REFUSED_LYCORIS = {"hada_t1": "LoHa Tucker core", "hada_t2": "LoHa Tucker core", "lokr_t2": "LoKr Tucker core"}
+_FLAT_BLOCK = re.compile(r"^layers_(?P<index>\d+)_(?P<module>.+)$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kohya flat names
+
+
+def _flat_table(names) -> dict[str, str]:
+    table = {}
+    for name in names:
+        flat = name.replace(".", "_")
+        if flat in table:
+            raise ValueError(f"`{name}` and `{table[flat]}` flatten to the same kohya name `{flat}`.")
+        table[flat] = name
+    return table
+
+
+FLAT_GLOBAL_MODULES = _flat_table(GLOBAL_MODULES)
+FLAT_BLOCK_MODULES = _flat_table(dict.fromkeys(BLOCK_MODULES + ORIGINAL_BLOCK_MODULES))
+
+
+def unflatten_module(flat: str) -> str | None:
+    """`layers_3_attention_qkv` -> `layers.3.attention.qkv`; None when it names no Linear of the model."""
+    if flat in FLAT_GLOBAL_MODULES:
+        return FLAT_GLOBAL_MODULES[flat]
+    match = _FLAT_BLOCK.match(flat)
+    if match is None or match["module"] not in FLAT_BLOCK_MODULES:
+        return None
+    return f"layers.{int(match['index'])}.{FLAT_BLOCK_MODULES[match['module']]}"
+
+
+def split_flat_prefix(key: str) -> tuple[str, str] | None:
+    """`lora_unet_layers_3_attention_qkv.alpha` -> (`lora_unet_`, `layers.3.attention.qkv.alpha`). A flat part that
+    names no module is left as it is (then reported as an unknown module); None without a flat prefix."""
+    for prefix in FLAT_PREFIXES:
+        if key.startswith(prefix):
+            flat, dot, rest = key[len(prefix) :].partition(".")
+            module = unflatten_module(flat)
+            return prefix, (module or flat) + dot + rest
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoHa and LoKr factors
+
+
+@dataclass
+class LohaFactors:
+    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * scale."""
+
+    w1_a: torch.Tensor  # (out, r)
+    w1_b: torch.Tensor  # (r, in)
+    w2_a: torch.Tensor  # (out, r)
+    w2_b: torch.Tensor  # (r, in)
+    alpha: float
+
+    kind = "LoHa"
+
+    @property
+    def rank(self) -> int:
+        return self.w1_b.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w1_a.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.w1_b.shape[1]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return (self.w1_a.double() @ self.w1_b.double()) * (self.w2_a.double() @ self.w2_b.double()) * self.scale
+
+    def rows(self, part: slice) -> "LohaFactors":
+        """The factors of rows `part` of dW (rows of the product come from rows of w1_a and w2_a)."""
+        return LohaFactors(
+            self.w1_a[part].clone(), self.w1_b.clone(), self.w2_a[part].clone(), self.w2_b.clone(), self.alpha
+        )
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name.removeprefix("hada_")) for name in LOHA_TENSORS}
+
+
+@dataclass
+class LokrFactors:
+    """dW = kron(w1, w2) * scale, each factor full or a product of two (a, r) @ (r, c) matrices."""
+
+    w1: tuple[torch.Tensor, ...]  # (a, c), or (a, r) and (r, c)
+    w2: tuple[torch.Tensor, ...]  # (b, d), or (b, r) and (r, d)
+    alpha: float | None
+
+    kind = "LoKr"
+
+    @property
+    def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((a, c), (b, d)): out = a * b, in = c * d."""
+        return tuple((w[0].shape[0], w[-1].shape[1]) for w in (self.w1, self.w2))
+
+    @property
+    def out_features(self) -> int:
+        (a, _), (b, _) = self.factor_shapes
+        return a * b
+
+    @property
+    def in_features(self) -> int:
+        (_, c), (_, d) = self.factor_shapes
+        return c * d
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the decomposed factor(s), None when both are full."""
+        ranks = {w[0].shape[1] for w in (self.w1, self.w2) if len(w) == 2}
+        return ranks.pop() if ranks else None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.rank is None else self.alpha / self.rank
+
+    @staticmethod
+    def _full(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return w[0].double() if len(w) == 1 else w[0].double() @ w[1].double()
+
+    def delta(self) -> torch.Tensor:
+        return torch.kron(self._full(self.w1), self._full(self.w2)) * self.scale
+
+    def rows(self, part: slice) -> "LokrFactors":
+        """The factors of rows `part` of dW, a whole number of w1's rows (kron rows come in a blocks of b): those
+        rows of w1 (or w1_a), the same w2."""
+        a = self.factor_shapes[0][0]
+        rows = slice(part.start * a // self.out_features, part.stop * a // self.out_features)
+        return LokrFactors((self.w1[0][rows].clone(), *self.w1[1:]), tuple(w.clone() for w in self.w2), self.alpha)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, w in (("lokr_w1", self.w1), ("lokr_w2", self.w2)):
+            tensors.update({name: w[0]} if len(w) == 1 else {f"{name}_a": w[0], f"{name}_b": w[1]})
+        return tensors
+
+
+def is_lycoris(keys) -> bool:
+    """Whether a LoRA file holds LyCORIS LoHa / LoKr factors."""
+    return any(f".{name}" in key for key in keys for name in (*LOHA_TENSORS, *LOKR_TENSORS))
+
+
+def _lycoris_key(key: str) -> tuple[str, str, str] | None:
+    """-> (prefix, module, tensor name) of a LyCORIS key, or None when it is not one."""
+    prefix, rest = split_prefix(key)
+    module, _, name = rest.rpartition(".")
+    if name in (*LOHA_TENSORS, *LOKR_TENSORS, ALPHA, *REFUSED_LYCORIS, "dora_scale"):
+        return prefix, module, name
+    return None
+
+
+def parse_lycoris_state_dict(state_dict: dict[str, torch.Tensor], target: str | None = None) -> dict[str, dict]:
+    """A LyCORIS LoHa or LoKr state dict -> `{component: {module (diffusers layout): LohaFactors | LokrFactors}}`.
+
+    Raises ValueError naming every key that is not a LoHa / LoKr factor of a Linear of the model, unsupported
+    tensors (Tucker cores, DoRA), incomplete or mis-shaped factors, a file mixing LoHa and LoKr, and a fused q/k/v LoKr
+    that does not split."""
+    pieces = defaultdict(dict)
+    not_lycoris, unknown_module, refused = [], [], []
+    for key, tensor in state_dict.items():
+        parsed = _lycoris_key(key)
+        if parsed is None:
+            not_lycoris.append(key)
+            continue
+        prefix, module, name = parsed
+        if name in REFUSED_LYCORIS or name == "dora_scale":
+            refused.append(f"{key} ({REFUSED_LYCORIS.get(name, 'DoRA')})")
+        elif not is_known_module(module):
+            unknown_module.append(key)
+        else:
+            pieces[prefix, module][name] = tensor
+    problems = []
+    if not_lycoris:
+        problems.append(f"keys that are not LoHa / LoKr factors: {list_keys(not_lycoris)}")
+    if unknown_module:
+        problems.append(
+            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
+        )
+    if refused:
+        problems.append(f"unsupported LyCORIS tensors: {list_keys(refused)}")
+    kind_of = {
+        module: "LoHa"
+        if any(n in LOHA_TENSORS for n in parts)
+        else "LoKr"
+        if any(n in LOKR_TENSORS for n in parts)
+        else None
+        for module, parts in pieces.items()
+    }
+    bare = [f"{prefix}{module}" for (prefix, module), kind in kind_of.items() if kind is None]
+    if bare:
+        problems.append(f"modules with an alpha but no LoHa / LoKr factors: {list_keys(bare)}")
+    kinds = set(kind_of.values()) - {None}
+    if len(kinds) > 1:
+        problems.append("the file mixes LoHa and LoKr modules; PEFT holds one adapter kind per adapter")
+    raise_problems(
+        "The LyCORIS adapter has keys this loader does not understand; nothing was loaded.", problems, ValueError
+    )
+
+    components = _resolve_components({prefix for prefix, _ in pieces}, target)
+    parsed = defaultdict(dict)
+    for (prefix, module), parts in sorted(pieces.items()):
+        source = f"`{prefix}{module}`"
+        factors = _loha(parts, source, problems) if kinds == {"LoHa"} else _lokr(parts, source, problems)
+        if factors is None:
+            continue
+        for name, part in _split_fused(module, factors, source, problems).items():
+            if name in parsed[components[prefix]]:
+                problems.append(f"`{components[prefix]}.{name}` is given twice (again by {source})")
+            parsed[components[prefix]][name] = part
+    raise_problems("The LyCORIS adapter is malformed; nothing was loaded.", problems, ValueError)
+    return dict(parsed)
+
+
+def _alpha(parts: dict, source: str, problems: list, required: bool) -> float | None:
+    if ALPHA not in parts:
+        return None
+    alpha = parts[ALPHA]
+    if alpha.numel() != 1:
+        problems.append(f"{source}: alpha must be one number, got shape {list(alpha.shape)}")
+        return None
+    value = float(alpha.float().item())
+    if required and not math.isfinite(value):
+        problems.append(f"{source}: alpha is {value}, which scales a decomposed factor; it must be a finite number")
+        return None
+    return value
+
+
+def _loha(parts: dict, source: str, problems: list) -> LohaFactors | None:
+    missing = [name for name in LOHA_TENSORS if name not in parts]
+    if missing:
+        problems.append(f"{source} lacks {missing}")
+        return None
+    w1_a, w1_b, w2_a, w2_b = (parts[name] for name in LOHA_TENSORS)
+    shapes_ok = all(t.ndim == 2 for t in (w1_a, w1_b, w2_a, w2_b)) and (
+        w1_a.shape[1] == w1_b.shape[0] == w2_a.shape[1] == w2_b.shape[0]
+        and w1_a.shape[0] == w2_a.shape[0]
+        and w1_b.shape[1] == w2_b.shape[1]
+    )
+    if not shapes_ok:
+        problems.append(
+            f"{source}: LoHa factors {[list(t.shape) for t in (w1_a, w1_b, w2_a, w2_b)]} are not (out, r), (r, in), "
+            "(out, r), (r, in) with one rank"
+        )
+        return None
+    alpha = _alpha(parts, source, problems, required=True)
+    if ALPHA in parts and alpha is None:
+        return None
+    return LohaFactors(w1_a, w1_b, w2_a, w2_b, float(w1_b.shape[0]) if alpha is None else alpha)
+
+
+def _lokr(parts: dict, source: str, problems: list) -> LokrFactors | None:
+    factors = []
+    for name in ("lokr_w1", "lokr_w2"):
+        full, down, up = parts.get(name), parts.get(f"{name}_a"), parts.get(f"{name}_b")
+        if (full is None) == (down is None and up is None) or (down is None) != (up is None):
+            problems.append(f"{source} needs either `{name}` or both `{name}_a` and `{name}_b`")
+            return None
+        factor = (full,) if full is not None else (down, up)
+        if any(t.ndim != 2 for t in factor) or (len(factor) == 2 and down.shape[1] != up.shape[0]):
+            problems.append(
+                f"{source}: `{name}` factors {[list(t.shape) for t in factor]} are not matrices (a, r), (r, c)"
+            )
+            return None
+        factors.append(factor)
+    lokr = LokrFactors(factors[0], factors[1], None)
+    if len(factors[0]) == 2 and len(factors[1]) == 2 and factors[0][0].shape[1] != factors[1][0].shape[1]:
+        problems.append(f"{source}: the two decomposed LoKr factors have different ranks")
+        return None
+    decomposed = lokr.rank is not None
+    alpha = _alpha(parts, source, problems, required=decomposed)
+    if decomposed and ALPHA in parts and alpha is None:
+        return None
+    # LyCORIS: without alpha the scale is 1 (alpha = rank); with both factors full alpha is not used.
+    lokr.alpha = (alpha if alpha is not None else float(lokr.rank)) if decomposed else None
+    return lokr
+
+
+def _split_fused(module: str, factors, source: str, problems: list) -> dict:
+    """Original-layout module -> diffusers-layout module(s); a fused q/k/v splits by row thirds."""
+    names = split_names(module)
+    if names is None or len(names) == 1:
+        return {(names or (module,))[0]: factors}
+    rows = factors.out_features // len(names)
+    if factors.out_features % len(names):
+        problems.append(f"{source}: a fused q/k/v factor needs 3 x hidden rows, got {factors.out_features}")
+        return {}
+    if isinstance(factors, LokrFactors) and factors.factor_shapes[0][0] % len(names):
+        (a, _), (b, _) = factors.factor_shapes
+        problems.append(
+            f"{source}: a LoKr on the fused q/k/v whose Kronecker rows ({a} blocks of {b}) do not split in thirds; "
+            "it cannot be split into the q/k/v projections"
+        )
+        return {}
+    return {name: factors.rows(slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through PEFT
+
+
+def _factorization(dimension: int, factor: int) -> tuple[int, int]:
+    from peft.tuners.lokr.layer import factorization
+
+    return factorization(dimension, factor)
+
+
+def _lokr_layout(modules: dict[str, LokrFactors]) -> tuple[dict, list[str]]:
+    """PEFT LoKrConfig arguments that make PEFT build exactly the file's factor shapes (PEFT derives them from one
+    `decompose_factor`, one `decompose_both` flag and each module's rank) -> (arguments, problems)."""
+    shapes = {name: f.factor_shapes for name, f in modules.items()}
+    candidates = [-1, *sorted({a for (a, _), _ in shapes.values()} | {c for (_, c), _ in shapes.values()})]
+    factor = next(
+        (
+            f
+            for f in candidates
+            if all(
+                _factorization(m.out_features, f) == (a, b) and _factorization(m.in_features, f) == (c, d)
+                for m, ((a, c), (b, d)) in ((modules[name], shape) for name, shape in shapes.items())
+            )
+        ),
+        None,
+    )
+    if factor is None:
+        layouts = {name: f"{a}x{b} rows, {c}x{d} columns" for name, ((a, c), (b, d)) in shapes.items()}
+        return {}, [f"no single LoKr factorization gives these Kronecker factors (PEFT needs one): {layouts}"]
+    decompose_both = any(len(m.w1) == 2 for m in modules.values())
+    ranks, alphas, problems = {}, {}, []
+    for name, m in modules.items():
+        (a, c), (b, d) = m.factor_shapes
+        rank = m.rank if m.rank is not None else max(a, b, c, d)
+        peft_w1_full = not (decompose_both and rank < max(a, c) / 2)
+        peft_w2_full = not rank < max(b, d) / 2
+        if (peft_w1_full, peft_w2_full) != (len(m.w1) == 1, len(m.w2) == 1):
+            problems.append(
+                f"`{name}`: PEFT's LoKr would store w1 {'full' if peft_w1_full else 'decomposed'} and w2 "
+                f"{'full' if peft_w2_full else 'decomposed'} at rank {rank}, the file does otherwise"
+            )
+        ranks[name] = rank
+        alphas[name] = rank if m.rank is None else m.alpha  # both full: scale 1
+    arguments = {"decompose_both": decompose_both, "decompose_factor": factor}
+    return {"ranks": ranks, "alphas": alphas, **arguments}, problems
+
+
+def lycoris_config(modules: dict):
+    """The PEFT `LoHaConfig` / `LoKrConfig` of one component's LyCORIS modules (ranks and alphas per module)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    from .lora_formats import lora_config_kwargs
+
+    if all(isinstance(m, LohaFactors) for m in modules.values()):
+        ranks = {name: m.rank for name, m in modules.items()}
+        alphas = {name: m.alpha for name, m in modules.items()}
+        config_class, extra, problems = LoHaConfig, {}, []
+    else:
+        layout, problems = _lokr_layout(modules)
+        raise_problems("The LoKr cannot be loaded into PEFT's LoKr layers; nothing was loaded.", problems, ValueError)
+        ranks, alphas = layout.pop("ranks"), layout.pop("alphas")
+        config_class, extra = LoKrConfig, layout
+    stand_ins = {name: _RankAlpha(ranks[name], alphas[name]) for name in modules}
+    kwargs = lora_config_kwargs(stand_ins)
+    return config_class(
+        r=kwargs["r"],
+        alpha=kwargs["lora_alpha"],
+        rank_pattern=kwargs["rank_pattern"],
+        alpha_pattern=kwargs["alpha_pattern"],
+        target_modules=kwargs["target_modules"],
+        **extra,
+    )
+
+
+@dataclass
+class _RankAlpha:
+    rank: int
+    alpha: float
+
+
+def _adapter_kind(config) -> str:
+    return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(
+        str(getattr(config.peft_type, "value", "")), str(config.peft_type)
+    )
+
+
+def check_adapter_kinds(pipe, components, kind: str) -> None:
+    """PEFT holds one adapter kind per transformer: refuse a LoRA beside LoHa adapters and the like, by name."""
+    problems = []
+    for component in components:
+        configs = getattr(getattr(pipe, component, None), "peft_config", None) or {}
+        others = sorted(f"{name} ({_adapter_kind(c)})" for name, c in configs.items() if _adapter_kind(c) != kind)
+        if others:
+            problems.append(f"`{component}` holds {others}")
+    raise_problems(
+        f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
+        "them first (`fuse_lora`, `delete_adapters`).",
+        problems,
+        ValueError,
+    )
+
+
+def load_lycoris_weights(pipe, state_dict, adapter_name, target, hotswap: bool, low_cpu_mem_usage: bool) -> None:
+    """`Ideogram4Pipeline.load_lora_weights` for LoHa / LoKr files (module docstring)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from .lora import check_lora_fits
+
+    components = parse_lycoris_state_dict(state_dict, target)
+    kind = next(iter(next(iter(components.values())).values())).kind
+    if hotswap:
+        raise ValueError(
+            f"`hotswap=True` is for LoRA adapters; this file is a {kind}. Delete the old one and load it."
+        )
+    for component, modules in components.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise ValueError(
+                f"The {kind} has weights for `{component}`, which this pipeline does not have. Load the pipeline with "
+                f"its `{component}`, or pass `target=` another component."
+            )
+        if any(hasattr(m, "_hf_hook") for m in model.modules()):
+            raise ValueError(
+                f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
+            )
+        check_lora_fits(component, model, modules)
+    check_adapter_kinds(pipe, components, kind)
+    adapter_name = adapter_name or pipe._unused_adapter_name()
+    in_use = [c for c in components if adapter_name in pipe.get_list_adapters().get(c, [])]
+    if in_use:
+        raise ValueError(
+            f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another `adapter_name`, or "
+            f"`delete_adapters({adapter_name!r})` first."
+        )
+    configs = {component: lycoris_config(modules) for component, modules in components.items()}
+    try:
+        for component, modules in components.items():
+            model = getattr(pipe, component)
+            inject_adapter_in_model(
+                configs[component], model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            tensors = {
+                f"{name}.{key}": value for name, m in modules.items() for key, value in m.peft_tensors().items()
+            }
+            result = set_peft_model_state_dict(
+                model, tensors, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            absent = [
+                f"{component}.{name}" for name in modules if adapter_name not in model.get_submodule(name).scaling
+            ]
+            if result.unexpected_keys or absent:
+                raise ValueError(
+                    f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not "
+                    f"take: {list_keys(result.unexpected_keys)}."
+                )
+            model._hf_peft_config_loaded = True
+    except Exception:
+        for component in components:
+            model = getattr(pipe, component)
+            if adapter_name in getattr(model, "peft_config", {}):
+                model.delete_adapters(adapter_name)
+        raise

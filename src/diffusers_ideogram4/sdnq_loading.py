@@ -1,0 +1,80 @@
+"""SDNQ checkpoints (SD.Next's quantization engine, the `sdnq` package), such as `Disty0/Ideogram-4-SDNQ-FP8`.
+
+A component whose config.json says `"quantization_config": {"quant_method": "sdnq", ...}` loads through the host's
+own `from_pretrained`: diffusers and transformers hand it to the `sdnq` package's quantizer once `sdnq` is imported
+(importing it registers it with both), and this package's classes need nothing else. What this module adds, for the
+one loading rule (`loading.load_pretrained`):
+- a clear error when `sdnq` is not installed;
+- a header check before the host loads (diffusers models): every key is a model key, or an SDNQ tensor (`scale`,
+  `zero_point`, `svd_up`, ... as the `sdnq` package names them) of a module of the model, and no model key is
+  missing; anything else is refused by name before the model is built;
+- a refusal of SDNQ checkpoints in the original fused-attention layout, which the host's quantizer cannot split.
+"""
+
+import json
+from pathlib import Path
+
+from accelerate import init_empty_weights
+
+from .loading import is_original_layout, key_problems, mismatch_headline, raise_problems
+
+
+SDNQ_METHOD = "sdnq"
+INSTALL_HINT = "pip install 'diffusers-ideogram4[sdnq]'"
+
+
+def quantization_method(folder: Path) -> str | None:
+    """The `quant_method` of a component folder's config.json, if it has a quantization config."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return None
+    quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
+def sdnq_tensor_names() -> set[str]:
+    """The per-module tensor names an SDNQ checkpoint adds beside a module's `weight`, as the installed `sdnq` names
+    them. Importing `sdnq` also registers its quantizer with diffusers and transformers."""
+    try:
+        import sdnq  # noqa: F401
+        from sdnq.common import sdnq_keys
+    except ImportError:
+        raise ImportError(
+            f"This checkpoint is quantized with SDNQ; loading it needs the `sdnq` package: {INSTALL_HINT}."
+        ) from None
+    return set(sdnq_keys) - {"weight"}
+
+
+def check_sdnq_checkpoint(build_model, header: dict, source, hint: str = "", check_names: bool = True) -> None:
+    """Before the host loads an SDNQ component: `sdnq` importable, split attention, and (with `check_names`) the
+    header against the model built on the meta device (module docstring)."""
+    extra = sdnq_tensor_names()
+    if is_original_layout(header):
+        raise ValueError(
+            f"{source} is an SDNQ checkpoint in the original fused-attention layout (`attention.qkv`); the SDNQ "
+            "quantizer loads the diffusers layout only and cannot split quantized q/k/v rows. Load an SDNQ repo in "
+            "the diffusers layout (`attention.to_q/to_k/to_v`), or convert the bf16 / fp8 checkpoint to the diffusers "
+            "layout (`conversion/convert_ideogram4_to_diffusers.py`) and quantize that with `SDNQConfig`."
+        )
+    if not check_names:
+        return
+    with init_empty_weights():
+        model = build_model()
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    modules = {name for name, _ in model.named_modules()}
+    quantized = {
+        module for key in header if key not in expected for module, _, name in [key.rpartition(".")] if name in extra
+    }
+    unexpected = [
+        key
+        for key in header
+        if key not in expected and not (key.rpartition(".")[0] in modules and key.rpartition(".")[2] in extra)
+    ]
+    # A quantized module's weight is stored packed or in another shape; every other tensor keeps the model's shape.
+    mismatched = [
+        f"{key} (checkpoint {list(header[key][1])}, model {list(shape)})"
+        for key, shape in expected.items()
+        if key in header and key.rpartition(".")[0] not in quantized and tuple(header[key][1]) != shape
+    ]
+    problems = key_problems(set(expected) - set(header), unexpected, mismatched)
+    raise_problems(mismatch_headline(source, hint), problems)
