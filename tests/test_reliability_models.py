@@ -470,3 +470,15 @@ def test_conversion_scripts_report_an_unwritable_destination_in_one_line(source,
     assert script.main(["--source", str(source), "--output", str(tmp_path / "a-file" / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_sdnq_on_a_diffusers_without_its_quantizer_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    """diffusers 0.38 has no SDNQ quantizer: say so, before anything is built (on newer versions: simulated)."""
+    from diffusers_ideogram4 import sdnq_loading
+
+    folder = write(tmp_path / "sdnq", tiny_transformer().state_dict())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "sdnq"}}))
+    monkeypatch.setattr(sdnq_loading, "host_reads_sdnq", lambda: False)
+    with pytest.raises(ImportError, match=r"quantized with SDNQ, which diffusers .* cannot load.*0\.39 or newer"):
+        Transformer.from_pretrained(folder)

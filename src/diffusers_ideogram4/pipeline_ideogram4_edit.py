@@ -491,7 +491,8 @@ class Ideogram4Img2ImgPipeline(_Ideogram4EditPipeline):
             num_inference_steps, guidance_scale, guidance_schedule, mu, std, preset: the whole schedule, as in
                 text-to-image; `strength` picks how much of it runs.
             num_images_per_prompt, generator, output_type, return_dict, attention_kwargs, caption_check,
-                prompt_upsampling, prompt_upsampling_kwargs: as in text-to-image. `generator` draws only the noise, exactly as text-to-image draws it.
+                prompt_upsampling, prompt_upsampling_kwargs: as in text-to-image. `generator` draws only the noise,
+                exactly as text-to-image draws it.
             latents (`torch.Tensor`, *optional*): the noise (B, N_img, 128) float32 in token layout, as in
                 text-to-image (then leave `generator` out).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in text-to-image; steps count from 0 at the
@@ -586,7 +587,8 @@ class Ideogram4InpaintPipeline(_Ideogram4EditPipeline):
             num_inference_steps, guidance_scale, guidance_schedule, mu, std, preset: the whole schedule, as in
                 text-to-image; `strength` picks how much of it runs.
             num_images_per_prompt, generator, output_type, return_dict, attention_kwargs, caption_check,
-                prompt_upsampling, prompt_upsampling_kwargs: as in text-to-image. `generator` draws only the noise, exactly as text-to-image draws it.
+                prompt_upsampling, prompt_upsampling_kwargs: as in text-to-image. `generator` draws only the noise,
+                exactly as text-to-image draws it.
             latents (`torch.Tensor`, *optional*): the noise (B, N_img, 128) float32 in token layout, as in
                 text-to-image (then leave `generator` out).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in text-to-image; steps count from 0 at the

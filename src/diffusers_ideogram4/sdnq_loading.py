@@ -45,9 +45,23 @@ def sdnq_tensor_names() -> set[str]:
     return set(sdnq_keys) - {"weight"}
 
 
+def host_reads_sdnq() -> bool:
+    """Whether the installed diffusers routes `quant_method: "sdnq"` to a quantizer (diffusers >= 0.39)."""
+    from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    return SDNQ_METHOD in AUTO_QUANTIZER_MAPPING
+
+
 def check_sdnq_checkpoint(build_model, header: dict, source, hint: str = "", check_names: bool = True) -> None:
-    """Before the host loads an SDNQ component: `sdnq` importable, split attention, and (with `check_names`) the
-    header against the model built on the meta device (module docstring)."""
+    """Before the host loads an SDNQ component: a diffusers that reads SDNQ, `sdnq` importable, split attention, and
+    (with `check_names`) the header against the model built on the meta device (module docstring)."""
+    if not host_reads_sdnq():
+        import diffusers
+
+        raise ImportError(
+            f"{source} is quantized with SDNQ, which diffusers {diffusers.__version__} cannot load (its quantizers do "
+            "not include `sdnq`); upgrade diffusers (`pip install -U diffusers`, 0.39 or newer)."
+        )
     extra = sdnq_tensor_names()
     if is_original_layout(header):
         raise ValueError(
