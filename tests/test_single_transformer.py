@@ -116,6 +116,29 @@ def test_only_one_transformer_exists_in_the_pipeline(tmp_path):
     assert generate(pipe).shape == (1, 256, CONFIG["in_channels"])
 
 
+def test_save_and_reload_the_unconditional_adapter(tmp_path):
+    pipe = single()
+    pipe.load_unconditional_lora(random_original(seed=22, prefix="diffusion_model."), adapter_name="u")
+    expected = passes(pipe)
+    pipe.save_lora_adapter(tmp_path / "saved", adapter_name="u")
+    again = single()
+    again.load_unconditional_lora(str(tmp_path / "saved"), adapter_name="u")
+    for mine, theirs in zip(passes(again), expected):
+        torch.testing.assert_close(mine, theirs, **TOLERANCE)
+    with_diffs = single()
+    with_diffs.load_unconditional_lora(
+        {
+            **random_original(seed=22, prefix="diffusion_model."),
+            "diffusion_model.final_layer.linear.diff_b": torch.ones(128),
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"carries weight differences \(1 modules' .*keep the file it was loaded from"
+    ):
+        with_diffs.save_lora_adapter(tmp_path / "refused", adapter_name="unconditional")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_unload_restores_the_single_branch_output(tmp_path):
     pipe = single()
     distilled = generate(pipe, guidance_schedule=[1.0, 1.0])
@@ -255,6 +278,9 @@ def test_scoping_refusals_in_single_transformer_mode(tmp_path):
         assert torch.equal(mine, theirs)
     with pytest.raises(ValueError, match=r"`fuse_lora` is not available in single-transformer mode"):
         pipe.fuse_lora()
+    with pytest.raises(ValueError, match=r"`branch='negative'`: a pass is 'conditional' or 'unconditional'"):
+        with pipe.branch_pass("negative"):
+            pass
     # Fused through the transformer itself: refused when the pipeline is called, before any model work.
     pipe.transformer.fuse_lora(adapter_names=["style"])
     with pytest.raises(ValueError, match=r"An adapter was fused into `transformer`'s weights"):

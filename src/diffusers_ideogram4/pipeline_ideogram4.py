@@ -713,7 +713,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             output_type (`str`, defaults to "pil"): "pil", "np", "pt", or "latent" (token-layout latents as the
                 sampler leaves them).
             return_dict (`bool`, defaults to True): return an `Ideogram4PipelineOutput` rather than a tuple.
-            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters (in single-transformer
+                mode, those of the conditional pass).
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, tau, tensors)` after
                 every step, `tau` being the model time that step started from; may return `{"latents": ...}` to
                 replace them, and may set `pipe._interrupt = True` to stop early.

@@ -292,6 +292,8 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         """The model that computes `branch`'s velocity ("conditional" or "unconditional"), set up for that pass: in
         single-transformer mode `transformer` with the pass's adapters (and, for the unconditional pass, the weight
         differences and no runtime LoRA scale); otherwise `transformer` or `unconditional_transformer` as they are."""
+        if branch not in ("conditional", "unconditional"):
+            raise ValueError(f"`branch={branch!r}`: a pass is 'conditional' or 'unconditional'.")
         state = self._unconditional_branch()
         if state is None:
             yield self.transformer if branch == "conditional" else self.unconditional_transformer
@@ -427,6 +429,19 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         delattr(self.transformer, _STATE_ATTRIBUTE)
         if state.adapter in (getattr(self.transformer, "peft_config", None) or {}):
             self.transformer.delete_adapters(state.adapter)
+
+    def save_lora_adapter(self, save_directory, adapter_name: str, weight_name: str | None = None) -> None:
+        """`Ideogram4LoraLoaderMixin.save_lora_adapter`; the unconditional adapter saves as the conditional
+        transformer's LoRA (`transformer.` keys), which `load_unconditional_lora` reads back. One with weight
+        differences is refused: the diffusers format has no place for them."""
+        state = self._unconditional_branch()
+        if state is not None and adapter_name == state.adapter and state.diffs is not None:
+            raise ValueError(
+                f"The unconditional LoRA {adapter_name!r} carries weight differences ({len(state.diffs.diffs)} "
+                "modules' `.diff` / `.diff_b`), which the diffusers LoRA format cannot hold; keep the file it was "
+                "loaded from."
+            )
+        super().save_lora_adapter(save_directory, adapter_name, weight_name=weight_name)
 
     def delete_adapters(self, adapter_names) -> None:
         """diffusers' `delete_adapters`; deleting the unconditional adapter is `unload_unconditional_lora()`."""
