@@ -82,3 +82,13 @@ def test_conversion_commands_parse():
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
         script.build_parser().parse_args(words[2:])
+
+
+def test_single_transformer_offline_example_runs(tmp_path, monkeypatch):
+    example = next(block for block in blocks("python") if "tiny-uncond.safetensors" in block)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["pipe"].unconditional_adapter == "unconditional"
+    assert namespace["latents"].shape == (1, 256, 128)
+    assert 0 < namespace["report"].total_rel_error < 1

@@ -43,6 +43,8 @@ _LAZY = {
     "SamplerPreset": ".sampler",
     "model_times": ".sampler",
     "Ideogram4LoraLoaderMixin": ".lora",
+    "Ideogram4UnconditionalLoraMixin": ".unconditional_lora",
+    "extract_unconditional_lora": ".lora_extraction",
     "convert_lora_state_dict": ".lora_formats",
     "Ideogram4TextEncoder": ".text_encoder",
     "count_caption_tokens": ".text_encoder",

@@ -231,16 +231,18 @@ def weight_bytes(model: nn.Module, weights: str) -> int:
     """Bytes of `model`'s weights stored as `weights` ("bf16", "fp8", "nf4"), from parameter shapes alone (a model on
     the meta device will do). fp8: one byte per Linear weight plus a float32 scale per row; nf4: half a byte plus a
     float32 absmax per block; everything else bf16."""
+    quantized = set(linear_weight_keys(model))
+    return sum(stored_bytes(p, weights, name in quantized) for name, p in model.named_parameters())
+
+
+def stored_bytes(parameter: torch.Tensor, weights: str, quantized: bool) -> int:
+    """Bytes of one parameter stored as `weights` (`weight_bytes`' rule); `quantized`: it is a Linear weight, which
+    fp8 and nf4 quantize (everything else is bf16)."""
     if weights not in ("bf16", "fp8", "nf4"):
         raise ValueError(f"`weights` must be 'bf16', 'fp8' or 'nf4', got {weights!r}.")
-    quantized = set(linear_weight_keys(model)) if weights != "bf16" else set()
-    total = 0
-    for name, parameter in model.named_parameters():
-        count = parameter.numel()
-        if name not in quantized:
-            total += 2 * count
-        elif weights == "fp8":
-            total += count + 4 * parameter.shape[0]
-        else:
-            total += count // 2 + 4 * math.ceil(count / NF4_BLOCK)
-    return total
+    count = parameter.numel()
+    if weights == "bf16" or not quantized:
+        return 2 * count
+    if weights == "fp8":
+        return count + 4 * parameter.shape[0]
+    return count // 2 + 4 * math.ceil(count / NF4_BLOCK)

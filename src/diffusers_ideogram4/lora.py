@@ -188,14 +188,22 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if is_lycoris(state_dict):  # LyCORIS LoHa / LoKr: through PEFT's own layers
             return load_lycoris_weights(self, state_dict, adapter_name, target, hotswap, low_cpu_mem_usage)
         components = parse_lora_state_dict(state_dict, metadata, target)
-        for component, modules in components.items():
-            model = getattr(self, component, None)
-            if model is None:
+        for component in components:
+            if getattr(self, component, None) is None:
                 raise ValueError(
                     f"The LoRA has weights for `{component}`, which this pipeline does not have (a CFG-distilled "
-                    f"checkpoint?). Load the pipeline with its `{component}`, or pass `target=` another component."
+                    f"checkpoint, or single-transformer mode?). Load the pipeline with its `{component}`, pass "
+                    "`target=` another component, or load an unconditional LoRA with `load_unconditional_lora`."
                 )
-            check_lora_fits(component, model, modules)
+        self._load_parsed_lora(components, adapter_name, hotswap, low_cpu_mem_usage)
+
+    def _load_parsed_lora(
+        self, components: dict[str, dict[str, LoraFactors]], adapter_name, hotswap: bool, low_cpu_mem_usage: bool
+    ) -> str:
+        """Load parsed LoRA factors `{component: {module: LoraFactors}}` into the pipeline's components as one
+        adapter; the pipeline is left as it was when anything fails. Returns the adapter's name."""
+        for component, modules in components.items():
+            check_lora_fits(component, getattr(self, component), modules)
         check_adapter_kinds(self, components, "LoRA")
         adapter_name = adapter_name or self._unused_adapter_name()
         # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
@@ -225,6 +233,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                     if adapter_name in getattr(getattr(self, component), "peft_config", {}):
                         getattr(self, component).delete_adapters(adapter_name)
             raise
+        return adapter_name
 
     @classmethod
     def load_lora_into_transformer(
@@ -398,18 +407,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         """diffusers' `set_adapters`, with the names and weights checked first: every name loaded, every weight a
         finite number (a float, a list with one per adapter, or dicts of them as diffusers allows)."""
         self._check_adapter_names(adapter_names)
-
-        def check(weight, where):
-            if isinstance(weight, dict):
-                for key, value in weight.items():
-                    check(value, f"{where}[{key!r}]")
-            elif isinstance(weight, (list, tuple)):
-                for index, value in enumerate(weight):
-                    check(value, f"{where}[{index}]")
-            elif weight is not None:
-                finite_float(where, weight)
-
-        check(adapter_weights, "adapter_weights")
+        check_adapter_weights(adapter_weights)
         super().set_adapters(adapter_names, adapter_weights)
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
@@ -424,6 +422,19 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             super().unfuse_lora(components=fused, **kwargs)
         for component in components:  # scaling was changed in every LoRA layer, merged or not
             _restore_unfused_state(getattr(self, component, None))
+
+
+def check_adapter_weights(weight, where: str = "adapter_weights") -> None:
+    """Adapter weights as diffusers' `set_adapters` takes them (a float, a list with one per adapter, or dicts of
+    them), every number finite."""
+    if isinstance(weight, dict):
+        for key, value in weight.items():
+            check_adapter_weights(value, f"{where}[{key!r}]")
+    elif isinstance(weight, (list, tuple)):
+        for index, value in enumerate(weight):
+            check_adapter_weights(value, f"{where}[{index}]")
+    elif weight is not None:
+        finite_float(where, weight)
 
 
 def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> None:

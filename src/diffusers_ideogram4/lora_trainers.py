@@ -447,11 +447,18 @@ def check_adapter_kinds(pipe, components, kind: str) -> None:
 
 def load_lycoris_weights(pipe, state_dict, adapter_name, target, hotswap: bool, low_cpu_mem_usage: bool) -> None:
     """`Ideogram4Pipeline.load_lora_weights` for LoHa / LoKr files (module docstring)."""
+    load_lycoris_components(
+        pipe, parse_lycoris_state_dict(state_dict, target), adapter_name, hotswap, low_cpu_mem_usage
+    )
+
+
+def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool, low_cpu_mem_usage: bool) -> str:
+    """Load parsed LoHa / LoKr factors `{component: {module: factors}}` into the pipeline's components as one adapter
+    (PEFT's own layers); the pipeline is left as it was when anything fails. Returns the adapter's name."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from .lora import check_lora_fits
 
-    components = parse_lycoris_state_dict(state_dict, target)
     kind = next(iter(next(iter(components.values())).values())).kind
     if hotswap:
         raise ValueError(
@@ -505,3 +512,4 @@ def load_lycoris_weights(pipe, state_dict, adapter_name, target, hotswap: bool, 
             if adapter_name in getattr(model, "peft_config", {}):
                 model.delete_adapters(adapter_name)
         raise
+    return adapter_name

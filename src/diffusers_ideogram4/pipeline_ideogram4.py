@@ -34,11 +34,11 @@ from .layout import (
     unpatchify,
 )
 from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
-from .lora import Ideogram4LoraLoaderMixin
 from .prompt_expansion import Ideogram4PromptEnhancerHead, Ideogram4PromptExpansionMixin, check_head_fits
 from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
+from .unconditional_lora import Ideogram4UnconditionalLoraMixin
 from .validation import check_image_size, finite_float, require_positive_int
 
 
@@ -191,7 +191,7 @@ class _ReleaseOthers(UserCpuOffloadHook):
                 hook.offload()
 
 
-class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4PromptExpansionMixin):
+class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideogram4PromptExpansionMixin):
     r"""
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
@@ -202,7 +202,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         tokenizer ([`PreTrainedTokenizerBase`]): Qwen tokenizer with its chat template.
         transformer ([`Ideogram4Transformer2DModel`]): the conditional branch.
         unconditional_transformer ([`Ideogram4Transformer2DModel`], *optional*): the unconditional branch; leave it
-            out for CFG-distilled checkpoints, which then run one branch with guidance 1.0.
+            out for CFG-distilled checkpoints, which then run one branch with guidance 1.0, or to run the unconditional
+            branch as a LoRA on `transformer` (`load_unconditional_lora`: one resident transformer).
         prompt_enhancer_head ([`Ideogram4PromptEnhancerHead`], *optional*): Qwen3-VL-8B-Instruct's LM head; with it
             the text encoder expands plain-text ideas into captions (`expand_prompt`, `prompt_upsampling=True`).
         latent_normalization (`str`, defaults to "reference"): how token latents become VAE latents before decoding
@@ -311,7 +312,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
 
     @property
     def has_unconditional_branch(self) -> bool:
-        return getattr(self, "unconditional_transformer", None) is not None
+        """An `unconditional_transformer`, or an unconditional LoRA on `transformer` (single-transformer mode)."""
+        return self.check_unconditional_branch()
 
     def resolve_sampling(
         self,
@@ -360,7 +362,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
             raise ValueError(
                 f"This pipeline has no `unconditional_transformer` (a CFG-distilled checkpoint), so guidance must be "
                 f"1.0 at every step, got {sorted(set(schedule))}. Pass `guidance_scale=1.0`, "
-                f"`preset={DISTILLED_PRESET!r}`, or load an `unconditional_transformer`."
+                f"`preset={DISTILLED_PRESET!r}`, or load an `unconditional_transformer` (or an unconditional LoRA: "
+                "`load_unconditional_lora`)."
             )
         mu = settings.mu if mu is None else finite_float("mu", mu)
         std = settings.std if std is None else finite_float("std", std)
@@ -521,10 +524,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         # broadcast, so an image comes out the same whether it is generated alone or in a batch (a (B,) row of
         # equal times goes through B-row matmuls whose rounding depends on B).
         timestep = torch.full((1,), tau, device=latents.device, dtype=torch.float32)
-        v_cond = self.branch_velocity(self.transformer, latents, timestep, text_features, layout)
+        # Each pass gets its model from `branch_pass`: in single-transformer mode both run `transformer`, each with its
+        # own adapters (and the unconditional weight differences).
+        with self.branch_pass("conditional") as transformer:
+            v_cond = self.branch_velocity(transformer, latents, timestep, text_features, layout)
         v_uncond = None
         if guidance != 1.0:
-            v_uncond = self.branch_velocity(self.unconditional_transformer, latents, timestep, None, uncond_layout)
+            with self.branch_pass("unconditional") as transformer:
+                v_uncond = self.branch_velocity(transformer, latents, timestep, None, uncond_layout)
         return guided_velocity(v_cond, v_uncond, guidance)
 
     def branch_velocity(self, transformer, latents, timestep, text_features, layout) -> torch.Tensor:
@@ -706,7 +713,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
             output_type (`str`, defaults to "pil"): "pil", "np", "pt", or "latent" (token-layout latents as the
                 sampler leaves them).
             return_dict (`bool`, defaults to True): return an `Ideogram4PipelineOutput` rather than a tuple.
-            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales loaded LoRA adapters (in single-transformer
+                mode, those of the conditional pass).
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, tau, tensors)` after
                 every step, `tau` being the model time that step started from; may return `{"latents": ...}` to
                 replace them, and may set `pipe._interrupt = True` to stop early.
