@@ -20,6 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from diffusers.utils import BaseOutput, logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
+from .caches import check_cache_steps, reset_caches
 from .captions import CAPTION_CHECK_MODES, check_prompts
 from .captions.limits import check_prompt_lengths
 from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
@@ -36,7 +37,8 @@ from .layout import (
 from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
 from .lora import Ideogram4LoraLoaderMixin
 from .prompt_expansion import Ideogram4PromptEnhancerHead, Ideogram4PromptExpansionMixin, check_head_fits
-from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
+from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, guided_velocity, model_times
+from .schedulers import DIFFUSERS_TIMESTEP_SCALE, check_scheduler, scheduler_stepper
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .validation import check_image_size, finite_float, require_positive_int
@@ -196,7 +198,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
     Args:
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]): kept for the hub layout; the sampler computes its own times.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]): how each step moves the
+            latents along Ideogram 4's own time schedule. The hub's FlowMatchEuler is the reference sampler; another
+            accepted scheduler is driven with the same times; one that cannot take them is refused when assigned
+            (`schedulers.py`).
         vae ([`AutoencoderKLFlux2`]): the FLUX.2 VAE.
         text_encoder ([`Ideogram4TextEncoder`]): Qwen3-VL's language model, tapped at 13 layers.
         tokenizer ([`PreTrainedTokenizerBase`]): Qwen tokenizer with its chat template.
@@ -252,6 +257,11 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
                 "normalisation. Pass `latent_normalization='vae_bn'` to use the VAE's statistics instead."
             )
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "scheduler":  # also reached from __init__ (register_modules) and from_pipe
+            check_scheduler(value)
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -521,26 +531,30 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         # broadcast, so an image comes out the same whether it is generated alone or in a batch (a (B,) row of
         # equal times goes through B-row matmuls whose rounding depends on B).
         timestep = torch.full((1,), tau, device=latents.device, dtype=torch.float32)
-        v_cond = self.branch_velocity(self.transformer, latents, timestep, text_features, layout)
+        v_cond = self.branch_velocity(self.transformer, latents, timestep, text_features, layout, "cond")
         v_uncond = None
         if guidance != 1.0:
-            v_uncond = self.branch_velocity(self.unconditional_transformer, latents, timestep, None, uncond_layout)
+            v_uncond = self.branch_velocity(
+                self.unconditional_transformer, latents, timestep, None, uncond_layout, "uncond"
+            )
         return guided_velocity(v_cond, v_uncond, guidance)
 
-    def branch_velocity(self, transformer, latents, timestep, text_features, layout) -> torch.Tensor:
-        """One transformer's velocity at the image tokens (B, N_img, C) float32, on the sequence `layout` packs."""
+    def branch_velocity(self, transformer, latents, timestep, text_features, layout, branch="cond") -> torch.Tensor:
+        """One transformer's velocity at the image tokens (B, N_img, C) float32, on the sequence `layout` packs; cache
+        hooks keep the state of each `branch` ("cond" / "uncond") apart."""
         dtype = transformer.dtype
-        velocity = transformer(
-            hidden_states=layout.pack(latents).to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=None if text_features is None else text_features.to(dtype),
-            position_ids=layout.position_ids,
-            segment_ids=None,
-            indicator=layout.indicator,
-            attention_mask=layout.attention_mask,
-            attention_kwargs=self.attention_kwargs,
-            return_dict=False,
-        )[0]
+        with transformer.cache_context(branch):
+            velocity = transformer(
+                hidden_states=layout.pack(latents).to(dtype),
+                timestep=timestep,
+                encoder_hidden_states=None if text_features is None else text_features.to(dtype),
+                position_ids=layout.position_ids,
+                segment_ids=None,
+                indicator=layout.indicator,
+                attention_mask=layout.attention_mask,
+                attention_kwargs=self.attention_kwargs,
+                return_dict=False,
+            )[0]
         return layout.unpack(velocity).float()
 
     def prepare_call(
@@ -585,8 +599,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
         check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
-        # Validates attention_kwargs before any model work.
+        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
         Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
+        check_scheduler(self.scheduler)
         if prompt_upsampling_kwargs is not None and not prompt_upsampling:
             raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
         captions = None
@@ -597,6 +612,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
         self._attention_kwargs = attention_kwargs
+        self._generator = generator  # seeds a stochastic scheduler's noise too
         self._interrupt = False
         return prompts, grid, guidance, mu, std, token_ids, captions
 
@@ -619,6 +635,17 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         taus[k + 1]."""
         return model_times(num_inference_steps, mu, std, height, width).tolist()
 
+    def check_denoise(self, guidance: list[float]) -> None:
+        """Checks of the denoising loop that need the steps it will run (`guidance`, one per step), made before any
+        model work: a MagCache must count as many calls of its branch."""
+        unconditional_steps = sum(scale != 1.0 for scale in guidance)
+        check_cache_steps(
+            {
+                "transformer": (self.transformer, len(guidance)),
+                "unconditional_transformer": (self.unconditional_transformer, unconditional_steps),
+            }
+        )
+
     def denoise(
         self,
         latents: torch.Tensor,
@@ -631,17 +658,22 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         step_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: step k moves `latents` from taus[k] to taus[k + 1] with guidance[k] (len(taus) =
-        len(guidance) + 1). `step_hook(k, latents)` may change the latents after each Euler step, before the user's
-        callback (inpainting puts the kept tokens back there)."""
+        len(guidance) + 1). `step_hook(k, latents)` may change the latents after each step, before the user's
+        callback (inpainting puts the kept tokens back there). The step itself is the scheduler's
+        (`schedulers.scheduler_stepper`: the reference Euler step for the hub's scheduler)."""
         layout, uncond_layout = layouts
         self._num_timesteps = len(guidance)
+        self.check_denoise(guidance)
+        reset_caches(self.transformer, self.unconditional_transformer)
+        scheduler_step = scheduler_stepper(self.scheduler, taus, getattr(self, "_generator", None), latents.device)
         with self.progress_bar(total=len(guidance)) as progress_bar:
             for step, scale in enumerate(guidance):
                 if self.interrupt:  # set by a callback: stop here and decode what there is
                     break
                 self._guidance_scale = scale
+                self._current_timestep = (1.0 - taus[step]) * DIFFUSERS_TIMESTEP_SCALE
                 velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
-                latents = euler_step(latents, velocity, taus[step], taus[step + 1])
+                latents = scheduler_step(step, latents, velocity)
                 if step_hook is not None:
                     latents = step_hook(step, latents)
                 if callback_on_step_end is not None:
@@ -650,6 +682,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
                     outputs = callback_on_step_end(self, step, taus[step], tensors)
                     latents = self.callback_outputs(callback_on_step_end, outputs, available).get("latents", latents)
                 progress_bar.update()
+        self._current_timestep = None
         return latents
 
     def decode_latents(self, latents: torch.Tensor, grid: tuple[int, int], output_type: str):
@@ -745,6 +778,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
             prompt_upsampling=prompt_upsampling,
             prompt_upsampling_kwargs=prompt_upsampling_kwargs,
         )
+        self.check_denoise(guidance)
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.
@@ -775,6 +809,12 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
     @property
     def num_timesteps(self) -> int:
         return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def current_timestep(self) -> float | None:
+        """The model time of the step running, in diffusers' units ((1 - tau) x 1000, 1000 = noise), None outside the
+        loop: `PyramidAttentionBroadcastConfig(current_timestep_callback=lambda: pipe.current_timestep)`."""
+        return getattr(self, "_current_timestep", None)
 
     @property
     def attention_kwargs(self) -> dict | None:
