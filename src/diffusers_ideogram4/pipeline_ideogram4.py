@@ -31,7 +31,9 @@ from .layout import (
     image_only_layout,
     initial_noise,
     latent_statistics,
+    needs_attention_mask,
     pack_layout,
+    padded_text_length,
     unpatchify,
 )
 from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
@@ -626,18 +628,21 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
         return text_features, [n for n in text_lengths for _ in range(num_images_per_prompt)]
 
     def prepare_layouts(self, text_lengths: list[int], grid, device) -> tuple[PackedLayout, PackedLayout]:
-        """The sequence layouts of the call: `[text | image]` for the conditional branch, image only for the other."""
-        layout = pack_layout(text_lengths, *grid).to(device)
-        return layout, image_only_layout(len(text_lengths), *grid).to(device)
+        """The sequence layouts of the call: `[text | image]` for the conditional branch, image only for the other
+        (each padded to a length its transformer's context parallelism can split evenly)."""
+        layout = pack_layout(text_lengths, *grid, multiple=self.transformer.context_parallel_size).to(device)
+        uncond_multiple = self.unconditional_transformer.context_parallel_size if self.has_unconditional_branch else 1
+        return layout, image_only_layout(len(text_lengths), *grid, multiple=uncond_multiple).to(device)
 
     def schedule(self, num_inference_steps: int, mu: float, std: float, height: int, width: int) -> list[float]:
         """The N + 1 model times of the call, rising from TAU_MIN (noise) to TAU_MAX; step k runs from taus[k] to
         taus[k + 1]."""
         return model_times(num_inference_steps, mu, std, height, width).tolist()
 
-    def check_denoise(self, guidance: list[float]) -> None:
-        """Checks of the denoising loop that need the steps it will run (`guidance`, one per step), made before any
-        model work: a MagCache must count as many calls of its branch."""
+    def check_denoise(self, guidance: list[float], text_lengths: list[int] | None = None, grid=None) -> None:
+        """Checks of the denoising loop made before any model work: a MagCache must count as many calls of its branch
+        as the steps run (`guidance`, one per step); with the prompts' token counts and the token grid, the attention
+        backends must apply the segment mask where a branch's sequence holds padding."""
         unconditional_steps = sum(scale != 1.0 for scale in guidance)
         check_cache_steps(
             {
@@ -645,6 +650,14 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
                 "unconditional_transformer": (self.unconditional_transformer, unconditional_steps),
             }
         )
+        if text_lengths is None:
+            return
+        num_image = grid[0] * grid[1]
+        multiple = self.transformer.context_parallel_size
+        if needs_attention_mask(text_lengths, padded_text_length(text_lengths, num_image, multiple)):
+            self.transformer.check_attention_mask_support()
+        if unconditional_steps and num_image % self.unconditional_transformer.context_parallel_size:
+            self.unconditional_transformer.check_attention_mask_support()
 
     def denoise(
         self,
@@ -778,7 +791,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4LoraLoaderMixin, Ideogram4Pr
             prompt_upsampling=prompt_upsampling,
             prompt_upsampling_kwargs=prompt_upsampling_kwargs,
         )
-        self.check_denoise(guidance)
+        self.check_denoise(guidance, [len(ids) for ids in token_ids], grid)
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.

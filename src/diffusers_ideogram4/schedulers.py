@@ -123,6 +123,6 @@ def scheduler_stepper(scheduler, taus: list[float], generator=None, device=None)
 
     def step(k: int, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         timestep = scheduler.timesteps[k]
-        return scheduler.step(-velocity, timestep, latents, return_dict=False, **extra)[0].float()
+        return scheduler.step(-velocity, timestep, latents, return_dict=False, **extra)[0]
 
     return step

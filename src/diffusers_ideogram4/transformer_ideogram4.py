@@ -220,9 +220,9 @@ class Ideogram4Attention(nn.Module, AttentionModuleMixin):
         if self.fused_projections:
             return
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3 D, D)
-        self.to_qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        self.to_qkv.weight.copy_(weight)
-        del self.to_q, self.to_k, self.to_v
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        self._replace_projections({"to_qkv": fused}, removed=("to_q", "to_k", "to_v"))
         self.fused_projections = True
 
     @torch.no_grad()
@@ -230,12 +230,19 @@ class Ideogram4Attention(nn.Module, AttentionModuleMixin):
         """Split `to_qkv` back into to_q, to_k and to_v (a lossless row split)."""
         if not self.fused_projections:
             return
+        split = {}
         for name, rows in zip(("to_q", "to_k", "to_v"), self.to_qkv.weight.chunk(3)):
-            layer = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
-            layer.weight.copy_(rows)
-            setattr(self, name, layer)
-        del self.to_qkv
+            split[name] = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+            split[name].weight.copy_(rows)
+        self._replace_projections(split, removed=("to_qkv",))
         self.fused_projections = False
+
+    def _replace_projections(self, added: dict[str, nn.Module], removed: tuple[str, ...]) -> None:
+        """Swap projection layers, the new ones first among the children (where to_q, to_k, to_v were), so that
+        the state dict keeps the checkpoint's key order after a fuse and unfuse."""
+        others = {name: module for name, module in self._modules.items() if name not in removed}
+        self._modules.clear()
+        self._modules.update({**added, **others})
 
 
 class Ideogram4FeedForward(nn.Module):
@@ -521,6 +528,22 @@ class Ideogram4Transformer2DModel(
 
         apply_cache(self, config, super().enable_cache)
 
+    @property
+    def context_parallel_size(self) -> int:
+        """How many processes `enable_parallelism` splits the sequence over (1 without context parallelism): the
+        pipeline pads the sequence to a multiple of it."""
+        config = getattr(self._parallel_config, "context_parallel_config", None)
+        return 1 if config is None else config.ring_degree * config.ulysses_degree
+
+    def check_attention_mask_support(self) -> None:
+        """Raise, naming the backend, when an attention processor cannot apply the segment mask; the pipeline calls it
+        before any model work for a batch that needs the mask (the processor checks again at every call)."""
+        for module in self.modules():
+            if isinstance(module, Ideogram4Attention):
+                processor = module.processor
+                backend = getattr(processor, "_attention_backend", None)
+                check_mask_support(backend, getattr(processor, "_parallel_config", None))
+
     def _check_context_parallel(self, length: int) -> None:
         """Ulysses splits the sequence and the heads evenly over the processes; say so instead of diffusers'
         assertion deep in the sharding hook."""
@@ -531,8 +554,8 @@ class Ideogram4Transformer2DModel(
         if length % processes and not (config.ulysses_anything or config.ring_anything):
             raise ValueError(
                 f"Context parallelism over {processes} processes needs a sequence length divisible by {processes}, "
-                f"got {length} tokens (text + image). In the pipeline the text is padded to fit; calling the model "
-                "directly, pad the text positions (indicator and segment id of padding) to a multiple."
+                f"got {length} tokens (text + image). The pipeline pads the text to fit; calling the model directly, "
+                "pad the sequence (`layout.pack_layout(..., multiple=...)`)."
             )
         heads = self.config.num_attention_heads
         if heads % config.ulysses_degree and not config.ulysses_anything:
