@@ -97,10 +97,11 @@ def test_backend_that_would_drop_the_mask_is_refused_by_name(backend):
         image_velocity(model, packed_inputs(**MASKED))
     assert str(error.value) == (
         f"Attention backend `{backend}` cannot apply Ideogram 4's boolean segment mask (it refuses a mask, or reduces "
-        "it to key padding and so drops it), and this batch needs the mask: its prompts have different token lengths. "
-        "Use one of ['native', '_native_math', '_native_efficient', '_native_cudnn', '_native_npu', 'flex'] "
-        "(`transformer.set_attention_backend(...)`), or generate prompts of equal token length together (one prompt "
-        "per call always works)."
+        "it to key padding and so drops it), and this batch needs the mask: its sequences hold padding (prompts of "
+        "different token lengths, or padding to a length context parallelism can split). Use one of ['native', "
+        "'_native_math', '_native_efficient', '_native_cudnn', '_native_npu', 'flex'] "
+        "(`transformer.set_attention_backend(...)`), or batch prompts of equal token length (one prompt per call "
+        "needs no mask without context parallelism)."
     )
 
 
@@ -179,3 +180,22 @@ def test_fusing_is_refused_for_lora_and_fp8_layers():
     replace_linears_with_fp8(fp8, [f"layers.{i}.attention.to_q.weight" for i in range(NUM_LAYERS)])
     with pytest.raises(ValueError, match=r"`layers\.0\.attention\.to_q` is a diffusers_ideogram4\.fp8\.FP8Linear"):
         fp8.fuse_qkv_projections()
+
+
+def test_ring_attention_with_a_mask_is_refused_by_name():
+    """Ring attention hands every key chunk the whole mask; refused before any exchange (checked on the processors,
+    no processes needed)."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    model = tiny_transformer(seed=1)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    for processor in model.attn_processors.values():
+        processor._parallel_config = config
+    with pytest.raises(ValueError) as error:
+        image_velocity(model, packed_inputs(**MASKED))
+    assert str(error.value) == (
+        "Ring attention (`ContextParallelConfig(ring_degree=2)`) cannot apply Ideogram 4's segment mask, and this "
+        "batch needs it: its sequences hold padding (prompts of different token lengths, or padding to a length 2 "
+        "processes can split). Use Ulysses (`ulysses_degree=`), or batch prompts of equal token length whose sequence "
+        "is a multiple of 2 tokens long."
+    )

@@ -103,6 +103,22 @@ def check_pipeline() -> None:
     assert len(exchanges) == 2 * 2 * BLOCKS * EXCHANGES_PER_ATTENTION  # steps x branches x blocks
 
 
+def test_layouts_pad_to_a_length_the_processes_can_split():
+    from diffusers_ideogram4.layout import image_only_layout, pack_layout
+
+    plain = pack_layout([5, 5], 3, 4)  # 5 + 12 = 17 tokens
+    split = pack_layout([5, 5], 3, 4, multiple=2)  # one padding token per row, so now masked
+    assert (plain.num_text, plain.attention_mask) == (5, None)
+    assert split.num_text == 6 and split.indicator.shape == (2, 18)
+    assert split.segment_ids[:, 5].tolist() == [-1, -1] and split.attention_mask is not None
+    assert torch.equal(split.position_ids[:, 6:], plain.position_ids[:, 5:])
+    assert pack_layout([6, 4], 3, 4, multiple=2).num_text == 6  # 18 already splits in two
+    odd_image = image_only_layout(2, 3, 5, multiple=2)  # 15 image tokens behind one padding token
+    assert odd_image.num_text == 1 and odd_image.indicator[:, 0].tolist() == [0, 0]
+    assert odd_image.attention_mask[:, 0, 1:, 0].any().item() is False  # no image token attends the padding
+    assert image_only_layout(2, 3, 4, multiple=2).num_text == 0
+
+
 @pytest.mark.slow
 def test_ulysses_over_two_cpu_processes_matches_one_process():
     mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)

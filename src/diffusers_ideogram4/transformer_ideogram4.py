@@ -118,17 +118,20 @@ def check_mask_support(backend: AttentionBackendName | None, parallel_config) ->
     if backend not in MASKED_ATTENTION_BACKENDS:
         raise ValueError(
             f"Attention backend `{backend.value}` cannot apply Ideogram 4's boolean segment mask (it refuses a mask, or "
-            "reduces it to key padding and so drops it), and this batch needs the mask: its prompts have different "
-            f"token lengths. Use one of {[name.value for name in MASKED_ATTENTION_BACKENDS]} "
-            "(`transformer.set_attention_backend(...)`), or generate prompts of equal token length together (one "
-            "prompt per call always works)."
+            "reduces it to key padding and so drops it), and this batch needs the mask: its sequences hold padding "
+            "(prompts of different token lengths, or padding to a length context parallelism can split). Use one of "
+            f"{[name.value for name in MASKED_ATTENTION_BACKENDS]} (`transformer.set_attention_backend(...)`), or "
+            "batch prompts of equal token length (one prompt per call needs no mask without context parallelism)."
         )
     context_parallel = getattr(parallel_config, "context_parallel_config", None)
-    if context_parallel is not None and (context_parallel.ring_degree or 1) > 1:
+    if context_parallel is not None and context_parallel.ring_degree > 1:
+        processes = context_parallel.ring_degree * context_parallel.ulysses_degree
         raise ValueError(
             f"Ring attention (`ContextParallelConfig(ring_degree={context_parallel.ring_degree})`) cannot apply "
-            "Ideogram 4's segment mask, and this batch needs it: its prompts have different token lengths. Use "
-            "Ulysses (`ulysses_degree=`), or generate prompts of equal token length together."
+            "Ideogram 4's segment mask, and this batch needs it: its sequences hold padding (prompts of different "
+            f"token lengths, or padding to a length {processes} processes can split). Use Ulysses "
+            f"(`ulysses_degree=`), or batch prompts of equal token length whose sequence is a multiple of {processes} "
+            "tokens long."
         )
 
 
