@@ -3,6 +3,7 @@ Ideogram 4's times and converge at their order on a flow with a closed-form solu
 
 import math
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from conftest import CAPTION, seeded
 from diffusers_ideogram4 import Ideogram4Img2ImgPipeline, Ideogram4Pipeline
 from diffusers_ideogram4.constants import TAU_MAX, TAU_MIN
 from diffusers_ideogram4.sampler import euler_step, model_times
-from diffusers_ideogram4.schedulers import scheduler_stepper
+from diffusers_ideogram4.schedulers import scheduler_stepper, stochastic_noise_follows_the_generator
 from diffusers_ideogram4.testing import tiny_components, tiny_pipeline
 
 
@@ -138,6 +139,10 @@ def test_unipc_is_driven_on_the_ideogram_times_and_ends_at_tau_max(pipe, monkeyp
     assert (first - reference).abs().max() > 1e-3  # another solver, not the Euler step
 
 
+SEEDED_STOCHASTIC_NOISE = stochastic_noise_follows_the_generator()
+
+
+@pytest.mark.skipif(not SEEDED_STOCHASTIC_NOISE, reason=f"diffusers {diffusers.__version__} draws it unseeded")
 def test_stochastic_flow_match_euler_is_seeded_by_the_generator(pipe):
     reference = pipe(CAPTION, generator=seeded(4), **CALL).images
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
@@ -146,6 +151,12 @@ def test_stochastic_flow_match_euler_is_seeded_by_the_generator(pipe):
     assert not torch.equal(pipe(CAPTION, generator=seeded(5), **CALL).images, first)
     assert (first - reference).abs().max() > 1e-3
     assert pipe.scheduler.sigmas[4].item() == np.float32(1.0 - TAU_MAX)
+
+
+@pytest.mark.skipif(SEEDED_STOCHASTIC_NOISE, reason=f"diffusers {diffusers.__version__} seeds it (0.38 did not)")
+def test_unseeded_stochastic_flow_match_euler_is_refused(pipe):
+    with pytest.raises(ValueError, match=r"draws without the generator, so `generator` could not seed it"):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
 
 
 def test_image_to_image_drives_the_scheduler_over_the_last_steps(pipe):
@@ -176,22 +187,22 @@ def test_image_to_image_drives_the_scheduler_over_the_last_steps(pipe):
         (
             UniPCMultistepScheduler(),
             "`scheduler` is a `UniPCMultistepScheduler` with `use_flow_sigmas=False`, `prediction_type='epsilon'`, "
-            "which would rewrite Ideogram 4's sigmas. ",
+            "which would rewrite Ideogram 4's sigmas or misread the velocity. ",
         ),
         (
             UniPCMultistepScheduler(**FLOW_UNIPC, flow_shift=3.0),
             "`scheduler` is a `UniPCMultistepScheduler` with `flow_shift=3.0`, which would rewrite Ideogram 4's "
-            "sigmas. ",
+            "sigmas or misread the velocity. ",
         ),
         (
             FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True),
             "`scheduler` is a `FlowMatchEulerDiscreteScheduler` with `use_karras_sigmas=True`, `shift=3.0`, which "
-            "would rewrite Ideogram 4's sigmas. ",
+            "would rewrite Ideogram 4's sigmas or misread the velocity. ",
         ),
         (
             FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
             "`scheduler` is a `FlowMatchEulerDiscreteScheduler` with `use_dynamic_shifting=True`, which would rewrite "
-            "Ideogram 4's sigmas. ",
+            "Ideogram 4's sigmas or misread the velocity. ",
         ),
     ],
     ids=["heun", "dpm", "unipc-no-flow", "unipc-shift", "euler-karras-shift", "euler-dynamic"],

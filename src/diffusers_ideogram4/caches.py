@@ -80,6 +80,7 @@ def apply_cache(model: nn.Module, config, host_enable_cache) -> None:
     config = adapt_cache_config(config)
     register_cache_blocks()
     host_enable_cache(config)
+    forget_hooked_submodules(model)
     if not hooked_modules(model):
         model.disable_cache()
         raise ValueError(
@@ -87,6 +88,16 @@ def apply_cache(model: nn.Module, config, host_enable_cache) -> None:
             "ranges must name this model's modules: blocks `layers.N`, attention `layers.N.attention`, output "
             "`final_layer` (for PyramidAttentionBroadcastConfig: `spatial_attention_block_skip_range`)."
         )
+
+
+def forget_hooked_submodules(model: nn.Module) -> None:
+    """diffusers before 0.42 notes which submodules carry hooks the first time a `cache_context` is entered and never
+    looks again, and the pipeline enters one at every call: a cache enabled afterwards would never see its context.
+    Make every hook registry of the model look again (diffusers 0.42 does the same in `enable_cache`)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry._child_registries_cache = None
 
 
 def check_cache_steps(branches: dict[str, tuple[nn.Module | None, int]]) -> None:

@@ -15,6 +15,7 @@ the logit-normal schedule with the resolution shift, from TAU_MIN to TAU_MAX) wh
   and settings that would rewrite the sigmas (shift, dynamic shifting, karras / exponential / beta spacing, ...).
 """
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -28,8 +29,9 @@ from .sampler import euler_step
 # ranges in these units, 1000 = noise.
 DIFFUSERS_TIMESTEP_SCALE = 1000
 SUPPORTED_SCHEDULERS = (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
-# Settings under which `set_timesteps(sigmas=...)` keeps the sigmas as given (any other value rewrites them).
-SIGMA_KEEPING_SETTINGS = {
+# The settings each accepted class needs: `set_timesteps(sigmas=...)` keeps the sigmas as given, and the model output is
+# read as a flow (any other value rewrites the sigmas or misreads the velocity).
+REQUIRED_SETTINGS = {
     FlowMatchEulerDiscreteScheduler: {
         "use_dynamic_shifting": False,
         "shift_terminal": None,
@@ -57,9 +59,10 @@ REFUSED_SCHEDULERS = {
 
 
 def rewriting_settings(scheduler) -> list[str]:
-    """The settings of an accepted scheduler class that would rewrite custom sigmas, as `name=value` strings."""
+    """The settings of an accepted scheduler class that would rewrite custom sigmas or misread the model output, as
+    `name=value` strings."""
     problems = []
-    for option, keeps in SIGMA_KEEPING_SETTINGS[type(scheduler)].items():
+    for option, keeps in REQUIRED_SETTINGS[type(scheduler)].items():
         value = scheduler.config.get(option, keeps)
         if value != keeps and not (keeps is None and not value):
             problems.append(f"`{option}={value!r}`")
@@ -89,8 +92,30 @@ def check_scheduler(scheduler) -> None:
     if problems:
         raise ValueError(
             f"`scheduler` is a `{kind.__name__}` with {', '.join(problems)}, which would rewrite Ideogram 4's "
-            f"sigmas. {fix}"
+            f"sigmas or misread the velocity. {fix}"
         )
+    if scheduler.config.get("stochastic_sampling", False) and not stochastic_noise_follows_the_generator():
+        import diffusers
+
+        raise ValueError(
+            f"`scheduler` is a `{kind.__name__}` with `stochastic_sampling=True`, whose fresh noise diffusers "
+            f"{diffusers.__version__} draws without the generator, so `generator` could not seed it. Upgrade "
+            "diffusers (0.42 seeds it), or use a deterministic scheduler."
+        )
+
+
+@functools.cache
+def stochastic_noise_follows_the_generator() -> bool:
+    """Whether this diffusers' stochastic FlowMatchEuler step draws its noise from the `generator` it is given (older
+    versions call `torch.randn_like`): two steps from one seed must agree."""
+    steps = []
+    for _ in range(2):
+        scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+        scheduler.set_timesteps(sigmas=[1.0, 0.5])
+        sample = torch.zeros(4)
+        generator = torch.Generator().manual_seed(0)
+        steps.append(scheduler.step(sample, scheduler.timesteps[0], sample, generator=generator, return_dict=False)[0])
+    return torch.equal(*steps)
 
 
 def is_reference_sampler(scheduler) -> bool:

@@ -115,6 +115,8 @@ def check_mask_support(backend: AttentionBackendName | None, parallel_config) ->
     """Refuse, by name, an attention setting that cannot apply the segment mask of a padded batch: a backend outside
     MASKED_ATTENTION_BACKENDS, or ring attention (its kernels get the whole mask with a chunk of the keys)."""
     backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
+    if not isinstance(backend, AttentionBackendName):  # a name set on a processor by hand
+        backend = AttentionBackendName(backend)
     if backend not in MASKED_ATTENTION_BACKENDS:
         raise ValueError(
             f"Attention backend `{backend.value}` cannot apply Ideogram 4's boolean segment mask (it refuses a mask, or "
@@ -193,7 +195,6 @@ class Ideogram4Attention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = Ideogram4AttnProcessor
     _available_processors = [Ideogram4AttnProcessor]
-    use_bias = False
 
     def __init__(self, hidden_size: int, num_heads: int, eps: float) -> None:
         super().__init__()
