@@ -172,7 +172,8 @@ def test_fusing_is_refused_for_lora_and_fp8_layers():
         "`fuse_qkv_projections` cannot fuse these projections: `layers.0.attention.to_k` is a peft.tuners.lora.layer."
         "Linear (LoRA adapter, quantized or fp8 layer); `layers.1.attention.to_k` is a peft.tuners.lora.layer.Linear "
         "(LoRA adapter, quantized or fp8 layer). Fuse only plain float weights: merge LoRA adapters first "
-        "(`fuse_lora`, then `unload_lora_weights`), and leave fp8 or quantized checkpoints unfused. Nothing was fused."
+        "(`fuse_lora`, then `unload_lora_weights`), fuse before enabling offload or layerwise casting, and leave fp8 "
+        "or quantized checkpoints unfused. Nothing was fused."
     )
     assert not any(getattr(m, "fused_projections", False) for m in model.modules())
 

@@ -184,7 +184,8 @@ def unfusable_reason(linear: nn.Module) -> str | None:
     weight = linear.weight
     if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
         return f"holds a {type(weight).__name__} of dtype {weight.dtype} (quantized or stored in low precision)"
-    if weight.device.type == "meta" or hasattr(linear, "_hf_hook") or hasattr(linear, "_diffusers_hook"):
+    diffusers_hooks = getattr(getattr(linear, "_diffusers_hook", None), "_hook_order", None)
+    if weight.device.type == "meta" or hasattr(linear, "_hf_hook") or diffusers_hooks:
         return "carries offload or casting hooks"
     return None
 
@@ -500,8 +501,9 @@ class Ideogram4Transformer2DModel(
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(
                 f"`fuse_qkv_projections` cannot fuse these projections: {'; '.join(problems[:3])}{more}. Fuse only "
-                "plain float weights: merge LoRA adapters first (`fuse_lora`, then `unload_lora_weights`), and leave "
-                "fp8 or quantized checkpoints unfused. Nothing was fused."
+                "plain float weights: merge LoRA adapters first (`fuse_lora`, then `unload_lora_weights`), fuse before "
+                "enabling offload or layerwise casting, and leave fp8 or quantized checkpoints unfused. Nothing was "
+                "fused."
             )
         for module in self.modules():
             if isinstance(module, Ideogram4Attention):
