@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from conftest import CAPTION, seeded
-from diffusers_ideogram4 import Ideogram4Img2ImgPipeline, Ideogram4Pipeline
+from diffusers_ideogram4 import Ideogram4Img2ImgPipeline, Ideogram4InpaintPipeline, Ideogram4Pipeline
 from diffusers_ideogram4.constants import TAU_MAX, TAU_MIN
 from diffusers_ideogram4.sampler import euler_step, model_times
 from diffusers_ideogram4.schedulers import scheduler_stepper, stochastic_noise_follows_the_generator
@@ -169,6 +169,22 @@ def test_image_to_image_drives_the_scheduler_over_the_last_steps(pipe):
     assert edit.scheduler.step_index == 2
     assert edit.scheduler.sigmas[0].item() == np.float32(1.0 - taus[2])
     assert edit.scheduler.sigmas[2].item() == np.float32(1.0 - TAU_MAX)
+
+
+def test_inpainting_with_unipc_keeps_the_kept_tokens_exactly(pipe):
+    """The inpainting step hook puts the kept tokens back after each scheduler step: they end as the encoded image,
+    whatever the solver; the repainted ones follow UniPC."""
+    inpaint = Ideogram4InpaintPipeline.from_pipe(pipe)
+    image = torch.rand(3, 256, 256, generator=seeded(7))
+    mask = torch.zeros(256, 256)
+    mask[:, 128:] = 1.0  # repaint the right half: token columns 8..15
+    kwargs = dict(image=image, mask_image=mask, num_inference_steps=4, output_type="latent")
+    euler = inpaint(CAPTION, generator=seeded(7), **kwargs).images
+    inpaint.scheduler = UniPCMultistepScheduler(**FLOW_UNIPC)
+    unipc = inpaint(CAPTION, generator=seeded(7), **kwargs).images
+    kept = torch.arange(256) % 16 < 8
+    assert torch.equal(unipc[:, kept], euler[:, kept])
+    assert (unipc[:, ~kept] - euler[:, ~kept]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
