@@ -448,3 +448,28 @@ def test_pipelines_made_with_from_pipe_share_single_transformer_mode():
     img2img = Ideogram4Img2ImgPipeline.from_pipe(pipe)
     assert img2img.unconditional_adapter == "unconditional" and img2img.has_unconditional_branch
     assert img2img.get_branch_adapters() == pipe.get_branch_adapters()
+
+
+def test_caches_in_single_transformer_mode_keep_the_branches_apart_or_are_refused(tmp_path):
+    """Both passes run on one transformer: FirstBlockCache keeps a state per branch (`cache_context`), a MagCache must
+    count each branch's steps, and Pyramid Attention Broadcast (one state per attention module) is refused."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig
+
+    pipe = single()
+    pipe.load_unconditional_lora(str(make_lora("original", tmp_path)[0]))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips: same output as no cache
+    torch.testing.assert_close(generate(pipe), generate(single_with(tmp_path)), rtol=0, atol=0)
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(MagCacheConfig(num_inference_steps=3, mag_ratios=[1.0] * 3))
+    with pytest.raises(ValueError, match=r"the unconditional pass's transformer` has a MagCacheConfig\(num_inference"):
+        generate(pipe)  # 3 conditional steps, 2 unconditional ones
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(current_timestep_callback=lambda: 500))
+    with pytest.raises(ValueError, match=r"Pyramid Attention Broadcast keeps one state per attention module"):
+        generate(pipe)
+
+
+def single_with(tmp_path):
+    pipe = single()
+    pipe.load_unconditional_lora(str(make_lora("original", tmp_path / "again")[0]))
+    return pipe

@@ -1,11 +1,13 @@
 """Ideogram 4 for Hugging Face diffusers.
 
 The caption tools import eagerly (they need neither torch nor diffusers, so `ideogram4 caption ...` starts fast);
-the models and the pipeline load on first use.
+the models and the pipeline load on first use. Importing the package points diffusers' AutoPipelines at this
+package's pipelines for Ideogram 4 (`autopipeline.py`).
 """
 
 import importlib
 
+from .autopipeline import install_auto_pipelines
 from .captions import (
     CAPTION_SCHEMA_PATH,
     BBox,
@@ -25,6 +27,8 @@ from .captions import (
 
 
 __version__ = "0.1.0"
+
+install_auto_pipelines()
 
 _LAZY = {
     "CheckpointMismatchError": ".loading",

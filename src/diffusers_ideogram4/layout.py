@@ -166,10 +166,23 @@ class PackedLayout:
         return tokens[:, self.num_text :]
 
 
-def pack_layout(text_lengths: list[int], grid_h: int, grid_w: int) -> PackedLayout:
-    """Layout of `[text | image]` rows: text positions restart at 0 for each prompt, padding sits after the text."""
+def padded_text_length(text_lengths: list[int], num_image_tokens: int, multiple: int = 1) -> int:
+    """Text positions of a packed row: the longest prompt's, plus padding up to a sequence length divisible by
+    `multiple` (context parallelism splits the sequence evenly over that many processes)."""
     longest = max(text_lengths)
+    return longest + (-(longest + num_image_tokens)) % multiple
+
+
+def needs_attention_mask(text_lengths: list[int], text_positions: int) -> bool:
+    """Whether rows of these text lengths, padded to `text_positions`, hold padding (and so need the segment mask)."""
+    return any(count != text_positions for count in text_lengths)
+
+
+def pack_layout(text_lengths: list[int], grid_h: int, grid_w: int, multiple: int = 1) -> PackedLayout:
+    """Layout of `[text | image]` rows: text positions restart at 0 for each prompt, padding sits after the text (up
+    to the longest prompt, and further to a sequence length divisible by `multiple`)."""
     image = image_position_ids(grid_h, grid_w)
+    longest = padded_text_length(text_lengths, image.shape[0], multiple)
     length = longest + image.shape[0]
     batch = len(text_lengths)
     position_ids = torch.zeros(batch, length, 3, dtype=torch.long)
@@ -182,13 +195,16 @@ def pack_layout(text_lengths: list[int], grid_h: int, grid_w: int) -> PackedLayo
     position_ids[:, longest:] = image
     indicator[:, longest:] = IMAGE_INDICATOR
     segment_ids[:, longest:] = 0
-    if all(count == longest for count in text_lengths):
+    if not needs_attention_mask(text_lengths, longest):
         return PackedLayout(position_ids, indicator, num_text=longest)
     return PackedLayout(position_ids, indicator, segment_ids, segment_attention_mask(segment_ids), longest)
 
 
-def image_only_layout(batch: int, grid_h: int, grid_w: int) -> PackedLayout:
-    """Layout of the unconditional branch: image tokens only, one segment."""
+def image_only_layout(batch: int, grid_h: int, grid_w: int, multiple: int = 1) -> PackedLayout:
+    """Layout of the unconditional branch: image tokens only, one segment (behind padding tokens when the image
+    token count is not divisible by `multiple`)."""
+    if (grid_h * grid_w) % multiple:
+        return pack_layout([0] * batch, grid_h, grid_w, multiple)
     image = image_position_ids(grid_h, grid_w)
     indicator = torch.full((batch, image.shape[0]), IMAGE_INDICATOR, dtype=torch.long)
     return PackedLayout(image.expand(batch, -1, -1).clone(), indicator)

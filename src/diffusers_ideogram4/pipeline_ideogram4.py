@@ -20,6 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from diffusers.utils import BaseOutput, logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401  (likewise)
 
+from .caches import check_cache_steps, reset_caches
 from .captions import CAPTION_CHECK_MODES, check_prompts
 from .captions.limits import check_prompt_lengths
 from .constants import DEFAULT_IMAGE_SIDE, OFFICIAL_ENTRIES, PATCH_SIZE, PIXELS_PER_TOKEN
@@ -30,12 +31,15 @@ from .layout import (
     image_only_layout,
     initial_noise,
     latent_statistics,
+    needs_attention_mask,
     pack_layout,
+    padded_text_length,
     unpatchify,
 )
 from .loading import HUB_DOWNLOAD_KWARGS, load_pretrained, resolve_dtype
 from .prompt_expansion import Ideogram4PromptEnhancerHead, Ideogram4PromptExpansionMixin, check_head_fits
-from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, euler_step, guided_velocity, model_times
+from .sampler import DEFAULT_PRESET, DISTILLED_PRESET, PRESETS, guided_velocity, model_times
+from .schedulers import DIFFUSERS_TIMESTEP_SCALE, check_scheduler, scheduler_stepper
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .unconditional_lora import Ideogram4UnconditionalLoraMixin
@@ -196,7 +200,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
     Text-to-image with Ideogram 4: a structured JSON caption in, an image out.
 
     Args:
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]): kept for the hub layout; the sampler computes its own times.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]): how each step moves the
+            latents along Ideogram 4's own time schedule. The hub's FlowMatchEuler is the reference sampler; another
+            accepted scheduler is driven with the same times; one that cannot take them is refused when assigned
+            (`schedulers.py`).
         vae ([`AutoencoderKLFlux2`]): the FLUX.2 VAE.
         text_encoder ([`Ideogram4TextEncoder`]): Qwen3-VL's language model, tapped at 13 layers.
         tokenizer ([`PreTrainedTokenizerBase`]): Qwen tokenizer with its chat template.
@@ -253,6 +260,11 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 "normalisation. Pass `latent_normalization='vae_bn'` to use the VAE's statistics instead."
             )
         self.image_processor = VaeImageProcessor(vae_scale_factor=PIXELS_PER_TOKEN)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "scheduler":  # also reached from __init__ (register_modules) and from_pipe
+            check_scheduler(value)
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -525,29 +537,31 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         # equal times goes through B-row matmuls whose rounding depends on B).
         timestep = torch.full((1,), tau, device=latents.device, dtype=torch.float32)
         # Each pass gets its model from `branch_pass`: in single-transformer mode both run `transformer`, each with its
-        # own adapters (and the unconditional weight differences).
+        # own adapters (and the unconditional weight differences); cache hooks keep each branch's state apart.
         with self.branch_pass("conditional") as transformer:
-            v_cond = self.branch_velocity(transformer, latents, timestep, text_features, layout)
+            v_cond = self.branch_velocity(transformer, latents, timestep, text_features, layout, "cond")
         v_uncond = None
         if guidance != 1.0:
             with self.branch_pass("unconditional") as transformer:
-                v_uncond = self.branch_velocity(transformer, latents, timestep, None, uncond_layout)
+                v_uncond = self.branch_velocity(transformer, latents, timestep, None, uncond_layout, "uncond")
         return guided_velocity(v_cond, v_uncond, guidance)
 
-    def branch_velocity(self, transformer, latents, timestep, text_features, layout) -> torch.Tensor:
-        """One transformer's velocity at the image tokens (B, N_img, C) float32, on the sequence `layout` packs."""
+    def branch_velocity(self, transformer, latents, timestep, text_features, layout, branch="cond") -> torch.Tensor:
+        """One transformer's velocity at the image tokens (B, N_img, C) float32, on the sequence `layout` packs; cache
+        hooks keep the state of each `branch` ("cond" / "uncond") apart."""
         dtype = transformer.dtype
-        velocity = transformer(
-            hidden_states=layout.pack(latents).to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=None if text_features is None else text_features.to(dtype),
-            position_ids=layout.position_ids,
-            segment_ids=None,
-            indicator=layout.indicator,
-            attention_mask=layout.attention_mask,
-            attention_kwargs=self.attention_kwargs,
-            return_dict=False,
-        )[0]
+        with transformer.cache_context(branch):
+            velocity = transformer(
+                hidden_states=layout.pack(latents).to(dtype),
+                timestep=timestep,
+                encoder_hidden_states=None if text_features is None else text_features.to(dtype),
+                position_ids=layout.position_ids,
+                segment_ids=None,
+                indicator=layout.indicator,
+                attention_mask=layout.attention_mask,
+                attention_kwargs=self.attention_kwargs,
+                return_dict=False,
+            )[0]
         return layout.unpack(velocity).float()
 
     def prepare_call(
@@ -592,8 +606,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
         check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
-        # Validates attention_kwargs before any model work.
+        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
         Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
+        check_scheduler(self.scheduler)
         if prompt_upsampling_kwargs is not None and not prompt_upsampling:
             raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
         captions = None
@@ -604,6 +619,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         self.check_captions(prompts, caption_check)
         token_ids = self.tokenize(prompts)
         self._attention_kwargs = attention_kwargs
+        self._generator = generator  # seeds a stochastic scheduler's noise too
         self._interrupt = False
         return prompts, grid, guidance, mu, std, token_ids, captions
 
@@ -617,14 +633,45 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         return text_features, [n for n in text_lengths for _ in range(num_images_per_prompt)]
 
     def prepare_layouts(self, text_lengths: list[int], grid, device) -> tuple[PackedLayout, PackedLayout]:
-        """The sequence layouts of the call: `[text | image]` for the conditional branch, image only for the other."""
-        layout = pack_layout(text_lengths, *grid).to(device)
-        return layout, image_only_layout(len(text_lengths), *grid).to(device)
+        """The sequence layouts of the call: `[text | image]` for the conditional branch, image only for the other
+        (each padded to a length its transformer's context parallelism can split evenly)."""
+        layout = pack_layout(text_lengths, *grid, multiple=self.transformer.context_parallel_size).to(device)
+        uncond_multiple = self.unconditional_model.context_parallel_size if self.has_unconditional_branch else 1
+        return layout, image_only_layout(len(text_lengths), *grid, multiple=uncond_multiple).to(device)
 
     def schedule(self, num_inference_steps: int, mu: float, std: float, height: int, width: int) -> list[float]:
         """The N + 1 model times of the call, rising from TAU_MIN (noise) to TAU_MAX; step k runs from taus[k] to
         taus[k + 1]."""
         return model_times(num_inference_steps, mu, std, height, width).tolist()
+
+    def check_denoise(self, guidance: list[float], text_lengths: list[int] | None = None, grid=None) -> None:
+        """Checks of the denoising loop made before any model work: a MagCache must count as many calls of its branch
+        as the steps run (`guidance`, one per step); with the prompts' token counts and the token grid, the attention
+        backends must apply the segment mask where a branch's sequence holds padding."""
+        unconditional_steps = sum(scale != 1.0 for scale in guidance)
+        unconditional = self.unconditional_model
+        check_cache_steps(
+            {
+                "transformer": (self.transformer, len(guidance)),
+                "the unconditional pass's transformer": (unconditional, unconditional_steps),
+            }
+        )
+        config = type(getattr(self.transformer, "_cache_config", None)).__name__
+        if unconditional is self.transformer and config == "PyramidAttentionBroadcastConfig":
+            raise ValueError(
+                "Pyramid Attention Broadcast keeps one state per attention module, not per branch: in single-transformer "
+                "mode it would reuse the conditional pass's attention in the unconditional one. Use another cache "
+                "(FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig keep each branch apart), or "
+                "`pipe.transformer.disable_cache()`."
+            )
+        if text_lengths is None:
+            return
+        num_image = grid[0] * grid[1]
+        multiple = self.transformer.context_parallel_size
+        if needs_attention_mask(text_lengths, padded_text_length(text_lengths, num_image, multiple)):
+            self.transformer.check_attention_mask_support()
+        if unconditional_steps and num_image % unconditional.context_parallel_size:
+            unconditional.check_attention_mask_support()
 
     def denoise(
         self,
@@ -638,17 +685,22 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         step_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: step k moves `latents` from taus[k] to taus[k + 1] with guidance[k] (len(taus) =
-        len(guidance) + 1). `step_hook(k, latents)` may change the latents after each Euler step, before the user's
-        callback (inpainting puts the kept tokens back there)."""
+        len(guidance) + 1). `step_hook(k, latents)` may change the latents after each step, before the user's
+        callback (inpainting puts the kept tokens back there). The step itself is the scheduler's
+        (`schedulers.scheduler_stepper`: the reference Euler step for the hub's scheduler)."""
         layout, uncond_layout = layouts
         self._num_timesteps = len(guidance)
+        self.check_denoise(guidance)
+        reset_caches(self.transformer, getattr(self, "unconditional_transformer", None))
+        scheduler_step = scheduler_stepper(self.scheduler, taus, getattr(self, "_generator", None), latents.device)
         with self.progress_bar(total=len(guidance)) as progress_bar:
             for step, scale in enumerate(guidance):
                 if self.interrupt:  # set by a callback: stop here and decode what there is
                     break
                 self._guidance_scale = scale
+                self._current_timestep = (1.0 - taus[step]) * DIFFUSERS_TIMESTEP_SCALE
                 velocity = self.predict_velocity(latents, taus[step], text_features, layout, uncond_layout, scale)
-                latents = euler_step(latents, velocity, taus[step], taus[step + 1])
+                latents = scheduler_step(step, latents, velocity)
                 if step_hook is not None:
                     latents = step_hook(step, latents)
                 if callback_on_step_end is not None:
@@ -657,6 +709,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                     outputs = callback_on_step_end(self, step, taus[step], tensors)
                     latents = self.callback_outputs(callback_on_step_end, outputs, available).get("latents", latents)
                 progress_bar.update()
+        self._current_timestep = None
         return latents
 
     def decode_latents(self, latents: torch.Tensor, grid: tuple[int, int], output_type: str):
@@ -753,6 +806,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             prompt_upsampling=prompt_upsampling,
             prompt_upsampling_kwargs=prompt_upsampling_kwargs,
         )
+        self.check_denoise(guidance, [len(ids) for ids in token_ids], grid)
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.
@@ -783,6 +837,12 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
     @property
     def num_timesteps(self) -> int:
         return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def current_timestep(self) -> float | None:
+        """The model time of the step running, in diffusers' units ((1 - tau) x 1000, 1000 = noise), None outside the
+        loop: `PyramidAttentionBroadcastConfig(current_timestep_callback=lambda: pipe.current_timestep)`."""
+        return getattr(self, "_current_timestep", None)
 
     @property
     def attention_kwargs(self) -> dict | None:

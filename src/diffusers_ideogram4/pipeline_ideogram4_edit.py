@@ -365,6 +365,7 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         )
         self._check_edit(prompts, edit, image, mask_blur, padding_mask_crop)
         num_steps = steps_for_strength(edit.strength, len(guidance))
+        self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
 
         # 2. Image and mask at the size edited: cropped around the mask and resized only when asked.
         crop = None

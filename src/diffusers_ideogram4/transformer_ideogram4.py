@@ -11,6 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
@@ -93,8 +97,105 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-class Ideogram4Attention(nn.Module):
-    """Self-attention: q/k/v projections, per-head RMSNorm on q and k before RoPE, SDPA, output projection."""
+# Attention backends of diffusers' dispatcher that apply a dense boolean (B, 1, L, L) mask as given: the SDPA family
+# and flex (which builds a block mask from it), and the NPU kernel (read from its source, not run here). Every other
+# backend either refuses a mask or reduces it to key padding, which drops the segment mask (the varlen kernels keep
+# "any query attends this key", all True here, and xformers adds the booleans as a 0/1 bias).
+MASKED_ATTENTION_BACKENDS = (
+    AttentionBackendName.NATIVE,
+    AttentionBackendName._NATIVE_MATH,
+    AttentionBackendName._NATIVE_EFFICIENT,
+    AttentionBackendName._NATIVE_CUDNN,
+    AttentionBackendName._NATIVE_NPU,
+    AttentionBackendName.FLEX,
+)
+
+
+def check_mask_support(backend: AttentionBackendName | None, parallel_config) -> None:
+    """Refuse, by name, an attention setting that cannot apply the segment mask of a padded batch: a backend outside
+    MASKED_ATTENTION_BACKENDS, or ring attention (its kernels get the whole mask with a chunk of the keys)."""
+    backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
+    if not isinstance(backend, AttentionBackendName):  # a name set on a processor by hand
+        backend = AttentionBackendName(backend)
+    if backend not in MASKED_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"Attention backend `{backend.value}` cannot apply Ideogram 4's boolean segment mask (it refuses a mask, or "
+            "reduces it to key padding and so drops it), and this batch needs the mask: its sequences hold padding "
+            "(prompts of different token lengths, or padding to a length context parallelism can split). Use one of "
+            f"{[name.value for name in MASKED_ATTENTION_BACKENDS]} (`transformer.set_attention_backend(...)`), or "
+            "batch prompts of equal token length (one prompt per call needs no mask without context parallelism)."
+        )
+    context_parallel = getattr(parallel_config, "context_parallel_config", None)
+    if context_parallel is not None and context_parallel.ring_degree > 1:
+        processes = context_parallel.ring_degree * context_parallel.ulysses_degree
+        raise ValueError(
+            f"Ring attention (`ContextParallelConfig(ring_degree={context_parallel.ring_degree})`) cannot apply "
+            "Ideogram 4's segment mask, and this batch needs it: its sequences hold padding (prompts of different "
+            f"token lengths, or padding to a length {processes} processes can split). Use Ulysses "
+            f"(`ulysses_degree=`), or batch prompts of equal token length whose sequence is a multiple of {processes} "
+            "tokens long."
+        )
+
+
+class Ideogram4AttnProcessor:
+    """q/k/v projections (one fused matmul after `fuse_qkv_projections`), per-head RMSNorm on q and k, RoPE, then
+    diffusers' `dispatch_attention_fn` (the kernel chosen by `set_attention_backend`, split over processes by
+    `enable_parallelism`), then the output projection."""
+
+    _attention_backend = None  # set by `set_attention_backend`; None follows diffusers' active backend
+    _parallel_config = None  # set by `enable_parallelism`
+
+    def __call__(
+        self,
+        attn: "Ideogram4Attention",
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden_states (B, L, D), rotary cos/sin (B, L, 1, Dh), attention_mask (B, 1, L, L) bool or None."""
+        if attention_mask is not None:
+            check_mask_support(self._attention_backend, self._parallel_config)
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        heads = (attn.num_heads, attn.head_dim)
+        query = attn.norm_q(query.unflatten(-1, heads))  # (B, L, H, Dh)
+        key = attn.norm_k(key.unflatten(-1, heads))
+        value = value.unflatten(-1, heads)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        attended = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )  # (B, L, H, Dh)
+        return attn.to_out[0](attended.flatten(2))
+
+
+def unfusable_reason(linear: nn.Module) -> str | None:
+    """Why a q/k/v projection cannot be fused into one matmul, or None: only a plain float nn.Linear with its weight
+    in memory and no hooks can (a LoRA layer would be bypassed, a quantized or fp8 weight cannot be concatenated)."""
+    if type(linear) is not nn.Linear:
+        return f"is a {type(linear).__module__}.{type(linear).__name__} (LoRA adapter, quantized or fp8 layer)"
+    weight = linear.weight
+    if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
+        return f"holds a {type(weight).__name__} of dtype {weight.dtype} (quantized or stored in low precision)"
+    diffusers_hooks = getattr(getattr(linear, "_diffusers_hook", None), "_hook_order", None)
+    if weight.device.type == "meta" or hasattr(linear, "_hf_hook") or diffusers_hooks:
+        return "carries offload or casting hooks"
+    return None
+
+
+class Ideogram4Attention(nn.Module, AttentionModuleMixin):
+    """Self-attention: q/k/v projections, per-head RMSNorm on q and k before RoPE, attention, output projection. The
+    maths lives in the processor (`Ideogram4AttnProcessor`), so that diffusers' attention switches apply."""
+
+    _default_processor_cls = Ideogram4AttnProcessor
+    _available_processors = [Ideogram4AttnProcessor]
 
     def __init__(self, hidden_size: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -106,6 +207,7 @@ class Ideogram4Attention(nn.Module):
         self.norm_q = Ideogram4RMSNorm(self.head_dim, eps=eps)
         self.norm_k = Ideogram4RMSNorm(self.head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size, bias=False)])
+        self.set_processor(self._default_processor_cls())
 
     def forward(
         self,
@@ -114,16 +216,38 @@ class Ideogram4Attention(nn.Module):
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """hidden_states (B, L, D), rotary cos/sin (B, L, 1, Dh), attention_mask (B, 1, L, L) bool or None."""
-        heads = (self.num_heads, self.head_dim)
-        query = self.norm_q(self.to_q(hidden_states).unflatten(-1, heads))  # (B, L, H, Dh)
-        key = self.norm_k(self.to_k(hidden_states).unflatten(-1, heads))
-        value = self.to_v(hidden_states).unflatten(-1, heads)
-        cos, sin = rotary
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        attended = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask
-        )  # (B, H, L, Dh)
-        return self.to_out[0](attended.transpose(1, 2).flatten(2))
+        return self.processor(self, hidden_states, rotary, attention_mask)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Replace to_q, to_k and to_v by one `to_qkv` whose rows are [q; k; v] (one matmul instead of three; the
+        three layers are removed, so the fused model holds no second copy). `unfuse_projections` undoes it exactly."""
+        if self.fused_projections:
+            return
+        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3 D, D)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        self._replace_projections({"to_qkv": fused}, removed=("to_q", "to_k", "to_v"))
+        self.fused_projections = True
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        """Split `to_qkv` back into to_q, to_k and to_v (a lossless row split)."""
+        if not self.fused_projections:
+            return
+        split = {}
+        for name, rows in zip(("to_q", "to_k", "to_v"), self.to_qkv.weight.chunk(3)):
+            split[name] = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+            split[name].weight.copy_(rows)
+        self._replace_projections(split, removed=("to_qkv",))
+        self.fused_projections = False
+
+    def _replace_projections(self, added: dict[str, nn.Module], removed: tuple[str, ...]) -> None:
+        """Swap projection layers, the new ones first among the children (where to_q, to_k, to_v were), so that
+        the state dict keeps the checkpoint's key order after a fuse and unfuse."""
+        others = {name: module for name, module in self._modules.items() if name not in removed}
+        self._modules.clear()
+        self._modules.update({**added, **others})
 
 
 class Ideogram4FeedForward(nn.Module):
@@ -203,13 +327,19 @@ class Ideogram4FinalLayer(nn.Module):
         return self.linear(self.norm_final(hidden_states) * scale)
 
 
-class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class Ideogram4Transformer2DModel(
+    ComputeDtypeMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin, CacheMixin
+):
     r"""
     The Ideogram 4 diffusion transformer: one stream of `[text | image]` tokens, 34 blocks, flow-matching velocity.
 
     Loads the diffusers checkpoint layout (split `to_q/to_k/to_v/to_out.0`) and the original release layout (fused
     `attention.qkv` / `attention.o`) through `from_pretrained`, strictly: a missing, unexpected or mis-shaped key
     raises and names it.
+
+    diffusers' switches apply: `set_attention_backend` / `attn_processors` / `fuse_qkv_projections` (attention runs
+    through `dispatch_attention_fn`), `enable_cache` (the blocks are registered for the cache hooks),
+    `compile_repeated_blocks`, and `enable_parallelism` with Ulysses context parallelism (`_cp_plan`).
 
     Args:
         in_channels (`int`, defaults to 128): channels of one image token (32 latent channels x 2 x 2 patch).
@@ -229,6 +359,17 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
     _no_split_modules = ["Ideogram4TransformerBlock"]
     _repeated_blocks = ["Ideogram4TransformerBlock"]
     _skip_layerwise_casting_patterns = ["t_embedding", "adaln_proj", "embed_image_indicator", "norm"]
+    # Context parallelism splits the sequence after the embeddings: the rotary tables and the residual stream entering
+    # the first block are split along L, the final layer's output gathered. The (B, 1, L, L) mask and the (B, 1, .)
+    # timestep conditioning stay whole; the embeddings run whole on every process (cheap next to the blocks).
+    _cp_plan = {
+        "rotary_emb": {
+            0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),  # cos (B, L, Dh)
+            1: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),  # sin (B, L, Dh)
+        },
+        "layers.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        "final_layer": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     @register_to_config
     def __init__(
@@ -304,6 +445,8 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
             `(B, L, in_channels)` velocity in the compute dtype (the dtype of `hidden_states`).
         """
         lora_scale = self.scale_from_attention_kwargs(attention_kwargs)
+        if self._parallel_config is not None:
+            self._check_context_parallel(hidden_states.shape[1])
         saved_scalings = self._scale_lora(lora_scale) if lora_scale != 1.0 else []
         try:
             if attention_mask is None and segment_ids is not None:
@@ -328,6 +471,104 @@ class Ideogram4Transformer2DModel(ComputeDtypeMixin, ModelMixin, ConfigMixin, Pe
         ]
         scale_lora_layers(self, lora_scale)
         return saved
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # diffusers' switches, kept honest for this model
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' `set_attention_backend` on this model's attention processors only. diffusers also makes the
+        backend the process-wide default, so that another model (the other branch) and `reset_attention_backend`
+        would silently keep it; here the process-wide default is left as it was."""
+        previous = _AttentionBackendRegistry._active_backend
+        try:
+            super().set_attention_backend(backend)
+        finally:
+            _AttentionBackendRegistry.set_active_backend(previous)
+
+    def fuse_qkv_projections(self) -> None:
+        """One matmul for q, k and v in every block (`Ideogram4Attention.fuse_projections`); `unfuse_qkv_projections`
+        restores the checkpoint layout exactly. Refused, naming the layer, when a projection is not a plain float
+        nn.Linear (a LoRA would be bypassed, fp8 / quantized weights cannot be concatenated). While fused, the model
+        cannot be saved and takes no LoRA: unfuse first."""
+        problems = [
+            f"`{name}.{projection}` {reason}"
+            for name, module in self.named_modules()
+            if isinstance(module, Ideogram4Attention) and not module.fused_projections
+            for projection in ("to_q", "to_k", "to_v")
+            if (reason := unfusable_reason(getattr(module, projection))) is not None
+        ]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(
+                f"`fuse_qkv_projections` cannot fuse these projections: {'; '.join(problems[:3])}{more}. Fuse only "
+                "plain float weights: merge LoRA adapters first (`fuse_lora`, then `unload_lora_weights`), fuse before "
+                "enabling offload or layerwise casting, and leave fp8 or quantized checkpoints unfused. Nothing was "
+                "fused."
+            )
+        for module in self.modules():
+            if isinstance(module, Ideogram4Attention):
+                module.fuse_projections()
+
+    def _refuse_while_fused(self, action: str) -> None:
+        if any(isinstance(m, Ideogram4Attention) and m.fused_projections for m in self.modules()):
+            raise ValueError(
+                f"Cannot {action} while q/k/v are fused (`fuse_qkv_projections`): the fused layer is not part of the "
+                "checkpoint layout. Call `unfuse_qkv_projections()` first."
+            )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' `save_pretrained`; refused while q/k/v are fused."""
+        self._refuse_while_fused("save the model")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, *args, **kwargs):
+        """diffusers' `load_lora_adapter`; refused while q/k/v are fused (an adapter on to_q would be bypassed)."""
+        self._refuse_while_fused("load a LoRA adapter")
+        return super().load_lora_adapter(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `enable_cache` for the caches that apply to this single-stream model (`caches.py`): First
+        Block Cache, MagCache, TaylorSeer and Pyramid Attention Broadcast. Refused by name: FasterCache, SeaCache and
+        TextKVCache, and any config that would hook no module."""
+        from .caches import apply_cache
+
+        apply_cache(self, config, super().enable_cache)
+
+    @property
+    def context_parallel_size(self) -> int:
+        """How many processes `enable_parallelism` splits the sequence over (1 without context parallelism): the
+        pipeline pads the sequence to a multiple of it."""
+        config = getattr(self._parallel_config, "context_parallel_config", None)
+        return 1 if config is None else config.ring_degree * config.ulysses_degree
+
+    def check_attention_mask_support(self) -> None:
+        """Raise, naming the backend, when an attention processor cannot apply the segment mask; the pipeline calls it
+        before any model work for a batch that needs the mask (the processor checks again at every call)."""
+        for module in self.modules():
+            if isinstance(module, Ideogram4Attention):
+                processor = module.processor
+                backend = getattr(processor, "_attention_backend", None)
+                check_mask_support(backend, getattr(processor, "_parallel_config", None))
+
+    def _check_context_parallel(self, length: int) -> None:
+        """Ulysses splits the sequence and the heads evenly over the processes; say so instead of diffusers'
+        assertion deep in the sharding hook."""
+        config = self._parallel_config.context_parallel_config
+        if config is None:
+            return
+        processes = config.ring_degree * config.ulysses_degree
+        if length % processes and not (config.ulysses_anything or config.ring_anything):
+            raise ValueError(
+                f"Context parallelism over {processes} processes needs a sequence length divisible by {processes}, "
+                f"got {length} tokens (text + image). The pipeline pads the text to fit; calling the model directly, "
+                "pad the sequence (`layout.pack_layout(..., multiple=...)`)."
+            )
+        heads = self.config.num_attention_heads
+        if heads % config.ulysses_degree and not config.ulysses_anything:
+            raise ValueError(
+                f"Ulysses attention over {config.ulysses_degree} processes needs a head count divisible by "
+                f"{config.ulysses_degree}; this model has {heads} heads. Use a `ulysses_degree` that divides {heads}."
+            )
 
     @staticmethod
     def scale_from_attention_kwargs(attention_kwargs: dict | None) -> float:

@@ -287,6 +287,14 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             )
         return True
 
+    @property
+    def unconditional_model(self):
+        """The transformer that computes the unconditional pass: `unconditional_transformer`, or `transformer` in
+        single-transformer mode; None for a single-branch (CFG-distilled) pipeline."""
+        if self._unconditional_branch() is not None:
+            return self.transformer
+        return getattr(self, "unconditional_transformer", None)
+
     @contextmanager
     def branch_pass(self, branch: str):
         """The model that computes `branch`'s velocity ("conditional" or "unconditional"), set up for that pass: in
