@@ -674,3 +674,31 @@ def test_two_processes_under_accelerate_make_the_single_process_images(tmp_path,
     assert pngs(tmp_path / "two") == pngs(tmp_path / "single")
     again = read_manifest(tmp_path / "two" / MANIFEST_NAME)[len(records) :]
     assert sorted((r["status"], r.get("generated")) for r in again) == [("done", False)] * 5 + [("invalid", None)]
+
+
+def test_single_transformer_mode_from_the_command_line_is_recorded_and_reproduced(tmp_path, capsys, monkeypatch):
+    """`--unconditional-lora`: the pipeline is built without its unconditional transformer, the LoRA computes the
+    unconditional pass, the recipe names the file, and `reproduce` makes the same image again."""
+    import hashlib
+
+    from diffusers_ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    uncond = make_tiny_lora(tmp_path / "uncond")
+    built = []
+    real_call = Ideogram4Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        built.append((self.unconditional_transformer, self.unconditional_adapter))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ideogram4Pipeline, "__call__", spy)
+    base = ["generate", CAPTION, "--model", TINY_RANDOM, "--height", "256", "--width", "256", "--steps", "2"]
+    assert run_cli(capsys, *base, "-o", tmp_path / "single.png", "--unconditional-lora", f"{uncond}")[0] == 0
+    assert built == [(None, "unconditional")]
+    recipe = read_recipe(tmp_path / "single.png")
+    digest = hashlib.sha256(uncond.read_bytes()).hexdigest()
+    assert recipe["model"]["unconditional_lora"] == {"path": str(uncond), "scale": 1.0, "sha256": digest}
+    code, printed, _ = run_cli(capsys, "reproduce", tmp_path / "single.png")
+    assert code == 0 and printed.endswith("the same pixels as " + str(tmp_path / "single.png") + ".\n")
+    code, _, err = run_cli(capsys, *base, "-o", tmp_path / "x.png", "--unconditional-lora", str(tmp_path / "no.st"))
+    assert code == 2 and "--unconditional-lora" in err and "no such file" in err

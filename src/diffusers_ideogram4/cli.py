@@ -307,13 +307,27 @@ def add_model_options(parser, tiny_seed: str) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA .safetensors file and its scale (default 1.0); repeat for several",
     )
+    parser.add_argument(
+        "--unconditional-lora",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="single-transformer mode: the LoRA that makes the conditional transformer compute the unconditional "
+        "pass (the unconditional transformer is then not loaded)",
+    )
     add_device_options(parser)
 
 
 def model_spec(args, tiny_seed: int):
     from .recipe import ModelSpec
 
-    return ModelSpec.from_options(args.model, args.revision, args.dtype, args.lora, tiny_seed=tiny_seed)
+    return ModelSpec.from_options(
+        args.model,
+        args.revision,
+        args.dtype,
+        args.lora,
+        tiny_seed=tiny_seed,
+        unconditional_lora=args.unconditional_lora,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

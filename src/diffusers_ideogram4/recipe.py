@@ -82,7 +82,7 @@ class LoraSpec:
     sha256: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "LoraSpec":
+    def parse(cls, text: str, option: str = "--lora") -> "LoraSpec":
         """`PATH` or `PATH:SCALE` (the `--lora` option): the file must exist and be a `.safetensors` file."""
         path, scale = text, 1.0
         head, sep, tail = text.rpartition(":")
@@ -92,15 +92,15 @@ class LoraSpec:
             except ValueError:
                 path = text  # a colon that belongs to the path
         if not math.isfinite(scale):
-            raise ValueError(f"--lora {text!r}: the scale {tail!r} is not a finite number; write PATH or PATH:0.8.")
-        return cls.from_file(path, scale)
+            raise ValueError(f"{option} {text!r}: the scale {tail!r} is not a finite number; write PATH or PATH:0.8.")
+        return cls.from_file(path, scale, option)
 
     @classmethod
-    def from_file(cls, path: str, scale: float = 1.0) -> "LoraSpec":
+    def from_file(cls, path: str, scale: float = 1.0, option: str = "--lora") -> "LoraSpec":
         if not os.path.isfile(path):
-            raise ValueError(f"--lora {path!r}: no such file; give the path of a LoRA .safetensors file.")
+            raise ValueError(f"{option} {path!r}: no such file; give the path of a LoRA .safetensors file.")
         if not path.endswith(".safetensors"):
-            raise ValueError(f"--lora {path!r}: LoRA weights are read from .safetensors files only.")
+            raise ValueError(f"{option} {path!r}: LoRA weights are read from .safetensors files only.")
         return cls(os.path.abspath(path), float(scale), file_sha256(path))
 
     def to_dict(self) -> dict:
@@ -118,6 +118,8 @@ class ModelSpec:
         dtype: "bf16", "fp16" or "fp32".
         seed: the weights' seed of the tiny random model (None otherwise).
         loras: LoRA files loaded into the pipeline, in order, with their scales.
+        unconditional_lora: single-transformer mode: the LoRA that turns `transformer` into the unconditional branch
+            (the pipeline is then loaded without its `unconditional_transformer`).
     """
 
     id: str
@@ -125,9 +127,12 @@ class ModelSpec:
     dtype: str = DEFAULT_DTYPE
     seed: int | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    unconditional_lora: LoraSpec | None = None
 
     @classmethod
-    def from_options(cls, model: str, revision=None, dtype=None, loras=(), tiny_seed: int = 0) -> "ModelSpec":
+    def from_options(
+        cls, model: str, revision=None, dtype=None, loras=(), tiny_seed: int = 0, unconditional_lora=None
+    ) -> "ModelSpec":
         """The command-line options, resolved: the dtype's default, the hub revision's commit, the LoRA files read.
 
         Checks everything that needs no download first; resolving a hub revision reads (or downloads)
@@ -136,17 +141,19 @@ class ModelSpec:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}.")
         loras = tuple(lora if isinstance(lora, LoraSpec) else LoraSpec.parse(lora) for lora in loras)
+        if isinstance(unconditional_lora, str):
+            unconditional_lora = LoraSpec.parse(unconditional_lora, "--unconditional-lora")
         if model == TINY_RANDOM:
             if revision is not None:
                 raise ValueError(f"--revision {revision!r}: the {TINY_RANDOM} model is built locally, not downloaded.")
-            return cls(TINY_RANDOM, None, dtype or TINY_DTYPE, tiny_seed, loras)
+            return cls(TINY_RANDOM, None, dtype or TINY_DTYPE, tiny_seed, loras, unconditional_lora)
         if os.path.isdir(model):
             if revision is not None:
                 raise ValueError(
                     f"--revision {revision!r}: {model!r} is a local folder; a revision applies to hub repos only."
                 )
-            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, loras)
-        return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, loras)
+            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, loras, unconditional_lora)
+        return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, loras, unconditional_lora)
 
     def to_dict(self) -> dict:
         return {
@@ -155,12 +162,25 @@ class ModelSpec:
             "dtype": self.dtype,
             "seed": self.seed,
             "loras": [lora.to_dict() for lora in self.loras],
+            # Only when set, so that the recipes of two-transformer images stay what they were.
+            **({"unconditional_lora": self.unconditional_lora.to_dict()} if self.unconditional_lora else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
-        loras = tuple(LoraSpec(lora["path"], float(lora["scale"]), lora.get("sha256")) for lora in data["loras"])
-        return cls(data["id"], data.get("revision"), data["dtype"], data.get("seed"), loras)
+        def lora(entry: dict) -> LoraSpec:
+            return LoraSpec(entry["path"], float(entry["scale"]), entry.get("sha256"))
+
+        loras = tuple(lora(entry) for entry in data["loras"])
+        unconditional = data.get("unconditional_lora")
+        return cls(
+            data["id"],
+            data.get("revision"),
+            data["dtype"],
+            data.get("seed"),
+            loras,
+            unconditional and lora(unconditional),
+        )
 
     def load_tokenizer(self):
         """The tokenizer alone (no weights): enough to check captions against the token limit before loading."""
@@ -177,17 +197,24 @@ class ModelSpec:
         import torch
 
         torch_dtype = getattr(torch, DTYPES[self.dtype])
+        single = self.unconditional_lora is not None  # one resident transformer: never load the second one
         if self.id == TINY_RANDOM:
             from .testing import tiny_pipeline
 
-            pipe = tiny_pipeline(seed=self.seed)
+            pipe = tiny_pipeline(seed=self.seed, unconditional=not single)
             if torch_dtype != torch.float32:
                 pipe.to(dtype=torch_dtype)
         else:
             from .pipeline_ideogram4 import Ideogram4Pipeline
 
             location = {} if self.revision is None else {"revision": self.revision}
-            pipe = Ideogram4Pipeline.from_pretrained(self.id, dtype=torch_dtype, **location)
+            skip = {"unconditional_transformer": None} if single else {}
+            pipe = Ideogram4Pipeline.from_pretrained(self.id, dtype=torch_dtype, **location, **skip)
+        if single:
+            pipe.load_unconditional_lora(self.unconditional_lora.path)
+            if self.unconditional_lora.scale != 1.0:
+                weight = [self.unconditional_lora.scale]
+                pipe.set_adapters([pipe.unconditional_adapter], weight, branch="unconditional")
         names = [f"lora{index}" for index in range(len(self.loras))]
         for name, lora in zip(names, self.loras):
             pipe.load_lora_weights(lora.path, adapter_name=name)
@@ -202,7 +229,7 @@ class ModelSpec:
 
     def check_loras_unchanged(self) -> None:
         """Every LoRA file is still there with the recorded SHA-256 (a recipe names exact weights)."""
-        for lora in self.loras:
+        for lora in (*self.loras, *filter(None, [self.unconditional_lora])):
             if not os.path.isfile(lora.path):
                 raise RecipeError(f"LoRA {lora.path!r} (sha256 {lora.sha256}) is not there; put the file back.")
             if lora.sha256 is not None and file_sha256(lora.path) != lora.sha256:
