@@ -46,10 +46,11 @@ def sdnq_tensor_names() -> set[str]:
 
 
 def host_reads_sdnq() -> bool:
-    """Whether the installed diffusers routes `quant_method: "sdnq"` to a quantizer (diffusers >= 0.39)."""
-    from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    """Whether the installed diffusers knows SDNQ itself (its `SDNQConfig`, diffusers >= 0.39): the `sdnq` package
+    also registers a quantizer when imported, but older diffusers lack the rest of the path (tested on 0.38)."""
+    from diffusers.quantizers import quantization_config
 
-    return SDNQ_METHOD in AUTO_QUANTIZER_MAPPING
+    return hasattr(quantization_config, "SDNQConfig")
 
 
 def check_sdnq_checkpoint(build_model, header: dict, source, hint: str = "", check_names: bool = True) -> None:
