@@ -74,16 +74,10 @@ class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> AutoencoderKLFlux2:
-        def host(folder, dtype, **host_kwargs):
-            return AutoencoderKLFlux2.from_pretrained(
-                folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs
-            )
-
         return load_pretrained(
             pretrained_model_name_or_path,
             build_model=lambda folder: AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder)),
-            host_from_pretrained=host,
-            weights_name="diffusion_pytorch_model",
+            host_from_pretrained=AutoencoderKLFlux2.from_pretrained,  # the base class's instances, not this loader's
             hint="Expected the FLUX.2 VAE (`vae/` of an Ideogram 4 repo).",
             **kwargs,
         )
