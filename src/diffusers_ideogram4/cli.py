@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
 from .captions.cli import add_caption_commands
+from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
 from .recipe import DTYPES, TINY_RANDOM
@@ -527,11 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args), errors=(ValueError,), code=2)  # bad input: one line, no traceback
 
 
 if __name__ == "__main__":
