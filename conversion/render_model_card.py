@@ -12,6 +12,7 @@ from pathlib import Path
 
 from diffusers_ideogram4.commands import exit_code
 from diffusers_ideogram4.conversion import folder_sizes, model_card_variables, render_model_card
+from diffusers_ideogram4.files import write_atomically
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         card = render_model_card(args.template.read_text(encoding="utf-8"), variables)
         output = args.output or args.folder / "README.md"
-        output.write_text(card, encoding="utf-8")
+        write_atomically(output, card.encode("utf-8"))  # complete or not at all
         print(f"wrote {output}")
         return 0
 
