@@ -125,8 +125,8 @@ def test_every_bad_line_is_reported_with_its_number_and_field(tmp_path):
         'line 3: seed: must be an int from 0 to 18446744073709551615 (the initial noise\'s seed), got "7"',
         "line 4: caption.compositional_deconstruction.background: missing required key 'background' (The "
         "background of the image, as a phrase or sentence)",
-        "line 5: idea: prompt expansion (turning a plain-text idea into a structured caption) is not available in "
-        "this version yet; write the structured caption as `caption` instead (`ideogram4 caption` helps)",
+        "line 5: idea: job files take structured captions, ideas are not expanded here; expand it first with "
+        "`ideogram4 caption expand IDEA -o caption.json` and give that caption as `caption`",
         "line 6: not valid JSON (Expecting value at column 13)",
         'line 7: a job is a JSON object such as {"caption": {...}, "seed": 7}, got [1, 2]',
         "line 8: seed: given twice in one object; keep one",
@@ -231,13 +231,11 @@ def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys, monke
     assert no_model == []
 
 
-def test_idea_lines_are_refused_until_prompt_expansion_exists(tmp_path, capsys, no_model):
+def test_idea_lines_are_refused_with_the_command_that_expands_them(tmp_path, capsys, no_model):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"idea": "a jazz poster that says JAZZ NIGHT", **SMALL}])
     code, _, err = run_cli(capsys, "batch", jobs, "--out", tmp_path / "out", "--model", TINY_RANDOM)
     assert code == 2
-    assert (
-        "line 1: idea: prompt expansion (turning a plain-text idea into a structured caption) is not available" in err
-    )
+    assert "line 1: idea: job files take structured captions, ideas are not expanded here; expand it first" in err
 
 
 def test_the_readme_job_file_and_manifest_agree(tmp_path):
