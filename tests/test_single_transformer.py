@@ -473,3 +473,14 @@ def single_with(tmp_path):
     pipe = single()
     pipe.load_unconditional_lora(str(make_lora("original", tmp_path / "again")[0]))
     return pipe
+
+
+def test_batch_refuses_single_transformer_mode_which_a_recipe_cannot_name(tmp_path):
+    from diffusers_ideogram4.batch import generate_batch
+    from diffusers_ideogram4.recipe import ModelSpec
+
+    pipe = single()
+    pipe.load_unconditional_lora(str(make_lora("unprefixed", tmp_path)[0]))
+    with pytest.raises(ValueError, match=r"single-transformer mode \(the unconditional LoRA 'unconditional'\)"):
+        generate_batch(pipe, [{"caption": CAPTION}], tmp_path / "out", model=ModelSpec("tiny-random", seed=0))
+    assert not (tmp_path / "out").exists()

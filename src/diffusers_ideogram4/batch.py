@@ -639,6 +639,12 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
     """The model the recipes name; the pipeline's own dtype and LoRAs must agree with it."""
     import torch
 
+    if getattr(pipe, "unconditional_adapter", None) is not None:
+        raise ValueError(
+            f"The pipeline runs in single-transformer mode (the unconditional LoRA {pipe.unconditional_adapter!r}), "
+            "which a recipe cannot name, so its images could not be reproduced. Run batches with a pipeline that "
+            "has its `unconditional_transformer`."
+        )
     dtype = {getattr(torch, name): key for key, name in DTYPES.items()}.get(pipe.transformer.dtype)
     adapters = {name for names in pipe.get_list_adapters().values() for name in names}
     if model is None:
