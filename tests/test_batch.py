@@ -425,6 +425,21 @@ def test_the_api_names_the_model_in_every_recipe(tmp_path, pipe):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_settings_a_recipe_cannot_name_are_refused(tmp_path):
+    from diffusers import FirstBlockCacheConfig, UniPCMultistepScheduler
+
+    pipe = TINY.load_pipeline("cpu")
+    pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError) as refused:
+        generate_batch(pipe, [{"caption": CAPTION, **SMALL}], tmp_path, model=TINY, progress=False)
+    assert str(refused.value).startswith(
+        "The pipeline runs with the scheduler UniPCMultistepScheduler (not the reference sampler) and a cache on "
+        "`transformer` (FirstBlockCacheConfig), which a recipe cannot name, so its images could not be reproduced."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_run_per_output_folder(tmp_path, pipe):
     with RunLock(tmp_path):
         with pytest.raises(ValueError, match=rf"^{tmp_path}: another `ideogram4 batch` run \(pid {os.getpid()}\)"):

@@ -481,6 +481,8 @@ def test_batch_refuses_single_transformer_mode_which_a_recipe_cannot_name(tmp_pa
 
     pipe = single()
     pipe.load_unconditional_lora(str(make_lora("unprefixed", tmp_path)[0]))
-    with pytest.raises(ValueError, match=r"single-transformer mode \(the unconditional LoRA 'unconditional'\)"):
+    with pytest.raises(
+        ValueError, match=r"runs with single-transformer mode \(the unconditional LoRA 'unconditional'\)"
+    ):
         generate_batch(pipe, [{"caption": CAPTION}], tmp_path / "out", model=ModelSpec("tiny-random", seed=0))
     assert not (tmp_path / "out").exists()

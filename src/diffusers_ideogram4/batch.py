@@ -639,11 +639,22 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
     """The model the recipes name; the pipeline's own dtype and LoRAs must agree with it."""
     import torch
 
+    from .schedulers import is_reference_sampler
+
+    # What changes the images beyond the recipe's keys: refused, or the recipes would not reproduce them.
+    unnamed = []
     if getattr(pipe, "unconditional_adapter", None) is not None:
+        unnamed.append(f"single-transformer mode (the unconditional LoRA {pipe.unconditional_adapter!r})")
+    if not is_reference_sampler(pipe.scheduler):
+        unnamed.append(f"the scheduler {type(pipe.scheduler).__name__} (not the reference sampler)")
+    for name in ("transformer", "unconditional_transformer"):
+        if getattr(pipe, name, None) is not None and getattr(pipe, name).is_cache_enabled:
+            unnamed.append(f"a cache on `{name}` ({type(getattr(pipe, name)._cache_config).__name__})")
+    if unnamed:
         raise ValueError(
-            f"The pipeline runs in single-transformer mode (the unconditional LoRA {pipe.unconditional_adapter!r}), "
-            "which a recipe cannot name, so its images could not be reproduced. Run batches with a pipeline that "
-            "has its `unconditional_transformer`."
+            f"The pipeline runs with {' and '.join(unnamed)}, which a recipe cannot name, so its images could not "
+            "be reproduced. Run batches with the pipeline as `ModelSpec.load_pipeline` builds it: both "
+            "transformers, the hub's FlowMatchEulerDiscreteScheduler, no cache."
         )
     dtype = {getattr(torch, name): key for key, name in DTYPES.items()}.get(pipe.transformer.dtype)
     adapters = {name for names in pipe.get_list_adapters().values() for name in names}
