@@ -76,8 +76,10 @@ TRANSFORMER_CONFIG_FIELDS = {
     "_class_name",
     "_diffusers_version",
 }
+# The float dtypes written tensors are cast or dequantized to (the converters' and the extractor's `--dtype`).
+WRITTEN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # `--dtype` choices: None keeps every tensor's dtype (fp8 stays fp8 with its scales).
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"keep": None, **WRITTEN_DTYPES}
 # `--vae-bn` choices: copy the VAE as it is, or write the reference release's latent normalisation into its `bn`.
 VAE_BN_CHOICES = ("keep", "reference")
 VAE_NAME = "vae"

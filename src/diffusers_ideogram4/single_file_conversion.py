@@ -24,6 +24,7 @@ from .conversion import (
     DEFAULT_MAX_SHARD_SIZE,
     MODEL_INDEX_NAME,
     TRANSFORMER_CLASS_NAME,
+    WRITTEN_DTYPES,
     ConversionPlan,
     ConversionReport,
     OutputFile,
@@ -45,7 +46,7 @@ from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 # Target dtypes: the weights are dequantized into one of these.
-DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEQUANTIZED_DTYPES = WRITTEN_DTYPES
 
 
 def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], Callable]]:
