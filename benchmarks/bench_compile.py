@@ -16,23 +16,6 @@ import time
 import torch
 
 
-def inputs(size: int, text: int, timestep: float, in_channels: int, features: int) -> dict:
-    from diffusers_ideogram4.layout import image_grid, pack_layout
-
-    layout = pack_layout([text], *image_grid(size, size))
-    generator = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, layout.indicator.shape[1], in_channels, generator=generator),
-        timestep=torch.tensor([timestep]),
-        encoder_hidden_states=torch.randn(1, text, features, generator=generator),
-        position_ids=layout.position_ids,
-        segment_ids=None,
-        indicator=layout.indicator,
-        attention_mask=layout.attention_mask,
-        return_dict=False,
-    )
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -46,6 +29,8 @@ def main():
 
     from diffusers_ideogram4 import Ideogram4Transformer2DModel
     from diffusers_ideogram4.constants import TRANSFORMER_SIZES
+    from diffusers_ideogram4.layout import image_grid
+    from diffusers_ideogram4.testing import random_transformer_inputs
 
     size = dict(
         TRANSFORMER_SIZES["tiny"],
@@ -61,8 +46,8 @@ def main():
     regional.compile_repeated_blocks(fullgraph=True)
 
     def step(model, k):
-        batch = inputs(
-            args.size, args.text, 0.05 + 0.9 * k / args.calls, size["in_channels"], size["llm_features_dim"]
+        batch = random_transformer_inputs(
+            [args.text], image_grid(args.size, args.size), size, timestep=0.05 + 0.9 * k / args.calls
         )
         start = time.perf_counter()
         model(**batch)

@@ -15,26 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-def batch(text_lengths, grid, config, device, dtype):
-    from diffusers_ideogram4.layout import pack_layout
-
-    layout = pack_layout(list(text_lengths), *grid, multiple=dist.get_world_size())
-    generator = torch.Generator().manual_seed(0)
-    rows, length = layout.indicator.shape
-    return dict(
-        hidden_states=torch.randn(rows, length, config["in_channels"], generator=generator).to(device, dtype),
-        timestep=torch.tensor([0.4], device=device),
-        encoder_hidden_states=torch.randn(rows, max(text_lengths), config["llm_features_dim"], generator=generator).to(
-            device, dtype
-        ),
-        position_ids=layout.position_ids.to(device),
-        segment_ids=None,
-        indicator=layout.indicator.to(device),
-        attention_mask=None if layout.attention_mask is None else layout.attention_mask.to(device),
-        return_dict=False,
-    )
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -59,13 +39,16 @@ def main():
 
     from diffusers_ideogram4 import Ideogram4Transformer2DModel
     from diffusers_ideogram4.constants import TRANSFORMER_SIZES
+    from diffusers_ideogram4.testing import random_transformer_inputs
 
     config = dict(TRANSFORMER_SIZES[args.model], num_layers=args.layers)
     torch.manual_seed(0)
     reference = Ideogram4Transformer2DModel(**config).to(device, dtype).eval()
     grid = (args.size // 16, args.size // 16)
-    batches = {"padded (mask)": batch((200, 120), grid, config, device, dtype)}
-    batches["unpadded"] = batch((200,), grid, config, device, dtype)
+    batches = {
+        name: random_transformer_inputs(lengths, grid, config, multiple=world, device=device, dtype=dtype)
+        for name, lengths in (("padded (mask)", (200, 120)), ("unpadded", (200,)))
+    }
     modes = {
         f"Ulysses {world} (native)": (ContextParallelConfig(ulysses_degree=world), None),
         f"ring {world} ({args.ring_backend})": (ContextParallelConfig(ring_degree=world), args.ring_backend),

@@ -9,10 +9,8 @@ other components are copied. The logic is `diffusers_ideogram4.conversion.conver
 import argparse
 import sys
 
+from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
 from diffusers_ideogram4.conversion import ORIGINAL_WEIGHTS_NAME, convert_diffusers_to_original
-
-
-USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError: missing files, read-only folders, ...
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,38 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"file name of each transformer's weights (default {ORIGINAL_WEIGHTS_NAME})",
     )
     parser.add_argument("--revision", default=None, help="source revision on the hub")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
-    )
-    parser.add_argument(
-        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
-    )
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_folder_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = convert_diffusers_to_original(
-            args.source,
-            args.output,
-            components=args.components,
-            weights_name=args.weights_name,
-            dry_run=args.dry_run,
-            overwrite=args.overwrite,
-            replace_any_folder=args.replace_any_folder,
-            verify=not args.no_verify,
-            revision=args.revision,
-            progress=not args.no_progress,
+    return exit_code(
+        lambda: print_summary(
+            convert_diffusers_to_original(
+                args.source,
+                args.output,
+                components=args.components,
+                weights_name=args.weights_name,
+                revision=args.revision,
+                **output_folder_arguments(args),
+            )
         )
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

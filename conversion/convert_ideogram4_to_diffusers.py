@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
 from diffusers_ideogram4.conversion import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPES,
@@ -19,8 +20,6 @@ from diffusers_ideogram4.conversion import (
 
 
 MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
-# What a failed conversion raises: printed as one message, without a traceback.
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # OSError: missing files, read-only folders, ...
 
 
 def model_card_path(value: str) -> Path:
@@ -79,47 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="create the hub repo private")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--revision", default=None, help="source revision on the hub")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
-    )
-    parser.add_argument(
-        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
-    )
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output (not with --push-to-hub)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_folder_options(parser, verify_help="skip reloading the output (not with --push-to-hub)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        report = convert_original_to_diffusers(
-            args.source,
-            args.output,
-            dtype=args.dtype,
-            components=args.components,
-            max_shard_size=args.max_shard_size,
-            vae_bn=args.vae_bn,
-            model_card=args.model_card,
-            card_variables=dict(args.card_var),
-            base_model=args.base_model,
-            dry_run=args.dry_run,
-            overwrite=args.overwrite,
-            replace_any_folder=args.replace_any_folder,
-            verify=not args.no_verify,
-            push_to_hub_id=args.push_to_hub,
-            private=args.private,
-            commit_message=args.commit_message,
-            revision=args.revision,
-            progress=not args.no_progress,
+    args = build_parser().parse_args(argv)
+    return exit_code(
+        lambda: print_summary(
+            convert_original_to_diffusers(
+                args.source,
+                args.output,
+                dtype=args.dtype,
+                components=args.components,
+                max_shard_size=args.max_shard_size,
+                vae_bn=args.vae_bn,
+                model_card=args.model_card,
+                card_variables=dict(args.card_var),
+                base_model=args.base_model,
+                push_to_hub_id=args.push_to_hub,
+                private=args.private,
+                commit_message=args.commit_message,
+                revision=args.revision,
+                **output_folder_arguments(args),
+            )
         )
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ the unconditional branch), lora_down / lora_up / alpha on the fused `attention.q
 import argparse
 import sys
 
+from diffusers_ideogram4.commands import exit_code
 from diffusers_ideogram4.lora_formats import COMPONENTS, LORA_FORMATS, convert_lora_file
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="LoRA .safetensors file, any supported format")
     parser.add_argument("--output", required=True, help="where to write the converted .safetensors file")
@@ -26,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="transformer that keys without a branch prefix belong to (default: the conditional transformer)",
     )
-    args = parser.parse_args(argv)
-    try:
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def convert() -> int:
         converted = convert_lora_file(args.input, args.output, to=args.to, target=args.target)
-    except (ValueError, OSError) as error:  # a LoRA this converter refuses: one message, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote {len(converted)} tensors in the {args.to} format to {args.output}")
-    return 0
+        print(f"Wrote {len(converted)} tensors in the {args.to} format to {args.output}")
+        return 0
+
+    return exit_code(convert)  # a LoRA this converter refuses: one message, no traceback
 
 
 if __name__ == "__main__":

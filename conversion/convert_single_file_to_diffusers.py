@@ -12,12 +12,9 @@ parses arguments.
 import argparse
 import sys
 
+from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
 from diffusers_ideogram4.conversion import DEFAULT_MAX_SHARD_SIZE
 from diffusers_ideogram4.single_file_conversion import DEQUANTIZED_DTYPES, convert_single_files_to_diffusers
-
-
-# What a failed conversion raises: printed as one message, without a traceback.
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)  # OSError: missing files, read-only folders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,41 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DEQUANTIZED_DTYPES), default="bf16", help="dequantize to this dtype")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 10GB)")
     parser.add_argument("--revision", default=None, help="revision of --base on the hub")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
-    )
-    parser.add_argument(
-        "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
-    )
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_folder_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = convert_single_files_to_diffusers(
-            args.output,
-            transformer=args.transformer,
-            unconditional_transformer=args.unconditional_transformer,
-            base=args.base,
-            config=args.config,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            dry_run=args.dry_run,
-            overwrite=args.overwrite,
-            replace_any_folder=args.replace_any_folder,
-            verify=not args.no_verify,
-            revision=args.revision,
-            progress=not args.no_progress,
+    return exit_code(
+        lambda: print_summary(
+            convert_single_files_to_diffusers(
+                args.output,
+                transformer=args.transformer,
+                unconditional_transformer=args.unconditional_transformer,
+                base=args.base,
+                config=args.config,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                revision=args.revision,
+                **output_folder_arguments(args),
+            )
         )
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ layer's rank and relative Frobenius error, and the total, are printed and stored
 import argparse
 import sys
 
+from diffusers_ideogram4.commands import exit_code, print_summary
 from diffusers_ideogram4.lora_extraction import DTYPES, NON_LINEAR_CHOICES, extract_unconditional_lora
 
 
@@ -44,24 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = extract_unconditional_lora(
-            args.source,
-            args.output,
-            rank=args.rank,
-            max_rel_error=args.max_rel_error,
-            dtype=args.dtype,
-            non_linear=args.non_linear,
-            device=args.device,
-            overwrite=args.overwrite,
-            revision=args.revision,
-            progress=not args.no_progress,
+    return exit_code(  # one message, no traceback, nothing written
+        lambda: print_summary(
+            extract_unconditional_lora(
+                args.source,
+                args.output,
+                rank=args.rank,
+                max_rel_error=args.max_rel_error,
+                dtype=args.dtype,
+                non_linear=args.non_linear,
+                device=args.device,
+                overwrite=args.overwrite,
+                revision=args.revision,
+                progress=not args.no_progress,
+            )
         )
-    except (ValueError, OSError) as error:  # one message, no traceback, nothing written
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

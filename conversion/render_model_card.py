@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusers_ideogram4.commands import exit_code
 from diffusers_ideogram4.conversion import folder_sizes, model_card_variables, render_model_card
+from diffusers_ideogram4.files import write_atomically
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", type=card_variable, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--output", type=Path, default=None, help="default: FOLDER/README.md")
     args = parser.parse_args(argv)
-    try:
+
+    def render() -> int:
         variables = model_card_variables(
             source=args.source,
             dtype=args.dtype,
@@ -38,13 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             **dict(args.set),
         )
         card = render_model_card(args.template.read_text(encoding="utf-8"), variables)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    output = args.output or args.folder / "README.md"
-    output.write_text(card, encoding="utf-8")
-    print(f"wrote {output}")
-    return 0
+        output = args.output or args.folder / "README.md"
+        write_atomically(output, card.encode("utf-8"))  # complete or not at all
+        print(f"wrote {output}")
+        return 0
+
+    return exit_code(render)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def test_every_bad_line_is_reported_with_its_number_and_field(tmp_path):
         'line 3: seed: must be an int from 0 to 18446744073709551615 (the initial noise\'s seed), got "7"',
         "line 4: caption.compositional_deconstruction.background: missing required key 'background' (The "
         "background of the image, as a phrase or sentence)",
-        "line 5: idea: prompt expansion (turning a plain-text idea into a structured caption) is not available in "
-        "this version yet; write the structured caption as `caption` instead (`ideogram4 caption` helps)",
+        "line 5: idea: job files take structured captions, ideas are not expanded here; expand it first with "
+        "`ideogram4 caption expand IDEA -o caption.json` and give that caption as `caption`",
         "line 6: not valid JSON (Expecting value at column 13)",
         'line 7: a job is a JSON object such as {"caption": {...}, "seed": 7}, got [1, 2]',
         "line 8: seed: given twice in one object; keep one",
@@ -231,13 +231,11 @@ def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys, monke
     assert no_model == []
 
 
-def test_idea_lines_are_refused_until_prompt_expansion_exists(tmp_path, capsys, no_model):
+def test_idea_lines_are_refused_with_the_command_that_expands_them(tmp_path, capsys, no_model):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"idea": "a jazz poster that says JAZZ NIGHT", **SMALL}])
     code, _, err = run_cli(capsys, "batch", jobs, "--out", tmp_path / "out", "--model", TINY_RANDOM)
     assert code == 2
-    assert (
-        "line 1: idea: prompt expansion (turning a plain-text idea into a structured caption) is not available" in err
-    )
+    assert "line 1: idea: job files take structured captions, ideas are not expanded here; expand it first" in err
 
 
 def test_the_readme_job_file_and_manifest_agree(tmp_path):
@@ -424,6 +422,21 @@ def test_the_api_names_the_model_in_every_recipe(tmp_path, pipe):
         generate_batch(pipe, [{"caption": CAPTION, "seed": -1}], tmp_path, model=TINY, progress=False)
     with pytest.raises(ValueError, match=r"^`batch_size` must be a positive int, got 0\.$"):
         generate_batch(pipe, [], tmp_path, model=TINY, batch_size=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_a_recipe_cannot_name_are_refused(tmp_path):
+    from diffusers import FirstBlockCacheConfig, UniPCMultistepScheduler
+
+    pipe = TINY.load_pipeline("cpu")
+    pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError) as refused:
+        generate_batch(pipe, [{"caption": CAPTION, **SMALL}], tmp_path, model=TINY, progress=False)
+    assert str(refused.value).startswith(
+        "The pipeline runs with the scheduler UniPCMultistepScheduler (not the reference sampler) and a cache on "
+        "`transformer` (FirstBlockCacheConfig), which a recipe cannot name, so its images could not be reproduced."
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -702,3 +715,17 @@ def test_single_transformer_mode_from_the_command_line_is_recorded_and_reproduce
     assert code == 0 and printed.endswith("the same pixels as " + str(tmp_path / "single.png") + ".\n")
     code, _, err = run_cli(capsys, *base, "-o", tmp_path / "x.png", "--unconditional-lora", str(tmp_path / "no.st"))
     assert code == 2 and "--unconditional-lora" in err and "no such file" in err
+
+
+def test_a_batch_in_single_transformer_mode_names_the_unconditional_lora(tmp_path):
+    lora = make_tiny_lora(tmp_path / "uncond")
+    model = ModelSpec.from_options(TINY_RANDOM, dtype="fp32", unconditional_lora=str(lora))
+    pipe = model.load_pipeline("cpu")
+    assert pipe.unconditional_transformer is None
+    result = generate_batch(
+        pipe, [{"caption": CAPTION, **SMALL, "seed": 3}], tmp_path / "out", model=model, progress=False
+    )
+    assert result.ok and result.generated == 1
+    recipe = read_recipe(next((tmp_path / "out").glob("*.png")))
+    assert recipe["model"]["unconditional_lora"]["path"] == str(lora)
+    assert recipe["model"]["loras"] == []

@@ -473,3 +473,18 @@ def single_with(tmp_path):
     pipe = single()
     pipe.load_unconditional_lora(str(make_lora("original", tmp_path / "again")[0]))
     return pipe
+
+
+def test_batch_refuses_single_transformer_mode_that_the_model_does_not_name(tmp_path):
+    from diffusers_ideogram4.batch import generate_batch
+    from diffusers_ideogram4.recipe import ModelSpec
+
+    pipe = single()
+    pipe.load_unconditional_lora(str(make_lora("unprefixed", tmp_path)[0]))
+    with pytest.raises(
+        ValueError,
+        match=r"runs with single-transformer mode \(the unconditional LoRA 'unconditional'\) that `model` does not "
+        r"name \(ModelSpec\(\.\.\., unconditional_lora=\.\.\.\)\)",
+    ):
+        generate_batch(pipe, [{"caption": CAPTION}], tmp_path / "out", model=ModelSpec("tiny-random", seed=0))
+    assert not (tmp_path / "out").exists()

@@ -4,8 +4,8 @@ A job file is JSON Lines, one job per line (blank lines are allowed and skipped;
 
     {"caption": {...}, "seeds": [1, 2, 3], "height": 1024, "width": 768, "preset": "default_20", "name": "poster"}
 
-- `caption`: a structured caption object, or its JSON text (taken verbatim). `idea` (a plain-text idea to expand)
-  is refused until prompt expansion exists.
+- `caption`: a structured caption object, or its JSON text (taken verbatim). `idea` (a plain-text idea) is refused
+  with the command that expands it into a caption first.
 - `seed` (default 0) with `num_images` (default 1) makes seeds seed, seed + 1, ...; or `seeds`, a list.
 - `height`, `width` (default 1024), `preset`, `steps`, `guidance_scale`: as in the pipeline call.
 - `name`: the images are `{name}-{seed}.png`; by default a hash of the caption and the settings, so that an edited or
@@ -83,10 +83,10 @@ MAX_STEPS = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 DEFAULT_NAME_DIGITS = 12
 MAX_SHOWN_CHARS = 60
-# The one place that knows prompt expansion is missing; replace this refusal with the expansion when it exists.
+# Job files take captions only: a plain-text idea is expanded beforehand (the batch command loads no LM head).
 IDEA_UNAVAILABLE = (
-    "prompt expansion (turning a plain-text idea into a structured caption) is not available in this version yet; "
-    "write the structured caption as `caption` instead (`ideogram4 caption` helps)"
+    "job files take structured captions, ideas are not expanded here; expand it first with `ideogram4 caption "
+    "expand IDEA -o caption.json` and give that caption as `caption`"
 )
 CLI_SKIP_HINT = "Fix these lines, or pass --skip-invalid to record them in the manifest and generate the others."
 API_SKIP_HINT = "Fix these jobs, or pass skip_invalid=True to record them in the manifest and generate the others."
@@ -639,8 +639,31 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
     """The model the recipes name; the pipeline's own dtype and LoRAs must agree with it."""
     import torch
 
+    from .schedulers import is_reference_sampler
+
+    # What changes the images beyond the recipe's keys: refused, or the recipes would not reproduce them.
+    unnamed = []
+    if getattr(pipe, "unconditional_adapter", None) is not None and (
+        model is None or model.unconditional_lora is None
+    ):
+        unnamed.append(
+            f"single-transformer mode (the unconditional LoRA {pipe.unconditional_adapter!r}) that `model` does not "
+            "name (ModelSpec(..., unconditional_lora=...))"
+        )
+    if not is_reference_sampler(pipe.scheduler):
+        unnamed.append(f"the scheduler {type(pipe.scheduler).__name__} (not the reference sampler)")
+    for name in ("transformer", "unconditional_transformer"):
+        if getattr(pipe, name, None) is not None and getattr(pipe, name).is_cache_enabled:
+            unnamed.append(f"a cache on `{name}` ({type(getattr(pipe, name)._cache_config).__name__})")
+    if unnamed:
+        raise ValueError(
+            f"The pipeline runs with {' and '.join(unnamed)}, which a recipe cannot name, so its images could not "
+            "be reproduced. Run batches with the pipeline as `ModelSpec.load_pipeline` builds it: the "
+            "hub's FlowMatchEulerDiscreteScheduler, no cache."
+        )
     dtype = {getattr(torch, name): key for key, name in DTYPES.items()}.get(pipe.transformer.dtype)
     adapters = {name for names in pipe.get_list_adapters().values() for name in names}
+    adapters.discard(getattr(pipe, "unconditional_adapter", None))  # named by model.unconditional_lora, checked above
     if model is None:
         if not pipe.name_or_path:
             raise ValueError(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
 from .captions.cli import add_caption_commands
+from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
 from .recipe import DTYPES, TINY_RANDOM
@@ -112,6 +113,16 @@ def load_pipeline(model, device, offload: bool):
         raise ValueError(f"cannot load --model {model.id}: {str(error).splitlines()[0]}") from None
 
 
+def load_image_model(args, device):
+    """-> (the `ModelSpec` of `--model`, its pipeline loaded with `load_pipeline`), saying so when its weights are
+    random (`generate` and `edit`, whose seed also seeds the tiny model's weights)."""
+    model = model_spec(args, tiny_seed=args.seed)
+    pipe = load_pipeline(model, device, args.offload)
+    if model.id == TINY_RANDOM:
+        print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
+    return model, pipe
+
+
 def add_generate_command(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="Generate a PNG from a JSON caption.")
     parser.add_argument("caption", help="caption JSON file, '-' for stdin, or the JSON text itself")
@@ -157,10 +168,7 @@ def run_generate(args) -> int:
     check_generate_arguments(args)
     device = resolve_device(args.device)
     checked_caption(args, caption)
-    model = model_spec(args, tiny_seed=args.seed)
-    pipe = load_pipeline(model, device, args.offload)
-    if model.id == TINY_RANDOM:
-        print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
+    model, pipe = load_image_model(args, device)
     sampling = resolve_sampling(pipe, args.preset, args.steps, args.guidance_scale)
     recipe = build_recipe(caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type)
     image = pipe(
@@ -254,10 +262,7 @@ def run_edit(args) -> int:
     check_generate_arguments(args)
     device = resolve_device(args.device)
     checked_caption(args, caption)
-    model = model_spec(args, tiny_seed=args.seed)
-    pipe = load_pipeline(model, device, args.offload)
-    if model.id == TINY_RANDOM:
-        print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
+    _, pipe = load_image_model(args, device)
     pipe = (Ideogram4InpaintPipeline if inpainting else Ideogram4Img2ImgPipeline).from_pipe(pipe)
     region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
     edited = pipe(
@@ -541,11 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args), errors=(ValueError,), code=2)  # bad input: one line, no traceback
 
 
 if __name__ == "__main__":

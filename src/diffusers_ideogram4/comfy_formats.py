@@ -74,16 +74,6 @@ def unswizzle_block_scales(tiled: torch.Tensor, rows: int, columns: int) -> torc
     return plain[:rows, :columns]
 
 
-def swizzle_block_scales(plain: torch.Tensor) -> torch.Tensor:
-    """The inverse of `unswizzle_block_scales`: plain (rows, columns) -> the tiled layout, padded to whole tiles."""
-    rows, columns = plain.shape
-    padded = plain.new_zeros(round_up(rows, NVFP4_ROW_TILE), round_up(columns, NVFP4_COLUMN_TILE))
-    padded[:rows, :columns] = plain
-    row_tiles, column_tiles = padded.shape[0] // NVFP4_ROW_TILE, padded.shape[1] // NVFP4_COLUMN_TILE
-    tiles = padded.reshape(row_tiles, NVFP4_ROW_TILE // 32, 32, column_tiles, NVFP4_COLUMN_TILE)
-    return tiles.permute(0, 3, 2, 1, 4).reshape(padded.shape)
-
-
 def dequantize_nvfp4(
     packed: torch.Tensor, block_scales: torch.Tensor, scale_2: torch.Tensor, shape: tuple[int, int], dtype
 ) -> torch.Tensor:
@@ -194,11 +184,6 @@ class NVFP4Linear(QuantizedLinear):
 def decode_comfy_quant(tensor: torch.Tensor) -> dict:
     """A `<layer>.comfy_quant` tensor (uint8 bytes of UTF-8 JSON) -> its config dict."""
     return json.loads(tensor.numpy().tobytes().decode("utf-8"))
-
-
-def encode_comfy_quant(config: dict) -> torch.Tensor:
-    """A layer config as ComfyUI writes it: the UTF-8 JSON bytes as a 1-D uint8 tensor."""
-    return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
 
 
 def layer_config_problem(config) -> str | None:

@@ -70,8 +70,16 @@ SAFETENSORS_METADATA = {"format": "pt"}
 # Written into every output's model_index.json (diffusers ignores `_`-keys): what makes an existing folder recognisably
 # one of ours, which `overwrite` may replace.
 CONVERSION_MARKER = "_diffusers_ideogram4_conversion"
+# The fields of the config.json written for a transformer: its class's arguments, and diffusers' own.
+TRANSFORMER_CONFIG_FIELDS = {
+    *inspect.signature(Ideogram4Transformer2DModel.__init__).parameters,
+    "_class_name",
+    "_diffusers_version",
+}
+# The float dtypes written tensors are cast or dequantized to (the converters' and the extractor's `--dtype`).
+WRITTEN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # `--dtype` choices: None keeps every tensor's dtype (fp8 stays fp8 with its scales).
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"keep": None, **WRITTEN_DTYPES}
 # `--vae-bn` choices: copy the VAE as it is, or write the reference release's latent normalisation into its `bn`.
 VAE_BN_CHOICES = ("keep", "reference")
 VAE_NAME = "vae"
@@ -259,16 +267,17 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dic
         file, dtype, shape = located[source_key]
         shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
         recipes[key] = Recipe(key, ((file, source_key, rows),), shape, SAFETENSORS_DTYPES[dtype])
-    known = set(inspect.signature(Ideogram4Transformer2DModel.__init__).parameters) | {
-        "_class_name",
-        "_diffusers_version",
-    }
-    unknown = sorted(k for k in config if k not in known)
+    unknown = sorted(k for k in config if k not in TRANSFORMER_CONFIG_FIELDS)
     if unknown:
         plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
-    model_config = {k: v for k, v in json.loads(model.to_json_string()).items() if k in known}
     ordered = {key: recipes[key] for key in model.state_dict()}  # the model's order: blocks stay together in shards
-    return ordered, json.dumps(model_config, indent=2, sort_keys=True) + "\n"
+    return ordered, transformer_config_text(model)
+
+
+def transformer_config_text(model: Ideogram4Transformer2DModel) -> str:
+    """The config.json a converted transformer is written with: its config's TRANSFORMER_CONFIG_FIELDS."""
+    config = {k: v for k, v in json.loads(model.to_json_string()).items() if k in TRANSFORMER_CONFIG_FIELDS}
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def _cast(recipe: Recipe, target: torch.dtype | None, scale: Recipe | None) -> Recipe:
@@ -430,12 +439,26 @@ def _is_transformer(name: str, entry) -> bool:
     return name in TRANSFORMER_COMPONENTS or (isinstance(entry, (list, tuple)) and entry[1] == TRANSFORMER_CLASS_NAME)
 
 
+def component_entries(index: dict) -> dict[str, list]:
+    """model_index.json's components: the `name: [library, class]` entries, without the absent optional ones."""
+    return {
+        name: entry
+        for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+    }
+
+
+def output_model_index(direction: str, source: str) -> dict:
+    """The start of every model_index.json a conversion writes: the pipeline class, and the marker that makes the
+    folder recognisably one of ours (`overwrite` may replace it)."""
+    from . import __version__
+
+    marker = {"direction": direction, "source": source, "version": __version__}
+    return {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": _diffusers_version(), CONVERSION_MARKER: marker}
+
+
 def _select_components(index: dict, components: Iterable[str] | None, source: str) -> list[str]:
-    available = [
-        k
-        for k, v in index.items()
-        if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None
-    ]
+    available = list(component_entries(index))
     if components is None:
         return available
     parts = [components] if isinstance(components, str) else components
@@ -451,13 +474,7 @@ def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_
     index = _read_model_index(root)
     selected = _select_components(index, components, source)
     plan = ConversionPlan(direction, source, root, selected, dtype)
-    from . import __version__
-
-    output_index = {
-        "_class_name": PIPELINE_CLASS_NAME,
-        "_diffusers_version": _diffusers_version(),
-        CONVERSION_MARKER: {"direction": direction, "source": source, "version": __version__},
-    }
+    output_index = output_model_index(direction, source)
     for name in selected:
         entry = list(index[name])
         if _is_transformer(name, entry):

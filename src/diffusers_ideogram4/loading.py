@@ -443,8 +443,9 @@ def load_pretrained(
     *,
     build_model,
     host_from_pretrained,
-    weights_name: str,
     hint: str,
+    host_dtype_argument: str = "torch_dtype",
+    weights_name: str = "diffusion_pytorch_model",
     key_plan=None,
     ignore: str | None = None,
     known_kwargs: tuple[str, ...] | None = None,
@@ -455,10 +456,11 @@ def load_pretrained(
 
     Args:
         build_model: `build_model(folder)` returns the model the folder's config describes (called on the meta device).
-        host_from_pretrained: `host_from_pretrained(folder, dtype, **kwargs)` -> (model, loading info): the host
-            library's own loader.
-        weights_name: the weight files' stem (`diffusion_pytorch_model`, `model`).
+        host_from_pretrained: the host library's own loader, e.g. `super().from_pretrained` in the class's override;
+            called with the folder, the dtype as `host_dtype_argument` (`torch_dtype` for diffusers, `dtype` for
+            transformers), `output_loading_info=True` and the remaining kwargs.
         hint: what the folder should hold, for error messages.
+        weights_name: the weight files' stem (`diffusion_pytorch_model`, `model`).
         key_plan: renames checkpoint keys (and splits fused tensors) for the strict loader.
         ignore: a regex of checkpoint keys that are never loaded (a vision tower).
         known_kwargs: when given, any other argument is refused (the host would only warn about it).
@@ -493,7 +495,7 @@ def load_pretrained(
             check_header(build, header, folder, hint=hint)
         else:
             check_dtypes({key: (dtype, FLOAT_DTYPES) for key, (dtype, _) in header.items()}, folder)
-        model, info = host_from_pretrained(folder, dtype, **kwargs)
+        model, info = host_from_pretrained(folder, **{host_dtype_argument: dtype}, output_loading_info=True, **kwargs)
         check_loading_info(info, folder, hint)
         warn_non_finite(model, folder)
         return (model, info) if wants_info else model

@@ -32,9 +32,11 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .conversion import (
     TRANSFORMER_COMPONENTS,
+    WRITTEN_DTYPES,
     ConversionPlan,
     Recipe,
     _cast,
+    _check_choice,
     _checked_transformer,
     _Reader,
     _same_bits,
@@ -50,7 +52,7 @@ from .validation import finite_float, require_positive_int
 
 PREFIX = ORIGINAL_PREFIXES["transformer"]  # `diffusion_model.`: ai-toolkit's keys for "the denoiser"
 NON_LINEAR_CHOICES = ("store", "refuse")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = WRITTEN_DTYPES  # of the LoRA factors
 # Modules only the conditional pass runs: they project the text features, which the unconditional pass never has.
 TEXT_ONLY_MODULES = ("llm_cond_norm", "llm_cond_proj")
 # The file's metadata key holding the report (JSON).
@@ -240,10 +242,8 @@ def extract_unconditional_lora(
                 f"`max_rel_error={max_rel_error}` must be in (0, 1): the error allowed per layer, as a fraction of "
                 "||unconditional - conditional||."
             )
-    if dtype not in DTYPES:
-        raise ValueError(f"`dtype={dtype!r}` is not supported; use one of {list(DTYPES)}.")
-    if non_linear not in NON_LINEAR_CHOICES:
-        raise ValueError(f"`non_linear={non_linear!r}` is not supported; use one of {list(NON_LINEAR_CHOICES)}.")
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("non_linear", non_linear, NON_LINEAR_CHOICES)
     device = torch.device(device)
     output = Path(output)
     if output.suffix != ".safetensors":

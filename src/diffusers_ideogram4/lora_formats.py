@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.utils.other import get_pattern_key
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 
 from .constants import FUSED_TO_SPLIT
+from .files import write_atomically
 from .loading import fused_name, list_keys, open_safetensors, raise_problems, split_names
 
 
@@ -471,11 +472,14 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 def write_lora_file(
     path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None
 ) -> None:
-    """Write a LoRA safetensors file, with diffusers' LoRA metadata in its header when given."""
+    """Write a LoRA safetensors file, with diffusers' LoRA metadata in its header when given; serialized in memory,
+    then written completely or not at all (`files.write_atomically`)."""
     header = {"format": "pt"}
     if metadata:
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
-    save_file({key: value.contiguous() for key, value in state_dict.items()}, str(path), metadata=header)
+    write_atomically(
+        path, save_safetensors_bytes({key: value.contiguous() for key, value in state_dict.items()}, metadata=header)
+    )
 
 
 def convert_lora_file(input_path, output_path, to: str, target: str | None = None) -> dict[str, torch.Tensor]:

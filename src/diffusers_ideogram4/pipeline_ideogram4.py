@@ -1,11 +1,11 @@
 """`Ideogram4Pipeline`: structured caption in, image out, faithful to the reference sampler (SPEC 3-5)."""
 
+import contextvars
 import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import diffusers.utils
 import numpy as np
@@ -54,6 +54,11 @@ LATENT_NORMALIZATIONS = ("reference", "vae_bn")
 # diffusers >= 0.42 names the loading dtype `dtype` and deprecates `torch_dtype`; older versions know only the latter.
 DIFFUSERS_TAKES_DTYPE = hasattr(diffusers.utils, "_resolve_dtype")
 
+# Set while `from_pipe` without `dtype` runs diffusers' own, whose closing `to(dtype)` (float32 by default) would cast
+# the components it shares with the source pipeline in place. A context variable, so that other threads' `to` calls
+# are not affected.
+_SKIP_FROM_PIPE_CAST = contextvars.ContextVar("ideogram4_skip_from_pipe_cast", default=False)
+
 # diffusers' loader resolves the model_index.json entries `_our_entry` remaps in this module, which therefore imports
 # the base classes above. (Saving writes the hub's entries, `constants.OFFICIAL_ENTRIES`.)
 COMPONENT_LIBRARY = __name__
@@ -74,16 +79,10 @@ class StrictAutoencoderKLFlux2(AutoencoderKLFlux2):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> AutoencoderKLFlux2:
-        def host(folder, dtype, **host_kwargs):
-            return AutoencoderKLFlux2.from_pretrained(
-                folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs
-            )
-
         return load_pretrained(
             pretrained_model_name_or_path,
             build_model=lambda folder: AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder)),
-            host_from_pretrained=host,
-            weights_name="diffusion_pytorch_model",
+            host_from_pretrained=AutoencoderKLFlux2.from_pretrained,  # the base class's instances, not this loader's
             hint="Expected the FLUX.2 VAE (`vae/` of an Ideogram 4 repo).",
             **kwargs,
         )
@@ -297,8 +296,15 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             return super().from_pipe(pipeline, **kwargs)
         kwargs.pop("dtype", None)
         kwargs.pop("torch_dtype", None)
-        with mock.patch.object(cls, "to", lambda self, *args, **to_kwargs: self):  # the cast is its last statement
+        skipping = _SKIP_FROM_PIPE_CAST.set(True)  # the cast is from_pipe's last statement (`to` below)
+        try:
             return super().from_pipe(pipeline, **kwargs)
+        finally:
+            _SKIP_FROM_PIPE_CAST.reset(skipping)
+
+    def to(self, *args, **kwargs):
+        """diffusers' `to`; inside `from_pipe` without `dtype` (in this thread only) it does nothing, see there."""
+        return self if _SKIP_FROM_PIPE_CAST.get() else super().to(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' `save_pretrained` (and its `push_to_hub=True`), writing the hub repos' class names into

@@ -70,16 +70,10 @@ class Ideogram4PromptEnhancerHead(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader (`dtype` or `torch_dtype`) under the package's one loading rule
         (`diffusers_ideogram4.loading`): a missing, unexpected or mis-shaped key is refused by name."""
-
-        def host(folder, dtype, **host_kwargs):
-            parent = super(Ideogram4PromptEnhancerHead, cls)
-            return parent.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs)
-
         return load_pretrained(
             pretrained_model_name_or_path,
             build_model=lambda folder: cls.from_config(cls.load_config(folder)),
-            host_from_pretrained=host,
-            weights_name="diffusion_pytorch_model",
+            host_from_pretrained=super().from_pretrained,
             hint=f"Expected one tensor `lm_head.weight` [vocab_size, hidden_size], as in `{HEAD_REPO}`.",
             **kwargs,
         )

@@ -10,7 +10,6 @@ With `base`, the other components (text encoder, VAE, tokenizer, scheduler) are 
 repo and a model_index.json is written: the output is a complete pipeline folder.
 """
 
-import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,31 +21,32 @@ from accelerate import init_empty_weights
 from .constants import OFFICIAL_ENTRIES
 from .conversion import (
     CONFIG_NAME,
-    CONVERSION_MARKER,
     DEFAULT_MAX_SHARD_SIZE,
     MODEL_INDEX_NAME,
-    PIPELINE_CLASS_NAME,
     TRANSFORMER_CLASS_NAME,
+    WRITTEN_DTYPES,
     ConversionPlan,
     ConversionReport,
     OutputFile,
     Recipe,
     _check_choice,
     _check_output,
-    _diffusers_version,
     _execute,
     _plan_copy,
     _read_model_index,
     _sharded,
+    component_entries,
+    output_model_index,
     parse_size,
     resolve_source,
+    transformer_config_text,
 )
 from .fp8 import QuantizedLinear
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 
 
 # Target dtypes: the weights are dequantized into one of these.
-DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEQUANTIZED_DTYPES = WRITTEN_DTYPES
 
 
 def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], Callable]]:
@@ -76,13 +76,8 @@ def _plan_single_file(plan: ConversionPlan, name: str, file, config, target: tor
         plain = Ideogram4Transformer2DModel.from_config(model.config)
     weights = dequantized_weights(model, target)
     recipes = [Recipe(key, (), weights[key][0], target, compute=weights[key][1]) for key in plain.state_dict()]
-    known = set(inspect.signature(Ideogram4Transformer2DModel.__init__).parameters) | {
-        "_class_name",
-        "_diffusers_version",
-    }
-    config_text = json.dumps({k: v for k, v in json.loads(plain.to_json_string()).items() if k in known}, indent=2)
     plan.files += _sharded(recipes, max_bytes, name)
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=config_text + "\n"))
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=transformer_config_text(plain)))
     plan.checks[name] = ({r.key: r for r in recipes}, target)
     plan.tensor_dtypes.add(str(target).removeprefix("torch."))
     plan.notes.append(f"{name}: {Path(str(file)).name} dequantized to {str(target).removeprefix('torch.')}")
@@ -134,15 +129,8 @@ def convert_single_files_to_diffusers(
     for name, file in files.items():
         _plan_single_file(plan, name, file, config, DEQUANTIZED_DTYPES[dtype], max_bytes)
     if root is not None:
-        index = _read_model_index(root)
-        output_index = {
-            "_class_name": PIPELINE_CLASS_NAME,
-            "_diffusers_version": _diffusers_version(),
-            CONVERSION_MARKER: {"direction": plan.direction, "source": source},
-        }
-        for name, entry in index.items():
-            if name.startswith("_") or not isinstance(entry, (list, tuple)) or entry[0] is None:
-                continue
+        output_index = output_model_index(plan.direction, source)
+        for name, entry in component_entries(_read_model_index(root)).items():
             if name not in files:
                 _plan_copy(plan, name, None)
                 plan.components.append(name)

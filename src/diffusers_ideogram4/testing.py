@@ -110,6 +110,38 @@ def tiny_transformer(seed: int = 0, init_std: float = 0.05) -> Ideogram4Transfor
     return model.eval()
 
 
+def random_transformer_inputs(
+    text_lengths,
+    grid: tuple[int, int],
+    config: dict,
+    *,
+    multiple: int = 1,
+    timestep: float = 0.4,
+    device=None,
+    dtype=None,
+) -> dict:
+    """Seeded random inputs for `Ideogram4Transformer2DModel(**config)`: prompts of `text_lengths` tokens on a (rows,
+    columns) token grid, packed as the pipeline packs them (`layout.pack_layout`, padded to a multiple of `multiple`).
+    -> the keyword arguments of `forward`, with `return_dict=False`."""
+    from .layout import pack_layout
+
+    layout = pack_layout(list(text_lengths), *grid, multiple=multiple)
+    generator = torch.Generator().manual_seed(0)
+    rows, length = layout.indicator.shape
+    hidden_states = torch.randn(rows, length, config["in_channels"], generator=generator)
+    features = torch.randn(rows, max(text_lengths), config["llm_features_dim"], generator=generator)
+    return dict(
+        hidden_states=hidden_states.to(device, dtype),
+        timestep=torch.tensor([timestep], device=device),
+        encoder_hidden_states=features.to(device, dtype),
+        position_ids=layout.position_ids.to(device),
+        segment_ids=None,
+        indicator=layout.indicator.to(device),
+        attention_mask=None if layout.attention_mask is None else layout.attention_mask.to(device),
+        return_dict=False,
+    )
+
+
 def tiny_prompt_enhancer_head(seed: int = 0):
     """A random LM head for the tiny text encoder: expansion decodes valid but meaningless captions with it."""
     from .prompt_expansion import Ideogram4PromptEnhancerHead

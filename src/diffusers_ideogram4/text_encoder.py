@@ -134,15 +134,11 @@ class Ideogram4TextEncoder(ComputeDtypeMixin, Qwen3VLPreTrainedModel):
         """Load strictly (`diffusers_ideogram4.loading`): a missing, stray or mis-shaped language-model weight raises
         and names the keys; the vision tower's weights are skipped. The fp8 release (float8 Linear weights with
         per-row `.weight_scale`) loads on one device and is dequantized at run time."""
-
-        def host(folder, dtype, **host_kwargs):
-            parent = super(Ideogram4TextEncoder, cls)
-            return parent.from_pretrained(folder, dtype=dtype, output_loading_info=True, **host_kwargs)
-
         return load_pretrained(
             pretrained_model_name_or_path,
             build_model=lambda folder: cls(Qwen3VLConfig.from_pretrained(folder)),
-            host_from_pretrained=host,
+            host_from_pretrained=super().from_pretrained,
+            host_dtype_argument="dtype",
             weights_name="model",
             hint="Expected a Qwen3-VL checkpoint (`text_encoder/` of an Ideogram 4 repo).",
             ignore=VISION_KEYS,

@@ -626,16 +626,10 @@ class Ideogram4Transformer2DModel(
         (`diffusers_ideogram4.loading`). Takes the arguments of diffusers' `ModelMixin.from_pretrained`
         (`LOADING_KWARGS`); the original layout and the fp8 release load on one device, without quantization config.
         """
-
-        def host(folder, dtype, **host_kwargs):
-            parent = super(Ideogram4Transformer2DModel, cls)
-            return parent.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True, **host_kwargs)
-
         return load_pretrained(
             pretrained_model_name_or_path,
             build_model=lambda folder: cls.from_config(cls.load_config(folder)),
-            host_from_pretrained=host,
-            weights_name="diffusion_pytorch_model",
+            host_from_pretrained=super().from_pretrained,
             hint="Expected an Ideogram 4 transformer (`transformer/` of an Ideogram 4 repo).",
             key_plan=original_key_plan,
             known_kwargs=LOADING_KWARGS,
