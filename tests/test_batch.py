@@ -28,7 +28,7 @@ from diffusers_ideogram4.batch import (
     read_jobs,
     read_manifest,
 )
-from diffusers_ideogram4.captions import CaptionWarning
+from diffusers_ideogram4.captions import CaptionWarning, check_caption, to_json
 from diffusers_ideogram4.cli import main
 from diffusers_ideogram4.files import UserFileError
 from diffusers_ideogram4.recipe import (
@@ -96,7 +96,7 @@ def test_every_bad_line_is_reported_with_its_number_and_field(tmp_path):
             {"caption": cap, "seed": 1.5},
             {"caption": cap, "seed": "7"},
             {"caption": {"compositional_deconstruction": {"elements": []}}},
-            {"idea": "a jazz poster"},
+            {"idea": 5},
             '{"caption": ',
             "[1, 2]",
             '{"caption": ' + json.dumps(CAPTION) + ', "seed": 1, "seed": 2}',
@@ -125,8 +125,7 @@ def test_every_bad_line_is_reported_with_its_number_and_field(tmp_path):
         'line 3: seed: must be an int from 0 to 18446744073709551615 (the initial noise\'s seed), got "7"',
         "line 4: caption.compositional_deconstruction.background: missing required key 'background' (The "
         "background of the image, as a phrase or sentence)",
-        "line 5: idea: job files take structured captions, ideas are not expanded here; expand it first with "
-        "`ideogram4 caption expand IDEA -o caption.json` and give that caption as `caption`",
+        "line 5: idea: must be a plain-text idea (a string), got 5",
         "line 6: not valid JSON (Expecting value at column 13)",
         'line 7: a job is a JSON object such as {"caption": {...}, "seed": 7}, got [1, 2]',
         "line 8: seed: given twice in one object; keep one",
@@ -144,7 +143,8 @@ def test_every_bad_line_is_reported_with_its_number_and_field(tmp_path):
         "line 16: not valid JSON (NaN is not JSON (numbers must be finite))",
         "line 17: caption: holds \\ud800, half of a surrogate pair, which is not text; fix that escape",
         "line 18: caption: must be a caption object or its JSON text, got 5",
-        "line 19: caption: missing; every job needs a `caption` (a caption object or its JSON text)",
+        "line 19: caption: missing; every job needs a `caption` (a caption object or its JSON text) or an `idea` "
+        "(plain text to expand into one)",
         "line 20: seed: must be an int from 0 to 18446744073709551615 (the initial noise's seed), got "
         "18446744073709551616",
         "line 22: seed: must be an int from 0 to 18446744073709551615 (the initial noise's seed), got true",
@@ -231,29 +231,29 @@ def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys, monke
     assert no_model == []
 
 
-def test_idea_lines_are_refused_with_the_command_that_expands_them(tmp_path, capsys, no_model):
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"idea": "a jazz poster that says JAZZ NIGHT", **SMALL}])
-    code, _, err = run_cli(capsys, "batch", jobs, "--out", tmp_path / "out", "--model", TINY_RANDOM)
-    assert code == 2
-    assert "line 1: idea: job files take structured captions, ideas are not expanded here; expand it first" in err
-
-
 def test_the_readme_job_file_and_manifest_agree(tmp_path):
     readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
     job_file, manifest = re.findall(r"```jsonl\n(.*?)```", readme, flags=re.S)
     job_list = read_jobs(write_jobs(tmp_path / "jobs.jsonl", job_file.splitlines()))
-    assert [(job.line, job.name, job.seeds) for job in job_list.jobs] == [
-        (1, "seaside", (1, 2, 3)),
-        (2, "hello", (10, 11)),
+    assert [(job.line, job.name, job.seeds, job.idea) for job in job_list.jobs] == [
+        (1, "seaside", (1, 2, 3), None),
+        (2, "hello", (10, 11), None),
+        (3, "jazz", (7,), "a jazz poster that says JAZZ NIGHT"),
     ]
-    assert [(problem.line, problem.field) for problem in job_list.problems] == [(3, "idea")]
+    assert [(problem.line, problem.field) for problem in job_list.problems] == [(4, "sed")]
     records = [json.loads(line) for line in manifest.splitlines()]
     assert [(r["status"], r["line"], r.get("file")) for r in records] == [
-        ("invalid", 3, None),
+        ("invalid", 4, None),
         *[("done", 1, f"seaside-{seed}.png") for seed in (1, 2, 3)],
         *[("done", 2, f"hello-{seed}.png") for seed in (10, 11)],
+        ("done", 3, "jazz-7.png"),
     ]
     assert records[0]["error"] == job_list.problems[0].text
+    assert "line 4: " + records[0]["error"] in readme  # the example error
+    # An idea's record holds the caption it was expanded into: valid, in canonical form.
+    assert [r for r in records if "caption" in r] == [records[-1]]
+    caption = records[-1]["caption"]
+    assert check_caption(caption) == [] and to_json(json.loads(caption)) == caption
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_skip_invalid_records_the_lines_and_makes_the_others(tmp_path, capsys):
     cap = caption_object()
     jobs = write_jobs(
         tmp_path / "jobs.jsonl",
-        [{"caption": cap, "seed": 1, **SMALL}, {"caption": cap, "seed": "one", **SMALL}, {"idea": "x"}],
+        [{"caption": cap, "seed": 1, **SMALL}, {"caption": cap, "seed": "one", **SMALL}, {"idea": ""}],
     )
     out = tmp_path / "out"
     code, printed, _ = run_cli(capsys, "batch", jobs, "--out", out, "--model", TINY_RANDOM, "--skip-invalid")

@@ -4,24 +4,29 @@ A job file is JSON Lines, one job per line (blank lines are allowed and skipped;
 
     {"caption": {...}, "seeds": [1, 2, 3], "height": 1024, "width": 768, "preset": "default_20", "name": "poster"}
 
-- `caption`: a structured caption object, or its JSON text (taken verbatim). `idea` (a plain-text idea) is refused
-  with the command that expands it into a caption first.
+- `caption`: a structured caption object, or its JSON text (taken verbatim); or `idea`, a plain-text idea that each
+  image expands into its own caption (`pipe.expand_prompt` with the image's seed and size) right before it is made,
+  as `pipe(idea, prompt_upsampling=True)` does: the image equals the one made from that caption with the same seed.
 - `seed` (default 0) with `num_images` (default 1) makes seeds seed, seed + 1, ...; or `seeds`, a list.
 - `height`, `width` (default 1024), `preset`, `steps`, `guidance_scale`: as in the pipeline call.
-- `name`: the images are `{name}-{seed}.png`; by default a hash of the caption and the settings, so that an edited or
-  reordered job file still finds the images it made before.
+- `name`: the images are `{name}-{seed}.png`; by default a hash of the caption (or idea) and the settings, so that an
+  edited or reordered job file still finds the images it made before.
 
-Every line is checked (captions with the caption checker, against the token limit once a tokenizer is at hand)
-before any model is loaded or any image generated; a bad line is reported with its number and field.
+Every line is checked (captions with the caption checker, against the token limit once a tokenizer is at hand; ideas
+as `expand_prompt` checks them, and llguidance present) before any model is loaded or any image generated; a bad line
+is reported with its number and field.
 
 The run (`generate_batch`): job order -> image list -> images already done and verified are skipped (the file opens
-and its recipe equals the job's; `force` regenerates them) -> the rest are grouped into batches of equal size,
-schedule and caption token count (such a batch needs no attention mask, and the pipeline gives each image the same
-bits alone or in a batch) -> the batches are split between the processes of `accelerate launch` with
+and its recipe equals the job's; for an idea, whose caption is known only once expanded, every recipe field but the
+caption: idea, seed, size, schedule, model, head and expansion settings; `force` regenerates them) -> the rest are
+grouped into batches of equal size, schedule and caption token count (such a batch needs no attention mask, and the
+pipeline gives each image the same bits alone or in a batch; an idea's image is a batch of its own, its token count
+being unknown until it is expanded) -> the batches are split between the processes of `accelerate launch` with
 `PartialState.split_between_processes`. Each process writes its own images (atomically, recipe inside); after every
 round of batches the results are gathered and process 0 appends them to `manifest.jsonl` (one JSON line per image:
-status done / failed / invalid, the error, the line number). The output folder must be one folder that every process
-sees (a shared file system when there are several machines), and one run uses it at a time.
+status done / failed / invalid, the error, the line number; the caption of an idea's image). The output folder must
+be one folder that every process sees (a shared file system when there are several machines), and one run uses it at
+a time.
 """
 
 import contextlib
@@ -46,9 +51,11 @@ from .captions import CaptionWarning, check_caption
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
 from .recipe import (
     DTYPES,
+    HeadSpec,
     ModelSpec,
     RecipeError,
     build_recipe,
+    expansion_record,
     pipeline_arguments,
     read_recipe,
     recipe_differences,
@@ -83,11 +90,6 @@ MAX_STEPS = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 DEFAULT_NAME_DIGITS = 12
 MAX_SHOWN_CHARS = 60
-# Job files take captions only: a plain-text idea is expanded beforehand (the batch command loads no LM head).
-IDEA_UNAVAILABLE = (
-    "job files take structured captions, ideas are not expanded here; expand it first with `ideogram4 caption "
-    "expand IDEA -o caption.json` and give that caption as `caption`"
-)
 CLI_SKIP_HINT = "Fix these lines, or pass --skip-invalid to record them in the manifest and generate the others."
 API_SKIP_HINT = "Fix these jobs, or pass skip_invalid=True to record them in the manifest and generate the others."
 
@@ -98,10 +100,11 @@ API_SKIP_HINT = "Fix these jobs, or pass skip_invalid=True to record them in the
 
 @dataclass(frozen=True)
 class Job:
-    """One valid line of a job file: a caption, its seeds and the settings they share."""
+    """One valid line of a job file: a caption (or an idea, when `caption` is None), its seeds and the settings they
+    share."""
 
     line: int
-    caption: str
+    caption: str | None
     seeds: tuple[int, ...]
     name: str
     height: int = DEFAULT_IMAGE_SIDE
@@ -109,6 +112,7 @@ class Job:
     preset: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    idea: str | None = None
 
     def file_name(self, seed: int) -> str:
         return f"{self.name}-{seed}.png"
@@ -149,7 +153,8 @@ class JobFileError(ValueError):
 class JobList:
     """The checked jobs of a file: the valid ones, the problems of the others, and the caption warnings.
 
-    `token_counts` (line -> tokens with the chat template) is filled by `check_token_limits`.
+    `token_counts` (line -> tokens of the caption with the chat template; jobs with a caption) is filled by
+    `check_token_limits`.
     """
 
     source: str
@@ -166,6 +171,11 @@ class JobList:
 
     def error(self, hint: str) -> JobFileError:
         return JobFileError(self.problems, self.source, hint)
+
+    @property
+    def idea_lines(self) -> list[int]:
+        """The lines of the valid jobs with an `idea`."""
+        return [job.line for job in self.jobs if job.idea is not None]
 
 
 def _line_list(lines: list[int]) -> str:
@@ -212,9 +222,10 @@ def _parse_object(text: str) -> tuple[object, list[str]]:
     return json.loads(text, object_pairs_hook=pairs, parse_constant=_refuse_constant), repeated
 
 
-def _default_name(caption: str, settings: dict) -> str:
-    """A stable name from what the image shows (caption, size, sampler settings), seeds excluded."""
-    text = json.dumps({"caption": caption, **settings}, sort_keys=True, ensure_ascii=False)
+def _default_name(prompt: dict, settings: dict) -> str:
+    """A stable name from what the image shows (`{"caption": ...}` or `{"idea": ...}`, size, sampler settings), seeds
+    excluded."""
+    text = json.dumps({**prompt, **settings}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DEFAULT_NAME_DIGITS]
 
 
@@ -238,16 +249,48 @@ class _LineChecker:
             return default
         return value
 
-    def caption(self) -> str | None:
+    def prompt(self) -> dict:
+        """`{"caption": text}` or `{"idea": text}` when the line's prompt is valid, else {}."""
         has_caption, has_idea = "caption" in self.job, "idea" in self.job
+        if has_caption and has_idea:
+            self.problem("idea", "give `caption` (a structured caption) or `idea` (plain text to expand), not both")
+            return {}
         if has_idea:
-            self.problem(
-                "idea", IDEA_UNAVAILABLE + ("; and give `caption` or `idea`, not both" if has_caption else "")
-            )
+            idea = self.idea()
+            return {} if idea is None else {"idea": idea}
         if not has_caption:
-            if not has_idea:
-                self.problem("caption", "missing; every job needs a `caption` (a caption object or its JSON text)")
+            self.problem(
+                "caption",
+                "missing; every job needs a `caption` (a caption object or its JSON text) or an `idea` (plain text "
+                "to expand into one)",
+            )
+            return {}
+        caption = self.caption()
+        return {} if caption is None else {"caption": caption}
+
+    def is_text(self, name: str, text: str) -> bool:
+        """False (and a problem) when `text` holds half of a surrogate pair, which JSON can escape but is no text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = text[error.start : error.end].encode("unicode_escape").decode("ascii")
+            self.problem(name, f"holds {bad}, half of a surrogate pair, which is not text; fix that escape")
+            return False
+        return True
+
+    def idea(self) -> str | None:
+        """A plain-text idea, checked as `expand_prompt` checks it (a string; the size is checked with the job's), and
+        not blank: in a job file an empty idea is a field left unfilled."""
+        value = self.job["idea"]
+        if not isinstance(value, str):
+            self.problem("idea", f"must be a plain-text idea (a string), got {_show(value)}")
             return None
+        if not value.strip():
+            self.problem("idea", f"is empty ({_show(value)}); write what the image should show, in plain text")
+            return None
+        return value if self.is_text("idea", value) else None
+
+    def caption(self) -> str | None:
         value = self.job["caption"]
         if isinstance(value, dict):
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -256,11 +299,7 @@ class _LineChecker:
         else:
             self.problem("caption", f"must be a caption object or its JSON text, got {_show(value)}")
             return None
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            bad = text[error.start : error.end].encode("unicode_escape").decode("ascii")
-            self.problem("caption", f"holds {bad}, half of a surrogate pair, which is not text; fix that escape")
+        if not self.is_text("caption", text):
             return None
         for issue in check_caption(text):
             where = "caption" if issue.path == "$" else f"caption.{issue.path}"
@@ -320,9 +359,9 @@ class _LineChecker:
                 self.problem("guidance_scale", f"must be a finite number, got {_show(self.job['guidance_scale'])}")
         return preset, steps, guidance
 
-    def name(self, caption: str | None, settings: dict) -> str:
+    def name(self, prompt: dict, settings: dict) -> str:
         if "name" not in self.job:
-            return _default_name(caption or "", settings)
+            return _default_name(prompt, settings)
         name = self.job["name"]
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             self.problem(
@@ -344,15 +383,15 @@ def check_job(line: int, job) -> tuple[Job | None, list[JobProblem], list[JobPro
             close = difflib.get_close_matches(str(key), JOB_FIELDS, n=1)
             hint = f"did you mean `{close[0]}`? " if close else ""
             checker.problem(str(key), f"unknown field; {hint}a job has {', '.join(JOB_FIELDS)}")
-    caption = checker.caption()
+    prompt = checker.prompt()
     seeds = checker.seeds()
     height, width = checker.size("height"), checker.size("width")
     preset, steps, guidance = checker.sampler()
     settings = {"height": height, "width": width, "preset": preset, "steps": steps, "guidance_scale": guidance}
-    name = checker.name(caption, settings)
+    name = checker.name(prompt, settings)
     if checker.problems:
         return None, checker.problems, checker.notes
-    job = Job(line, caption, seeds, name, height, width, preset, steps, guidance)
+    job = Job(line, prompt.get("caption"), seeds, name, height, width, preset, steps, guidance, prompt.get("idea"))
     return job, [], checker.notes
 
 
@@ -437,10 +476,13 @@ def read_jobs(source) -> JobList:
 
 
 def check_token_limits(job_list: JobList, tokenizer) -> None:
-    """Count every caption's tokens (chat template included) and reject the lines over the model's limit."""
+    """Count every caption's tokens (chat template included) and reject the lines over the model's limit. (An idea's
+    caption is known only once expanded; the expansion refuses one over the limit.)"""
     from .text_encoder import tokenize_prompt
 
-    counts = {job.line: len(tokenize_prompt(tokenizer, job.caption)) for job in job_list.jobs}
+    counts = {
+        job.line: len(tokenize_prompt(tokenizer, job.caption)) for job in job_list.jobs if job.caption is not None
+    }
     job_list.token_counts = counts
     job_list.reject(
         [
@@ -454,6 +496,47 @@ def check_token_limits(job_list: JobList, tokenizer) -> None:
             if count > MAX_TEXT_TOKENS
         ]
     )
+
+
+def check_expansion_available(job_list: JobList) -> None:
+    """Jobs with an `idea` need llguidance (the `expand` extra): refused before any model is loaded when it is
+    missing, naming the lines."""
+    from .captions.grammar import require_llguidance
+
+    lines = job_list.idea_lines
+    if not lines:
+        return
+    try:
+        require_llguidance()
+    except ImportError as error:
+        one = len(lines) == 1
+        raise ValueError(
+            f"{job_list.source}: {_line_list(lines)} {'has' if one else 'have'} an `idea` to expand into a caption. "
+            f"{error} (or give {'that line' if one else 'those lines'} a `caption` instead)"
+        ) from None
+
+
+def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> dict:
+    """`generate_batch`'s `expansion_kwargs` (keys among `temperature`, `max_new_tokens`, `limits`, as the
+    pipeline's `prompt_upsampling_kwargs`) checked, with the defaults filled in; refused when no job has an idea."""
+    from .prompt_expansion import DEFAULT_TEMPERATURE, EXPANSION_OPTIONS, check_expansion_arguments
+
+    if expansion_kwargs is None:
+        expansion_kwargs = {}
+    elif not job_list.idea_lines:
+        raise ValueError(
+            f"`expansion_kwargs` applies to jobs with an `idea`, and {job_list.source} has none; drop it."
+        )
+    unknown = sorted(set(expansion_kwargs) - set(EXPANSION_OPTIONS)) if isinstance(expansion_kwargs, dict) else None
+    if unknown is None or unknown:
+        raise ValueError(
+            f"`expansion_kwargs` must be a dict with keys among {list(EXPANSION_OPTIONS)} (the options of "
+            f"`expand_prompt`), got {expansion_kwargs!r}."
+        )
+    options = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None, **expansion_kwargs}
+    temperature, max_new_tokens, limits = options["temperature"], options["max_new_tokens"], options["limits"]
+    check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, temperature, max_new_tokens, limits)
+    return options
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -594,8 +677,8 @@ class ImageTask:
     job: Job
     seed: int
     file: str
-    recipe: dict
-    group: tuple  # what one pipeline call shares: size, schedule, caption token count
+    recipe: dict  # for an idea, without its caption (None until expanded)
+    group: tuple  # what one pipeline call shares: size, schedule, caption token count; for an idea, the task alone
 
 
 @dataclass
@@ -635,8 +718,8 @@ class BatchResult:
         return lines
 
 
-def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
-    """The model the recipes name; the pipeline's own dtype and LoRAs must agree with it."""
+def _model_of(pipe, model: ModelSpec | None, ideas: bool) -> ModelSpec:
+    """The model the recipes name; the pipeline's own dtype, LoRAs and (for jobs with ideas) head agree with it."""
     import torch
 
     from .schedulers import is_reference_sampler
@@ -664,6 +747,13 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
     dtype = {getattr(torch, name): key for key, name in DTYPES.items()}.get(pipe.transformer.dtype)
     adapters = {name for names in pipe.get_list_adapters().values() for name in names}
     adapters.discard(getattr(pipe, "unconditional_adapter", None))  # named by model.unconditional_lora, checked above
+    head = getattr(pipe, "prompt_enhancer_head", None)
+    if ideas and head is None:
+        raise ValueError(
+            "Jobs with an `idea` are expanded by the pipeline's optional `prompt_enhancer_head` (Qwen3-VL-8B-Instruct's"
+            " LM head), which this pipeline does not have. Load it with the model: "
+            "`ModelSpec.from_options(model_id, head=HEAD_REPO).load_pipeline(device)` (`--head` on the command line)."
+        )
     if model is None:
         if not pipe.name_or_path:
             raise ValueError(
@@ -671,7 +761,14 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
                 "not name its weights. Pass `model=ModelSpec(...)` (e.g. ModelSpec('tiny-random', seed=0, "
                 "dtype='fp32'))."
             )
-        model = ModelSpec(pipe.name_or_path, None, dtype or str(pipe.transformer.dtype))
+        head_path = head.config.get("_name_or_path") if ideas else None
+        head_spec = HeadSpec(head_path) if head_path else None  # loaded with from_pretrained: its folder or repo
+        model = ModelSpec(pipe.name_or_path, None, dtype or str(pipe.transformer.dtype), head=head_spec)
+    if ideas and model.head is None:
+        raise ValueError(
+            "Jobs with an `idea` record the prompt-enhancer head that expanded them, but `model` names none. Pass "
+            "`model=ModelSpec(..., head=HeadSpec(...))` (or `ModelSpec.from_options(..., head=HEAD_REPO)`)."
+        )
     if dtype is not None and model.dtype != dtype:
         raise ValueError(f"`model.dtype={model.dtype!r}` but the pipeline's transformer runs in {dtype}.")
     if len(adapters) != len(model.loras):
@@ -682,9 +779,13 @@ def _model_of(pipe, model: ModelSpec | None) -> ModelSpec:
     return model
 
 
-def plan_images(pipe, job_list: JobList, model: ModelSpec, device_type: str) -> list[ImageTask]:
-    """Every image of the valid jobs, in job order then seed order, with its recipe. Jobs whose settings the
-    pipeline refuses (e.g. guidance on a CFG-distilled checkpoint) are moved to the invalid ones."""
+def plan_images(
+    pipe, job_list: JobList, model: ModelSpec, device_type: str, expansion: dict | None = None
+) -> list[ImageTask]:
+    """Every image of the valid jobs, in job order then seed order, with its recipe (for an idea, without its
+    caption; `expansion` holds the checked `expansion_kwargs`). Jobs whose settings the pipeline refuses (e.g.
+    guidance on a CFG-distilled checkpoint) are moved to the invalid ones."""
+    expansion = check_expansion_kwargs(job_list, None) if expansion is None else expansion
     tasks, refused = [], []
     for job in list(job_list.jobs):
         try:
@@ -692,20 +793,27 @@ def plan_images(pipe, job_list: JobList, model: ModelSpec, device_type: str) -> 
         except ValueError as error:
             refused.append(JobProblem(job.line, "", str(error)))
             continue
-        tokens = job_list.token_counts[job.line]
+        record = None
+        if job.idea is not None:
+            record = expansion_record(job.idea, model.head, expansion["temperature"], expansion["limits"])
         for seed in job.seeds:
-            recipe = build_recipe(job.caption, seed, job.height, job.width, sampling, model, device_type)
-            group = (job.height, job.width, tokens, json.dumps(pipeline_arguments(recipe), sort_keys=True))
+            recipe = build_recipe(job.caption, seed, job.height, job.width, sampling, model, device_type, record)
+            if job.idea is None:
+                tokens = job_list.token_counts[job.line]
+                group = (job.height, job.width, tokens, json.dumps(pipeline_arguments(recipe), sort_keys=True))
+            else:
+                group = ("idea", len(tasks))  # alone: its caption's token count is known only once expanded
             tasks.append(ImageTask(len(tasks), job, seed, job.file_name(seed), recipe, group))
     job_list.reject(refused)
     lines = {job.line for job in job_list.jobs}
     return [task for task in tasks if task.job.line in lines]
 
 
-def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[int], dict[int, str]]:
-    """(indices of the tasks to generate, why an existing file is to be replaced). A task is done when its file
-    opens completely and holds the task's recipe."""
-    pending, replaced = [], {}
+def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[int], dict[int, str], dict[int, str]]:
+    """(indices of the tasks to generate, why an existing file is to be replaced, the captions of the ideas' images
+    that are done). A task is done when its file opens completely and holds the task's recipe; an idea's image
+    when it holds every field of it but the caption, which is known only once the idea is expanded."""
+    pending, replaced, captions = [], {}, {}
     for task in tasks:
         path = out_dir / task.file
         if not path.exists():
@@ -716,15 +824,19 @@ def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[
             replaced[task.index] = "--force"
             continue
         try:
-            differences = recipe_differences(read_recipe(path), task.recipe)
+            found = read_recipe(path)
         except RecipeError as error:
             pending.append(task.index)
             replaced[task.index] = f"unreadable: {error}"
             continue
+        wanted = task.recipe if task.job.idea is None else {**task.recipe, "caption": found["caption"]}
+        differences = recipe_differences(found, wanted)
         if differences:
             pending.append(task.index)
             replaced[task.index] = f"recipe differs in {', '.join(differences)}"
-    return pending, replaced
+        elif task.job.idea is not None:
+            captions[task.index] = found["caption"]
+    return pending, replaced, captions
 
 
 def make_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
@@ -735,30 +847,51 @@ def make_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask
     return [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
 
 
-def _record(task: ImageTask, status: str) -> dict:
-    return {"status": status, "line": task.job.line, "name": task.job.name, "seed": task.seed, "file": task.file}
+def _record(task: ImageTask, status: str, caption: str | None = None, **fields) -> dict:
+    """A manifest record of an image; `caption` for an idea's image, the caption it was expanded into."""
+    record = {"status": status, "line": task.job.line, "name": task.job.name, "seed": task.seed, "file": task.file}
+    return {**record, **fields, **({} if caption is None else {"caption": caption})}
 
 
-def run_batch(pipe, batch: list[ImageTask], out_dir: Path, rank: int, replaced: dict[int, str]) -> list[dict]:
-    """One pipeline call for the batch, then each image written with its recipe. Returns one record per image."""
+def expand_idea(pipe, task: ImageTask, expansion: dict) -> str:
+    """The caption of an idea's image: `expand_prompt` seeded by a generator of its own in the state the image's
+    noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so that the image equals the one
+    made from the caption with the same seed."""
+    return pipe.expand_prompt(
+        task.job.idea,
+        height=task.job.height,
+        width=task.job.width,
+        generator=seeded_generator(task.seed),
+        **expansion,
+    )
+
+
+def run_batch(
+    pipe, batch: list[ImageTask], out_dir: Path, rank: int, replaced: dict[int, str], expansion: dict | None = None
+) -> list[dict]:
+    """One pipeline call for the batch (an idea's image, alone, expanded first), then each image written with its
+    recipe. Returns one record per image."""
     started = time.perf_counter()
-    first = batch[0].recipe
+    recipes = [task.recipe for task in batch]
     try:
+        if batch[0].job.idea is not None:
+            recipes = [{**batch[0].recipe, "caption": expand_idea(pipe, batch[0], expansion)}]
         images = pipe(
-            [task.recipe["caption"] for task in batch],
+            [recipe["caption"] for recipe in recipes],
             generator=[seeded_generator(task.seed) for task in batch],
-            caption_check="off",  # checked with the job file
-            **pipeline_arguments(first),
+            caption_check="off",  # checked with the job file, or valid by construction (an expanded idea)
+            **pipeline_arguments(recipes[0]),
         ).images
-        for task, image in zip(batch, images):
-            write_png(image, out_dir / task.file, task.recipe)
+        for task, image, recipe in zip(batch, images, recipes):
+            write_png(image, out_dir / task.file, recipe)
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         return [{**_record(task, "failed"), "error": message, "rank": rank} for task in batch]
     seconds = round((time.perf_counter() - started) / len(batch), 3)
     records = []
-    for task in batch:
-        record = {**_record(task, "done"), "generated": True, "rank": rank, "seconds": seconds}
+    for task, recipe in zip(batch, recipes):
+        caption = recipe["caption"] if task.job.idea is not None else None
+        record = _record(task, "done", caption, generated=True, rank=rank, seconds=seconds)
         if task.index in replaced:
             record["replaced"] = replaced[task.index]
         records.append(record)
@@ -779,6 +912,7 @@ def generate_batch(
     skip_invalid: bool = False,
     force: bool = False,
     progress: bool = True,
+    expansion_kwargs: dict | None = None,
 ) -> BatchResult:
     r"""
     Generate every image of a job file into `out_dir`, resumably; under `accelerate launch`, split between processes.
@@ -787,15 +921,20 @@ def generate_batch(
         pipe (`Ideogram4Pipeline`): the loaded pipeline, placed on this process's device.
         jobs: a JSON Lines file path, a list of job dicts (numbered from 1 like lines), or a `JobList`.
         out_dir: folder for the images and `manifest.jsonl`; created if missing.
-        model (`ModelSpec`, *optional*): what the images' recipes name as the model (id, revision, dtype, LoRAs).
+        model (`ModelSpec`, *optional*): what the images' recipes name as the model (id, revision, dtype, LoRAs) and,
+            for jobs with an `idea`, the prompt-enhancer head (`head`) the pipeline holds as `prompt_enhancer_head`.
             Default: the pipeline's `name_or_path` with no revision; required for pipelines not loaded with
             `from_pretrained`. Must list every LoRA adapter the pipeline holds.
         batch_size (`int`, defaults to 1): images per pipeline call, among images of the same size, schedule and
-            caption token count. An image has the same bits at any batch size (measured on the CPU).
+            caption token count. An image has the same bits at any batch size (measured on the CPU). An idea's
+            image is made alone (its caption's token count is known only once expanded).
         skip_invalid (`bool`): record invalid lines in the manifest and generate the others, instead of raising
             `JobFileError` before anything is generated.
         force (`bool`): regenerate images that are already done.
         progress (`bool`): one progress bar (process 0) over all images of all processes.
+        expansion_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens`, `limits` for expanding the ideas, as
+            in `expand_prompt` (its defaults otherwise); the temperature and limits are recorded in the recipes.
+            Only for job lists with an idea. Needs llguidance (`pip install "diffusers-ideogram4[expand]"`).
 
     Returns:
         `BatchResult` (the same on every process): counts, failed records, invalid lines, per-process timing.
@@ -803,11 +942,13 @@ def generate_batch(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     out_dir = check_out_dir(out_dir)
-    model = _model_of(pipe, model)
     job_list = jobs if isinstance(jobs, JobList) else read_jobs(jobs)
+    expansion = check_expansion_kwargs(job_list, expansion_kwargs)
+    check_expansion_available(job_list)
+    model = _model_of(pipe, model, ideas=bool(job_list.idea_lines))
     if job_list.token_counts is None:
         check_token_limits(job_list, pipe.tokenizer)
-    tasks = plan_images(pipe, job_list, model, pipe._execution_device.type)
+    tasks = plan_images(pipe, job_list, model, pipe._execution_device.type, expansion)
     if job_list.problems and not skip_invalid:
         raise job_list.error(API_SKIP_HINT)
 
@@ -827,7 +968,9 @@ def generate_batch(
         pending, replaced, error = broadcast_object_list(plan)
         if error is not None:
             raise ValueError(error)
-        return _generate(pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest)
+        return _generate(
+            pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest, expansion
+        )
 
 
 def _start(job_list: JobList, tasks: list[ImageTask], out_dir: Path, force: bool, manifest: Manifest) -> tuple:
@@ -849,13 +992,21 @@ def _start(job_list: JobList, tasks: list[ImageTask], out_dir: Path, force: bool
             for line, found in by_line.items()
         ]
     )
-    pending, replaced = scan_done(tasks, out_dir, force)
+    pending, replaced, captions = scan_done(tasks, out_dir, force)
     waiting = set(pending)
-    manifest.append([{**_record(task, "done"), "generated": False} for task in tasks if task.index not in waiting])
+    manifest.append(
+        [
+            _record(task, "done", generated=False, caption=captions.get(task.index))
+            for task in tasks
+            if task.index not in waiting
+        ]
+    )
     return pending, replaced
 
 
-def _generate(pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest) -> BatchResult:
+def _generate(
+    pipe, tasks, pending, replaced, job_list, out_dir, batch_size, progress, state, manifest, expansion
+) -> BatchResult:
     """Every process: its share of the batches, in rounds; after each round the records are gathered and process 0
     appends them to the manifest and moves the progress bar."""
     main = state.is_main_process
@@ -874,7 +1025,7 @@ def _generate(pipe, tasks, pending, replaced, job_list, out_dir, batch_size, pro
             begun = time.perf_counter()
             done_now = []
             if round_index < len(mine):
-                done_now = run_batch(pipe, mine[round_index], out_dir, state.process_index, replaced)
+                done_now = run_batch(pipe, mine[round_index], out_dir, state.process_index, replaced, expansion)
             busy += time.perf_counter() - begun
             gathered = gather_object(done_now)
             records += gathered
@@ -928,7 +1079,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 __all__ = [
     "BatchResult",
-    "IDEA_UNAVAILABLE",
     "ImageTask",
     "Job",
     "JobFileError",
@@ -936,6 +1086,8 @@ __all__ = [
     "JobProblem",
     "MANIFEST_NAME",
     "Manifest",
+    "check_expansion_available",
+    "check_expansion_kwargs",
     "check_job",
     "check_out_dir",
     "check_token_limits",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
-from .captions.cli import add_caption_commands
+from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
@@ -32,12 +32,14 @@ def read_caption(value: str) -> str:
         raise ValueError(
             f"caption {value!r} is neither a file nor JSON text: pass a caption file, '-' for stdin, or the JSON "
             "caption itself (starting with '{'). To turn an idea into a caption, run "
-            '`ideogram4 caption expand "idea" -o caption.json` first.'
+            '`ideogram4 caption expand "idea" -o caption.json` first (or `ideogram4 generate "idea" --idea`).'
         )
     # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
     return read_text(value).rstrip("\n")
 
 
+# The options of `add_expansion_options`, as argparse names them.
+EXPANSION_ARGUMENTS = ("temperature", "max_elements", "max_chars")
 # torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -59,20 +61,22 @@ def check_generate_arguments(args) -> None:
     check_model_argument(args.model)
 
 
-def check_model_argument(model: str) -> None:
-    """`--model` is a folder, a hub repo id, or `tiny-random`; a path that does not exist is not taken for a repo id."""
+def check_model_argument(model: str, option: str = "--model") -> None:
+    """`--model` is a folder, a hub repo id, or `tiny-random`; a path that does not exist is not taken for a repo id.
+    (`--head` likewise.)"""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(model)
     if model == TINY_RANDOM or path.is_dir():
         return
     if path.exists():
-        raise ValueError(f"--model {model} is a file: give the model's folder (with model_index.json) or a hub id.")
+        what = "model's folder (with model_index.json)" if option == "--model" else "folder"
+        raise ValueError(f"{option} {model} is a file: give the {what} or a hub id.")
     try:
         validate_repo_id(model)
     except HFValidationError:
         raise ValueError(
-            f"--model {model}: there is no such folder, and it is not a hub repo id (owner/name) either."
+            f"{option} {model}: there is no such folder, and it is not a hub repo id (owner/name) either."
         ) from None
 
 
@@ -113,10 +117,11 @@ def load_pipeline(model, device, offload: bool):
         raise ValueError(f"cannot load --model {model.id}: {str(error).splitlines()[0]}") from None
 
 
-def load_image_model(args, device):
-    """-> (the `ModelSpec` of `--model`, its pipeline loaded with `load_pipeline`), saying so when its weights are
-    random (`generate` and `edit`, whose seed also seeds the tiny model's weights)."""
-    model = model_spec(args, tiny_seed=args.seed)
+def load_image_model(args, device, head=None):
+    """-> (the `ModelSpec` of `--model` (with the prompt-enhancer `head` when given), its pipeline loaded with
+    `load_pipeline`), saying so when its weights are random (`generate` and `edit`, whose seed also seeds the tiny
+    model's weights)."""
+    model = model_spec(args, tiny_seed=args.seed, head=head)
     pipe = load_pipeline(model, device, args.offload)
     if model.id == TINY_RANDOM:
         print(f"Using a tiny model with RANDOM weights: the image at {args.output} is noise, not a picture.")
@@ -125,7 +130,9 @@ def load_image_model(args, device):
 
 def add_generate_command(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="Generate a PNG from a JSON caption.")
-    parser.add_argument("caption", help="caption JSON file, '-' for stdin, or the JSON text itself")
+    parser.add_argument(
+        "caption", help="caption JSON file, '-' for stdin, or the JSON text itself (with --idea: a plain-text idea)"
+    )
     parser.add_argument(
         "-o",
         "--output",
@@ -134,8 +141,15 @@ def add_generate_command(subparsers) -> None:
     )
     parser.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIDE)
     parser.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIDE)
+    parser.add_argument(
+        "--idea",
+        action="store_true",
+        help="CAPTION is a plain-text idea: expand it into a caption first, seeded by --seed (loads the "
+        'prompt-enhancer head; needs `pip install "diffusers-ideogram4[expand]"`)',
+    )
     add_sampling_options(parser)
     add_model_options(parser, tiny_seed="--seed")
+    add_idea_options(parser, "--idea")
     parser.set_defaults(func=run_generate)
 
 
@@ -159,18 +173,41 @@ def checked_caption(args, caption: str) -> str:
 
 def run_generate(args) -> int:
 
-    from .recipe import build_recipe, pipeline_arguments, resolve_sampling, seeded_generator, write_png
+    from .recipe import (
+        build_recipe,
+        expansion_record,
+        pipeline_arguments,
+        resolve_sampling,
+        seeded_generator,
+        write_png,
+    )
     from .validation import check_image_size
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
-    caption = read_caption(args.caption)
+    idea = caption = None
+    if args.idea:
+        idea = read_text(STDIN).rstrip("\n") if args.caption == STDIN else args.caption
+    else:
+        caption = read_caption(args.caption)
     check_image_size(args.height, args.width)
     check_generate_arguments(args)
+    expansion = idea_options(args, needed=args.idea, unused="without --idea, nothing is expanded")
+    if args.idea:
+        check_idea(idea, args, expansion)
     device = resolve_device(args.device)
-    checked_caption(args, caption)
-    model, pipe = load_image_model(args, device)
+    if not args.idea:
+        checked_caption(args, caption)
+    model, pipe = load_image_model(args, device, head=head_argument(args) if args.idea else None)
     sampling = resolve_sampling(pipe, args.preset, args.steps, args.guidance_scale)
-    recipe = build_recipe(caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type)
+    record = None
+    if args.idea:  # seeded as `pipe(idea, prompt_upsampling=True)` seeds it: the image is that of the caption
+        caption = pipe.expand_prompt(
+            idea, height=args.height, width=args.width, generator=seeded_generator(args.seed), **expansion
+        )
+        record = expansion_record(idea, model.head, expansion["temperature"], expansion["limits"])
+    recipe = build_recipe(
+        caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type, record
+    )
     image = pipe(
         caption,
         generator=seeded_generator(args.seed),
@@ -182,6 +219,8 @@ def run_generate(args) -> int:
     else:
         save_image(image, args.output)  # encoded in memory, then written completely or not at all
     print(f"Wrote {args.output} ({image.width}x{image.height}, seed {args.seed}).")
+    if args.idea:
+        print(f"Caption: {caption}")
     return 0
 
 
@@ -322,7 +361,7 @@ def add_model_options(parser, tiny_seed: str) -> None:
     add_device_options(parser)
 
 
-def model_spec(args, tiny_seed: int):
+def model_spec(args, tiny_seed: int, head: str | None = None):
     from .recipe import ModelSpec
 
     return ModelSpec.from_options(
@@ -332,7 +371,76 @@ def model_spec(args, tiny_seed: int):
         args.lora,
         tiny_seed=tiny_seed,
         unconditional_lora=args.unconditional_lora,
+        head=head,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ideas: `generate --idea` and the `idea` jobs of `batch`
+
+
+def add_idea_options(parser, when: str) -> None:
+    """The head and the expansion settings, used only `when` there is an idea to expand."""
+    from .prompt_expansion import HEAD_REPO
+
+    parser.add_argument(
+        "--head",
+        default=None,
+        help=f"hub id or folder of the prompt-enhancer head, loaded only {when} (default: {HEAD_REPO}; "
+        f"{TINY_RANDOM} builds its own)",
+    )
+    add_expansion_options(parser)
+
+
+def idea_options(args, needed: bool, unused: str) -> dict:
+    """`--temperature`, `--max-elements`, `--max-chars` as `expand_prompt` keywords (its defaults filled in);
+    refused, like `--head`, when nothing is expanded (`unused` says why)."""
+    from .prompt_expansion import DEFAULT_TEMPERATURE
+
+    given = [
+        f"--{name.replace('_', '-')}" for name in ("head", *EXPANSION_ARGUMENTS) if getattr(args, name) is not None
+    ]
+    if given and not needed:
+        raise ValueError(f"{' and '.join(given)}: {unused}; drop {'it' if len(given) == 1 else 'them'}.")
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    return {"temperature": temperature, "limits": expansion_limits(args)}
+
+
+def head_argument(args) -> str:
+    """`--head` as `ModelSpec.from_options` takes it: the tiny random head with the tiny model."""
+    from .prompt_expansion import HEAD_REPO
+
+    if args.model == TINY_RANDOM:
+        if args.head is not None:
+            raise ValueError(
+                f"--head does nothing with --model {TINY_RANDOM} (it builds its own random head); drop it."
+            )
+        return TINY_RANDOM
+    if args.head is not None:
+        check_model_argument(args.head, "--head")
+    return args.head or HEAD_REPO
+
+
+def require_expansion(what: str) -> None:
+    """llguidance, or a ValueError (one line on the command line) saying how to install it."""
+    from .captions.grammar import require_llguidance
+
+    try:
+        require_llguidance()
+    except ImportError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
+def check_idea(idea: str, args, expansion: dict) -> None:
+    """`generate --idea`: the idea and the expansion settings as `expand_prompt` checks them, and llguidance."""
+    from .prompt_expansion import check_expansion_arguments
+
+    if args.caption_check != "error":
+        raise ValueError(
+            f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
+        )
+    check_expansion_arguments(idea, args.height, args.width, None, expansion["temperature"], None, expansion["limits"])
+    require_expansion("--idea")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -357,11 +465,21 @@ def add_batch_command(subparsers) -> None:
     )
     parser.add_argument("--force", action="store_true", help="regenerate images that are already done")
     add_model_options(parser, tiny_seed="0")
+    add_idea_options(parser, "when the job file has an `idea` line")
     parser.set_defaults(func=run_batch)
 
 
 def run_batch(args) -> int:
-    from .batch import CLI_SKIP_HINT, check_out_dir, check_token_limits, generate_batch, process_state, read_jobs
+    from .batch import (
+        CLI_SKIP_HINT,
+        check_expansion_available,
+        check_expansion_kwargs,
+        check_out_dir,
+        check_token_limits,
+        generate_batch,
+        process_state,
+        read_jobs,
+    )
 
     state = process_state()
     try:
@@ -378,7 +496,11 @@ def run_batch(args) -> int:
         jobs = read_jobs(args.jobs)
         if jobs.problems and not args.skip_invalid:
             raise jobs.error(CLI_SKIP_HINT)
-        model = model_spec(args, tiny_seed=0)
+        ideas = bool(jobs.idea_lines)
+        expansion = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
+        expansion = check_expansion_kwargs(jobs, expansion if ideas else None)
+        check_expansion_available(jobs)
+        model = model_spec(args, tiny_seed=0, head=head_argument(args) if ideas else None)
         check_token_limits(jobs, model.load_tokenizer())  # before the weights
         if jobs.problems and not args.skip_invalid:
             raise jobs.error(CLI_SKIP_HINT)
@@ -393,6 +515,7 @@ def run_batch(args) -> int:
             batch_size=args.batch_size,
             skip_invalid=args.skip_invalid,
             force=args.force,
+            expansion_kwargs=expansion if ideas else None,
         )
     except ValueError:
         if not state.is_main_process:  # every process finds the same error; one prints it

@@ -14,6 +14,15 @@ Every key but `made_with` decides the pixels (`recipe_identity`); `made_with` sa
 values are stored resolved (the preset's guidance schedule, mu and std written out), so a later change of a preset
 does not change what a recipe means. The initial noise comes from a CPU `torch.Generator` seeded with `seed`, the same
 numbers on every device.
+
+An image made from a plain-text idea (a batch job's `idea`, `generate --idea`) also records how its caption was made:
+
+    "expansion": {"idea": "a jazz poster", "head": {"id": "diffusers/qwen3-vl-8b-instruct-lm-head",
+                  "revision": "<commit>"}, "instruction": 1, "temperature": 0.7,
+                  "limits": {"description_chars": 400, ...}}
+
+`caption` is then the expanded caption, so `reproduce` makes the image from it without the head; the prompt-enhancer
+head makes captions, not pixels, and is therefore named here and not in `model`.
 """
 
 import hashlib
@@ -21,7 +30,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -50,6 +59,7 @@ RECIPE_KEYS = (
     "made_with",
 )
 PROVENANCE_KEY = "made_with"
+EXPANSION_KEY = "expansion"  # only in the recipes of images made from an idea
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # `.{final name}.{8 hex}.tmp` beside the final file: hidden, and never taken for an image.
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
@@ -108,6 +118,41 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """The prompt-enhancer head (Qwen3-VL-8B-Instruct's LM head) that expands ideas into captions: a hub repo (at a
+    commit), a local folder (absolute path), or "tiny-random" (the tiny random head, seeded like the tiny model)."""
+
+    id: str
+    revision: str | None = None
+
+    @classmethod
+    def from_option(cls, head: str, model: str, option: str = "--head") -> "HeadSpec":
+        """`--head`, resolved: a folder's absolute path, or the hub repo's commit on its main branch."""
+        if (head == TINY_RANDOM) != (model == TINY_RANDOM):
+            if model == TINY_RANDOM:
+                raise ValueError(
+                    f"{option} {head!r} does nothing with --model {TINY_RANDOM} (it builds its own random head); "
+                    "drop it."
+                )
+            raise ValueError(f"{option} {TINY_RANDOM} goes with --model {TINY_RANDOM} only; give the head's hub id.")
+        if head == TINY_RANDOM:
+            return cls(TINY_RANDOM)
+        if os.path.isdir(head):
+            return cls(os.path.abspath(head))
+        return cls(head, resolve_revision(head, None, "config.json"))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "revision": self.revision}
+
+    def load(self, torch_dtype):
+        """The head, strictly loaded (a hub head at the recorded commit)."""
+        from .prompt_expansion import Ideogram4PromptEnhancerHead
+
+        location = {} if self.revision is None else {"revision": self.revision}
+        return Ideogram4PromptEnhancerHead.from_pretrained(self.id, dtype=torch_dtype, **location)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Which weights make the images: a hub repo (at a commit), a local folder, or the tiny random model.
 
@@ -120,6 +165,9 @@ class ModelSpec:
         loras: LoRA files loaded into the pipeline, in order, with their scales.
         unconditional_lora: single-transformer mode: the LoRA that turns `transformer` into the unconditional branch
             (the pipeline is then loaded without its `unconditional_transformer`).
+        head: the prompt-enhancer head to load for expanding ideas (None: no head). It makes captions, not pixels:
+            `to_dict` (a recipe's `model`) leaves it out, and the recipes of images made from ideas name it in their
+            `expansion`.
     """
 
     id: str
@@ -128,32 +176,37 @@ class ModelSpec:
     seed: int | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     unconditional_lora: LoraSpec | None = None
+    head: HeadSpec | None = None
 
     @classmethod
     def from_options(
-        cls, model: str, revision=None, dtype=None, loras=(), tiny_seed: int = 0, unconditional_lora=None
+        cls, model: str, revision=None, dtype=None, loras=(), tiny_seed: int = 0, unconditional_lora=None, head=None
     ) -> "ModelSpec":
-        """The command-line options, resolved: the dtype's default, the hub revision's commit, the LoRA files read.
+        """The command-line options, resolved: the dtype's default, the hub revision's commit, the LoRA files read,
+        the head (a hub id, a folder, or "tiny-random" with the tiny model) resolved like the model.
 
         Checks everything that needs no download first; resolving a hub revision reads (or downloads)
-        `model_index.json` only.
+        `model_index.json` only (the head's `config.json`).
         """
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}.")
         loras = tuple(lora if isinstance(lora, LoraSpec) else LoraSpec.parse(lora) for lora in loras)
         if isinstance(unconditional_lora, str):
             unconditional_lora = LoraSpec.parse(unconditional_lora, "--unconditional-lora")
+        if isinstance(head, str):
+            head = HeadSpec.from_option(head, model)
+        extras = (loras, unconditional_lora, head)
         if model == TINY_RANDOM:
             if revision is not None:
                 raise ValueError(f"--revision {revision!r}: the {TINY_RANDOM} model is built locally, not downloaded.")
-            return cls(TINY_RANDOM, None, dtype or TINY_DTYPE, tiny_seed, loras, unconditional_lora)
+            return cls(TINY_RANDOM, None, dtype or TINY_DTYPE, tiny_seed, *extras)
         if os.path.isdir(model):
             if revision is not None:
                 raise ValueError(
                     f"--revision {revision!r}: {model!r} is a local folder; a revision applies to hub repos only."
                 )
-            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, loras, unconditional_lora)
-        return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, loras, unconditional_lora)
+            return cls(os.path.abspath(model), None, dtype or DEFAULT_DTYPE, None, *extras)
+        return cls(model, resolve_revision(model, revision), dtype or DEFAULT_DTYPE, None, *extras)
 
     def to_dict(self) -> dict:
         return {
@@ -201,7 +254,7 @@ class ModelSpec:
         if self.id == TINY_RANDOM:
             from .testing import tiny_pipeline
 
-            pipe = tiny_pipeline(seed=self.seed, unconditional=not single)
+            pipe = tiny_pipeline(seed=self.seed, unconditional=not single, prompt_enhancer_head=self.head is not None)
             if torch_dtype != torch.float32:
                 pipe.to(dtype=torch_dtype)
         else:
@@ -209,7 +262,8 @@ class ModelSpec:
 
             location = {} if self.revision is None else {"revision": self.revision}
             skip = {"unconditional_transformer": None} if single else {}
-            pipe = Ideogram4Pipeline.from_pretrained(self.id, dtype=torch_dtype, **location, **skip)
+            head = {} if self.head is None else {"prompt_enhancer_head": self.head.load(torch_dtype)}
+            pipe = Ideogram4Pipeline.from_pretrained(self.id, dtype=torch_dtype, **location, **skip, **head)
         if single:
             pipe.load_unconditional_lora(self.unconditional_lora.path)
             if self.unconditional_lora.scale != 1.0:
@@ -238,12 +292,12 @@ class ModelSpec:
                 )
 
 
-def resolve_revision(model: str, revision: str | None) -> str | None:
+def resolve_revision(model: str, revision: str | None, filename: str = "model_index.json") -> str | None:
     """The commit of a hub repo at `revision` (default: the main branch), read from where huggingface_hub caches
-    `model_index.json` (`.../snapshots/<commit>/`); works offline from the cache. None when it cannot be told."""
+    `filename` (`.../snapshots/<commit>/`); works offline from the cache. None when it cannot be told."""
     from huggingface_hub import hf_hub_download
 
-    path = Path(hf_hub_download(model, "model_index.json", revision=revision))
+    path = Path(hf_hub_download(model, filename, revision=revision))
     commit = path.parent.name
     if path.parent.parent.name == "snapshots" and _COMMIT.fullmatch(commit):
         return commit
@@ -293,9 +347,17 @@ def resolve_sampling(pipe, preset: str | None, num_inference_steps: int | None, 
 
 
 def build_recipe(
-    caption: str, seed: int, height: int, width: int, sampling: dict, model: ModelSpec, device_type: str
+    caption: str | None,
+    seed: int,
+    height: int,
+    width: int,
+    sampling: dict,
+    model: ModelSpec,
+    device_type: str,
+    expansion: dict | None = None,
 ) -> dict:
-    """A recipe from a caption, a seed, a size, `resolve_sampling`'s values and the model."""
+    """A recipe from a caption, a seed, a size, `resolve_sampling`'s values and the model; for an image made from an
+    idea also `expansion_record`'s block (the caption is then filled in once the idea is expanded)."""
     return {
         "format": RECIPE_FORMAT,
         "caption": caption,
@@ -304,7 +366,24 @@ def build_recipe(
         "width": width,
         **sampling,
         "model": model.to_dict(),
+        **({} if expansion is None else {EXPANSION_KEY: expansion}),
         PROVENANCE_KEY: made_with(device_type),
+    }
+
+
+def expansion_record(idea: str, head: HeadSpec, temperature: float, limits=None) -> dict:
+    """What decides the caption expanded from `idea` besides the seed and the size: the head, the instruction's
+    version, the temperature and the caption limits (written out, like the sampling values). `max_new_tokens` is
+    not among them: it can only refuse a caption, never change one."""
+    from .captions.grammar import CaptionLimits
+    from .prompt_expansion import INSTRUCTION_VERSION
+
+    return {
+        "idea": idea,
+        "head": head.to_dict(),
+        "instruction": INSTRUCTION_VERSION,
+        "temperature": float(temperature),
+        "limits": asdict(limits or CaptionLimits()),
     }
 
 

@@ -80,12 +80,8 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
     expand.add_argument("--height", type=int, default=DEFAULT_SIDE, help=f"image height (default {DEFAULT_SIDE})")
     expand.add_argument("--width", type=int, default=DEFAULT_SIDE, help=f"image width (default {DEFAULT_SIDE})")
     expand.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same caption")
-    expand.add_argument("--temperature", type=float, default=None, help="default 0.7; 0 decodes greedily")
+    add_expansion_options(expand)
     expand.add_argument("--max-new-tokens", type=int, default=None, help="default: what the 2048-token limit leaves")
-    expand.add_argument("--max-elements", type=int, default=None, help="at most this many elements (default 12)")
-    expand.add_argument(
-        "--max-chars", type=int, default=None, help="cap on every string of the caption, in characters"
-    )
     expand.add_argument(
         "--model",
         default=None,
@@ -98,6 +94,17 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
     expand.add_argument("--offload", action="store_true", help="enable_model_cpu_offload")
     expand.set_defaults(func=run_expand)
     return parser
+
+
+def add_expansion_options(parser) -> None:
+    """How ideas are expanded: shared by `caption expand`, `generate --idea` and `batch` (jobs with an `idea`)."""
+    parser.add_argument("--temperature", type=float, default=None, help="expansion: default 0.7; 0 decodes greedily")
+    parser.add_argument(
+        "--max-elements", type=int, default=None, help="expansion: at most this many elements (default 12)"
+    )
+    parser.add_argument(
+        "--max-chars", type=int, default=None, help="expansion: cap on every string of the caption, in characters"
+    )
 
 
 def _print(line: str, stream=None) -> None:
