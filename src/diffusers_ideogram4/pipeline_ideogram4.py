@@ -43,7 +43,7 @@ from .schedulers import DIFFUSERS_TIMESTEP_SCALE, check_scheduler, scheduler_ste
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .unconditional_lora import Ideogram4UnconditionalLoraMixin
-from .validation import check_image_size, finite_float, require_positive_int
+from .validation import check_generator_type, check_image_size, finite_float, require_positive_int, string_list
 
 
 logger = logging.get_logger(__name__)
@@ -406,12 +406,12 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         callback_on_step_end=None,
     ) -> tuple[list[str], tuple[int, int]]:
         """Validate every argument before any model work; return the prompts as a list and the image token grid."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(
-                f"`prompt` must be a caption string or a non-empty list of them, got {type(prompt).__name__}: "
-                f"{str(prompt)[:80]!r}. Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`."
-            )
+        prompts = string_list(
+            "prompt",
+            prompt,
+            "a caption string",
+            " Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`.",
+        )
         check_image_size(height, width)
         grid = image_grid(height, width)
         require_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -436,12 +436,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 "`generator` and `latents` were both given; the generator only draws the initial noise, which "
                 "`latents` replaces. Pass one of them."
             )
-        generators = generator if isinstance(generator, list) else [generator]
-        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
-            raise ValueError(
-                f"`generator` must be a torch.Generator or a list of them, got {generator!r}; e.g. "
-                "`generator=torch.Generator().manual_seed(0)`."
-            )
+        check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but {len(prompts)} prompt(s) x "
