@@ -156,13 +156,31 @@ def pixel_masks(mask_image, name: str = "mask_image") -> np.ndarray:
 
 
 def check_edit_inputs(
-    image, mask_image=None, *, strength, height=None, width=None, resize_mode=None, padding_mask_crop=None
+    image,
+    mask_image=None,
+    *,
+    strength,
+    height=None,
+    width=None,
+    resize_mode=None,
+    mask_blur=0,
+    padding_mask_crop=None,
 ) -> EditInputs:
-    """Every check of an edit's image, mask and size that needs no model. `height` and `width` default to the image's
-    size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must be valid."""
+    """Every check of an edit's image, mask, size and mask options that needs no model. `height` and `width` default
+    to the image's size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must
+    be valid."""
     if image is None:
         raise ValueError("`image` is required: the image to edit (a PIL image, numpy array or tensor).")
     strength = check_strength(strength)
+    blur = finite_float("mask_blur", mask_blur)
+    if blur < 0:
+        raise ValueError(f"`mask_blur={blur}` must be >= 0 (pixels of feathering; 0 = a hard edge).")
+    if padding_mask_crop is not None and (
+        isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0
+    ):
+        raise ValueError(
+            f"`padding_mask_crop` must be an int >= 0 (pixels around the mask), got {padding_mask_crop!r}."
+        )
     if resize_mode is not None and resize_mode not in RESIZE_MODES:
         raise ValueError(
             f"`resize_mode={resize_mode!r}` is not supported; use None (never resize, the default) or one of "
@@ -214,6 +232,16 @@ def check_edit_inputs(
             raise ValueError(
                 f"`mask_image` is {mask_width}x{mask_height} pixels but `image` is {image_width}x{image_height}; "
                 "give a mask of the image's size (white = repaint, black = keep)."
+            )
+    if padding_mask_crop is not None:
+        if not isinstance(image, PIL.Image.Image) or masks is None or len(masks) != 1:
+            raise ValueError(
+                "`padding_mask_crop` needs `image` as one PIL image and one mask (the crop is found in the mask and "
+                "pasted back into the image, diffusers' convention); convert the image with PIL.Image.fromarray."
+            )
+        if not masks[0].max() >= MASK_THRESHOLD:
+            raise ValueError(
+                "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
             )
     return EditInputs(strength, count, (image_width, image_height), height, width, masks)
 
@@ -270,8 +298,9 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         weights = np.stack([token_weights(pixels.astype(np.float32), mask_blur) for pixels in binary])
         return torch.from_numpy(weights).reshape(len(weights), -1, 1)
 
-    def _check_edit(self, prompts, edit: EditInputs, image, mask_blur, padding_mask_crop) -> None:
-        """The checks that need the prompts: how many images and masks, and the options of inpainting."""
+    @staticmethod
+    def _check_counts(prompts: list[str], edit: EditInputs) -> None:
+        """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt."""
         for name, count in (
             ("image", edit.num_images),
             ("mask_image", None if edit.masks is None else len(edit.masks)),
@@ -281,24 +310,6 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                     f"`{name}` holds {count} images for {len(prompts)} prompt(s); give one for all prompts or one "
                     "per prompt."
                 )
-        mask_blur = finite_float("mask_blur", mask_blur)
-        if mask_blur < 0:
-            raise ValueError(f"`mask_blur={mask_blur}` must be >= 0 (pixels of feathering; 0 = a hard edge).")
-        if padding_mask_crop is None:
-            return
-        if isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
-            raise ValueError(
-                f"`padding_mask_crop` must be an int >= 0 (pixels around the mask), got {padding_mask_crop!r}."
-            )
-        if not isinstance(image, PIL.Image.Image) or len(edit.masks) != 1:
-            raise ValueError(
-                "`padding_mask_crop` needs `image` as one PIL image and one mask (the crop is found in the mask and "
-                "pasted back into the image, diffusers' convention); convert the image with PIL.Image.fromarray."
-            )
-        if not edit.masks[0].max() >= MASK_THRESHOLD:
-            raise ValueError(
-                "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
-            )
 
     @torch.no_grad()
     def __call__(
@@ -365,13 +376,14 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
             height=height,
             width=width,
             resize_mode=resize_mode,
+            mask_blur=mask_blur,
             padding_mask_crop=padding_mask_crop,
         )
         height, width = edit.height, edit.width
         prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
             **arguments_for(self.prepare_call, locals())
         )
-        self._check_edit(prompts, edit, image, mask_blur, padding_mask_crop)
+        self._check_counts(prompts, edit)
         num_steps = steps_for_strength(edit.strength, len(guidance))
         self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
 
