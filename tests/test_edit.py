@@ -666,6 +666,36 @@ def test_bad_input_raises_before_model_work(pipes, kind, kwargs, message):
 
 
 @pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mask_blur=-2), r"^`mask_blur=-2\.0` must be >= 0 \(pixels of feathering; 0 = a hard edge\)\.$"),
+        (
+            dict(padding_mask_crop=-1),
+            r"^`padding_mask_crop` must be an int >= 0 \(pixels around the mask\), got -1\.$",
+        ),
+        (
+            dict(mask_image=None, padding_mask_crop=8),
+            r"^`padding_mask_crop` needs `image` as one PIL image and one mask",
+        ),
+        (
+            dict(mask_image=PIL.Image.new("L", (S, S)), padding_mask_crop=8),
+            r"^`padding_mask_crop` needs a mask with a white \(repaint\) region to crop around; it is black\.$",
+        ),
+    ],
+)
+def test_mask_options_are_refused_before_expanding_an_idea(monkeypatch, kwargs, message):
+    """The mask options need no model: refused before `prompt_upsampling` expands the idea (they were refused only
+    after it, and `padding_mask_crop` without a mask raised a TypeError)."""
+    inpaint = Ideogram4InpaintPipeline.from_pipe(tiny_pipeline(prompt_enhancer_head=True))
+    expansions = []
+    monkeypatch.setattr(Ideogram4InpaintPipeline, "expand_ideas", lambda self, *a: expansions.append(a))
+    call = dict(image=picture(), mask_image=headline_mask(), prompt_upsampling=True, generator=seeded(0)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        inpaint("a lighthouse at dusk", **call)
+    assert expansions == []
+
+
+@pytest.mark.parametrize(
     "element, message",
     [
         (1, r"mask_from_caption: `element=1` does not exist: the caption has 1 element\(s\) \(indices 0\.\.0\)"),
@@ -749,5 +779,27 @@ def test_edit_command_reports_bad_input_before_loading_a_model(files, capsys, mo
     arguments = [str(files / word) if word.endswith(".png") else word for word in arguments]
     image = [] if "--image" in arguments else ["--image", str(files / "in.png")]
     code = main(["edit", str(files / "caption.json"), *image, *arguments, "--model", "tiny-random"])
+    assert code == 2 and loads == []
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--mask-blur", "-3"], "error: `mask_blur=-3.0` must be >= 0 (pixels of feathering; 0 = a hard edge)."),
+        (
+            ["--padding-mask-crop", "-1"],
+            "error: `padding_mask_crop` must be an int >= 0 (pixels around the mask), got -1.",
+        ),
+    ],
+)
+def test_edit_command_refuses_bad_mask_options_before_loading_a_model(files, capsys, monkeypatch, arguments, message):
+    """--mask-blur and --padding-mask-crop with a mask were checked only by the pipeline, after the model loaded."""
+    import diffusers_ideogram4.testing
+
+    loads = []
+    monkeypatch.setattr(diffusers_ideogram4.testing, "tiny_pipeline", lambda **kw: loads.append(kw))
+    image_and_mask = ["--image", str(files / "in.png"), "--mask", str(files / "mask.png")]
+    code = main(["edit", str(files / "caption.json"), *image_and_mask, *arguments, "--model", "tiny-random"])
     assert code == 2 and loads == []
     assert message in capsys.readouterr().err

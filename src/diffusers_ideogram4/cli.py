@@ -296,6 +296,7 @@ def run_edit(args) -> int:
         height=args.height,
         width=args.width,
         resize_mode=args.resize,
+        mask_blur=args.mask_blur,
         padding_mask_crop=args.padding_mask_crop,
     )
     check_generate_arguments(args)

@@ -43,7 +43,7 @@ from .schedulers import DIFFUSERS_TIMESTEP_SCALE, check_scheduler, scheduler_ste
 from .text_encoder import Ideogram4TextEncoder, check_token_counts, pad_token_ids, tokenize_prompt
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .unconditional_lora import Ideogram4UnconditionalLoraMixin
-from .validation import check_image_size, finite_float, require_positive_int
+from .validation import check_generator_type, check_image_size, finite_float, require_positive_int, string_list
 
 
 logger = logging.get_logger(__name__)
@@ -168,6 +168,13 @@ def check_components_fit(vae, text_encoder, transformer, unconditional_transform
             "The pipeline's components do not belong to one Ideogram 4 model: " + "; ".join(problems) + ". Load "
             "every component from the same repo (or pass matching ones)."
         )
+
+
+def arguments_for(step: Callable, call_locals: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `step` takes, by name, out of a calling method's `locals()`: a `__call__` hands its arguments on
+    to the step that checks them without listing them again (a missing one still raises in `step`)."""
+    parameters = inspect.signature(step).parameters
+    return {name: value for name, value in call_locals.items() if name in parameters}
 
 
 def _on_accelerator(model: torch.nn.Module) -> bool:
@@ -406,12 +413,12 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         callback_on_step_end=None,
     ) -> tuple[list[str], tuple[int, int]]:
         """Validate every argument before any model work; return the prompts as a list and the image token grid."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(
-                f"`prompt` must be a caption string or a non-empty list of them, got {type(prompt).__name__}: "
-                f"{str(prompt)[:80]!r}. Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`."
-            )
+        prompts = string_list(
+            "prompt",
+            prompt,
+            "a caption string",
+            " Serialize dict captions with `diffusers_ideogram4.Caption` or `json.dumps`.",
+        )
         check_image_size(height, width)
         grid = image_grid(height, width)
         require_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -436,12 +443,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 "`generator` and `latents` were both given; the generator only draws the initial noise, which "
                 "`latents` replaces. Pass one of them."
             )
-        generators = generator if isinstance(generator, list) else [generator]
-        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
-            raise ValueError(
-                f"`generator` must be a torch.Generator or a list of them, got {generator!r}; e.g. "
-                "`generator=torch.Generator().manual_seed(0)`."
-            )
+        check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but {len(prompts)} prompt(s) x "
@@ -596,18 +598,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         """Step 1 of every call: check all arguments, the captions and the token counts (no model work but the
         expansion of ideas with `prompt_upsampling`), and set the call's attention kwargs.
         -> (prompts, token grid, guidance per step, mu, std, token ids per prompt, expanded captions or None)."""
-        prompts, grid = self.check_inputs(
-            prompt,
-            height,
-            width,
-            num_images_per_prompt,
-            latents,
-            output_type,
-            caption_check,
-            callback_on_step_end_tensor_inputs,
-            generator,
-            callback_on_step_end,
-        )
+        prompts, grid = self.check_inputs(**arguments_for(self.check_inputs, locals()))
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
@@ -726,6 +717,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(decoded.float().clamp(-1, 1), output_type=output_type)
 
+    def finish_call(self, images, captions: list[str] | None, return_dict: bool) -> Ideogram4PipelineOutput | tuple:
+        """The end of every call, after decoding: offloaded components go back (`maybe_free_model_hooks`), and the
+        images (with the expanded captions) are returned as an `Ideogram4PipelineOutput` or a tuple."""
+        self.maybe_free_model_hooks()
+        output = Ideogram4PipelineOutput(images=images, captions=captions)
+        return output if return_dict else output.to_tuple()
+
     # ----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -791,26 +789,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         # 1. Check inputs, captions and token counts: every error is raised before any model work.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            prompt,
-            height,
-            width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_schedule=guidance_schedule,
-            mu=mu,
-            std=std,
-            preset=preset,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            caption_check=caption_check,
-            prompt_upsampling=prompt_upsampling,
-            prompt_upsampling_kwargs=prompt_upsampling_kwargs,
+        _, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
+            **arguments_for(self.prepare_call, locals())
         )
         self.check_denoise(guidance, [len(ids) for ids in token_ids], grid)
         device = self._execution_device
@@ -832,9 +812,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
 
         # 6. Decode.
         images = latents if output_type == "latent" else self.decode_latents(latents, grid, output_type)
-        self.maybe_free_model_hooks()
-        output = Ideogram4PipelineOutput(images=images, captions=captions)
-        return output if return_dict else output.to_tuple()
+        return self.finish_call(images, captions, return_dict)
 
     @property
     def guidance_scale(self) -> float | None:

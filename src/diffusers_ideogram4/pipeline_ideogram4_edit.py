@@ -26,7 +26,7 @@ from diffusers.image_processor import VaeImageProcessor
 from .canvas import MASK_THRESHOLD, REPAINT, token_weights
 from .constants import PIXELS_PER_TOKEN
 from .layout import latent_statistics, patchify
-from .pipeline_ideogram4 import Ideogram4Pipeline, Ideogram4PipelineOutput
+from .pipeline_ideogram4 import Ideogram4Pipeline, Ideogram4PipelineOutput, arguments_for
 from .validation import check_image_size, finite_float
 
 
@@ -156,13 +156,31 @@ def pixel_masks(mask_image, name: str = "mask_image") -> np.ndarray:
 
 
 def check_edit_inputs(
-    image, mask_image=None, *, strength, height=None, width=None, resize_mode=None, padding_mask_crop=None
+    image,
+    mask_image=None,
+    *,
+    strength,
+    height=None,
+    width=None,
+    resize_mode=None,
+    mask_blur=0,
+    padding_mask_crop=None,
 ) -> EditInputs:
-    """Every check of an edit's image, mask and size that needs no model. `height` and `width` default to the image's
-    size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must be valid."""
+    """Every check of an edit's image, mask, size and mask options that needs no model. `height` and `width` default
+    to the image's size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must
+    be valid."""
     if image is None:
         raise ValueError("`image` is required: the image to edit (a PIL image, numpy array or tensor).")
     strength = check_strength(strength)
+    blur = finite_float("mask_blur", mask_blur)
+    if blur < 0:
+        raise ValueError(f"`mask_blur={blur}` must be >= 0 (pixels of feathering; 0 = a hard edge).")
+    if padding_mask_crop is not None and (
+        isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0
+    ):
+        raise ValueError(
+            f"`padding_mask_crop` must be an int >= 0 (pixels around the mask), got {padding_mask_crop!r}."
+        )
     if resize_mode is not None and resize_mode not in RESIZE_MODES:
         raise ValueError(
             f"`resize_mode={resize_mode!r}` is not supported; use None (never resize, the default) or one of "
@@ -215,6 +233,16 @@ def check_edit_inputs(
                 f"`mask_image` is {mask_width}x{mask_height} pixels but `image` is {image_width}x{image_height}; "
                 "give a mask of the image's size (white = repaint, black = keep)."
             )
+    if padding_mask_crop is not None:
+        if not isinstance(image, PIL.Image.Image) or masks is None or len(masks) != 1:
+            raise ValueError(
+                "`padding_mask_crop` needs `image` as one PIL image and one mask (the crop is found in the mask and "
+                "pasted back into the image, diffusers' convention); convert the image with PIL.Image.fromarray."
+            )
+        if not masks[0].max() >= MASK_THRESHOLD:
+            raise ValueError(
+                "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
+            )
     return EditInputs(strength, count, (image_width, image_height), height, width, masks)
 
 
@@ -223,7 +251,7 @@ def check_edit_inputs(
 
 class _Ideogram4EditPipeline(Ideogram4Pipeline):
     """What image-to-image and inpainting share: the image encoding, the start of sampling at `strength`, and the
-    call itself (text-to-image's steps, with an image)."""
+    call itself (text-to-image's steps, with an image): inpainting's, which image-to-image makes without a mask."""
 
     # diffusers' mask processing convention: greyscale, not normalised, binarized at 0.5 after any resize.
     mask_processor = VaeImageProcessor(
@@ -270,8 +298,9 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         weights = np.stack([token_weights(pixels.astype(np.float32), mask_blur) for pixels in binary])
         return torch.from_numpy(weights).reshape(len(weights), -1, 1)
 
-    def _check_edit(self, prompts, edit: EditInputs, image, mask_blur, padding_mask_crop) -> None:
-        """The checks that need the prompts: how many images and masks, and the options of inpainting."""
+    @staticmethod
+    def _check_counts(prompts: list[str], edit: EditInputs) -> None:
+        """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt."""
         for name, count in (
             ("image", edit.num_images),
             ("mask_image", None if edit.masks is None else len(edit.masks)),
@@ -281,54 +310,62 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                     f"`{name}` holds {count} images for {len(prompts)} prompt(s); give one for all prompts or one "
                     "per prompt."
                 )
-        mask_blur = finite_float("mask_blur", mask_blur)
-        if mask_blur < 0:
-            raise ValueError(f"`mask_blur={mask_blur}` must be >= 0 (pixels of feathering; 0 = a hard edge).")
-        if padding_mask_crop is None:
-            return
-        if isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
-            raise ValueError(
-                f"`padding_mask_crop` must be an int >= 0 (pixels around the mask), got {padding_mask_crop!r}."
-            )
-        if not isinstance(image, PIL.Image.Image) or len(edit.masks) != 1:
-            raise ValueError(
-                "`padding_mask_crop` needs `image` as one PIL image and one mask (the crop is found in the mask and "
-                "pasted back into the image, diffusers' convention); convert the image with PIL.Image.fromarray."
-            )
-        if not edit.masks[0].max() >= MASK_THRESHOLD:
-            raise ValueError(
-                "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
-            )
 
-    def _edit(
+    @torch.no_grad()
+    def __call__(
         self,
-        prompt,
-        image,
-        mask_image,
-        strength,
-        height,
-        width,
-        resize_mode,
-        mask_blur,
-        padding_mask_crop,
-        num_inference_steps,
-        guidance_scale,
-        guidance_schedule,
-        mu,
-        std,
-        preset,
-        num_images_per_prompt,
-        generator,
-        latents,
-        output_type,
-        return_dict,
-        attention_kwargs,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        caption_check,
-        prompt_upsampling,
-        prompt_upsampling_kwargs,
-    ):
+        prompt: str | list[str],
+        image: Any,
+        mask_image: Any,
+        strength: float = DEFAULT_INPAINT_STRENGTH,
+        height: int | None = None,
+        width: int | None = None,
+        resize_mode: str | None = None,
+        mask_blur: float = 0,
+        padding_mask_crop: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: list[float] | None = None,
+        mu: float | None = None,
+        std: float | None = None,
+        preset: str | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Ideogram4Pipeline, int, float, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        caption_check: str = "error",
+        prompt_upsampling: bool = False,
+        prompt_upsampling_kwargs: dict | None = None,
+    ) -> Ideogram4PipelineOutput | tuple:
+        r"""
+        Repaint the masked part of images, guided by structured JSON captions.
+
+        Args:
+            prompt (`str` or `list[str]`): Ideogram 4 JSON caption(s), checked as in text-to-image.
+            image: as in `Ideogram4Img2ImgPipeline`.
+            mask_image: white (1.0 / 255) = repaint, black (0) = keep: a PIL image (read as greyscale), a numpy array
+                (H, W) / (n, H, W) or a tensor (H, W) / (n, H, W) / (n, 1, H, W) with values in [0, 1], the image's
+                size; one mask for every prompt, or one per prompt. A pixel is repainted when its value is >= 0.5,
+                and a 16 x 16 token when any of its pixels is (`canvas.token_weights`).
+            strength (`float`, defaults to 1.0): in (0, 1], as in image-to-image, for the repainted region.
+            height, width, resize_mode: as in image-to-image; the mask is resized with the image.
+            mask_blur (`float`, defaults to 0): feathering in pixels: the mask is blurred (Gaussian of this radius)
+                and tokens near its edge are blended between repainted and original.
+            padding_mask_crop (`int`, *optional*): repaint only a crop around the mask, grown by this many pixels
+                and widened to the aspect of `height` x `width` (default: the image's size), at `height` x `width`,
+                then paste it back into `image` where the mask is white (diffusers' inpaint convention). Needs one
+                PIL `image` and one mask; the output has the image's size (`output_type="latent"` returns the crop's
+                latents).
+            num_inference_steps, guidance_scale, guidance_schedule, mu, std, preset, num_images_per_prompt, generator,
+                latents, output_type, return_dict, attention_kwargs, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, caption_check, prompt_upsampling, prompt_upsampling_kwargs: as in
+                image-to-image (`strength` picks how much of the schedule runs, `generator` draws only the noise,
+                callback steps count from 0 at the first step that runs).
+        """
         # 1. Check inputs: the image, mask and strength, then all text-to-image checks; no model work before step 3.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
@@ -339,31 +376,14 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
             height=height,
             width=width,
             resize_mode=resize_mode,
+            mask_blur=mask_blur,
             padding_mask_crop=padding_mask_crop,
         )
         height, width = edit.height, edit.width
         prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            prompt,
-            height,
-            width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_schedule=guidance_schedule,
-            mu=mu,
-            std=std,
-            preset=preset,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            caption_check=caption_check,
-            prompt_upsampling=prompt_upsampling,
-            prompt_upsampling_kwargs=prompt_upsampling_kwargs,
+            **arguments_for(self.prepare_call, locals())
         )
-        self._check_edit(prompts, edit, image, mask_blur, padding_mask_crop)
+        self._check_counts(prompts, edit)
         num_steps = steps_for_strength(edit.strength, len(guidance))
         self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
 
@@ -424,9 +444,7 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
             images = self.decode_latents(latents, grid, output_type)
         else:
             images = self._paste(latents, grid, image, edit.masks[0], crop, mask_blur, output_type)
-        self.maybe_free_model_hooks()
-        output = Ideogram4PipelineOutput(images=images, captions=captions)
-        return output if return_dict else output.to_tuple()
+        return self.finish_call(images, captions, return_dict)
 
     def _paste(self, latents, grid, image: PIL.Image.Image, mask: np.ndarray, crop, mask_blur, output_type):
         """Decode the repainted crop and paste it into the original image where the mask is white (diffusers'
@@ -499,34 +517,7 @@ class Ideogram4Img2ImgPipeline(_Ideogram4EditPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in text-to-image; steps count from 0 at the
                 first step that runs.
         """
-        return self._edit(
-            prompt,
-            image,
-            None,
-            strength,
-            height,
-            width,
-            resize_mode,
-            0,
-            None,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            mu,
-            std,
-            preset,
-            num_images_per_prompt,
-            generator,
-            latents,
-            output_type,
-            return_dict,
-            attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            caption_check,
-            prompt_upsampling,
-            prompt_upsampling_kwargs,
-        )
+        return super().__call__(mask_image=None, **arguments_for(super().__call__, locals()))
 
 
 class Ideogram4InpaintPipeline(_Ideogram4EditPipeline):
@@ -535,91 +526,3 @@ class Ideogram4InpaintPipeline(_Ideogram4EditPipeline):
     keep the black part. The components are `Ideogram4Pipeline`'s; build it with `from_pretrained` or share a loaded
     pipeline's with `from_pipe(pipe)`.
     """
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        image: Any,
-        mask_image: Any,
-        strength: float = DEFAULT_INPAINT_STRENGTH,
-        height: int | None = None,
-        width: int | None = None,
-        resize_mode: str | None = None,
-        mask_blur: float = 0,
-        padding_mask_crop: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: list[float] | None = None,
-        mu: float | None = None,
-        std: float | None = None,
-        preset: str | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[Ideogram4Pipeline, int, float, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        caption_check: str = "error",
-        prompt_upsampling: bool = False,
-        prompt_upsampling_kwargs: dict | None = None,
-    ) -> Ideogram4PipelineOutput | tuple:
-        r"""
-        Repaint the masked part of images, guided by structured JSON captions.
-
-        Args:
-            prompt (`str` or `list[str]`): Ideogram 4 JSON caption(s), checked as in text-to-image.
-            image: as in `Ideogram4Img2ImgPipeline`.
-            mask_image: white (1.0 / 255) = repaint, black (0) = keep: a PIL image (read as greyscale), a numpy array
-                (H, W) / (n, H, W) or a tensor (H, W) / (n, H, W) / (n, 1, H, W) with values in [0, 1], the image's
-                size; one mask for every prompt, or one per prompt. A pixel is repainted when its value is >= 0.5,
-                and a 16 x 16 token when any of its pixels is (`canvas.token_weights`).
-            strength (`float`, defaults to 1.0): in (0, 1], as in image-to-image, for the repainted region.
-            height, width, resize_mode: as in image-to-image; the mask is resized with the image.
-            mask_blur (`float`, defaults to 0): feathering in pixels: the mask is blurred (Gaussian of this radius)
-                and tokens near its edge are blended between repainted and original.
-            padding_mask_crop (`int`, *optional*): repaint only a crop around the mask, grown by this many pixels
-                and widened to the aspect of `height` x `width` (default: the image's size), at `height` x `width`,
-                then paste it back into `image` where the mask is white (diffusers' inpaint convention). Needs one
-                PIL `image` and one mask; the output has the image's size (`output_type="latent"` returns the crop's
-                latents).
-            num_inference_steps, guidance_scale, guidance_schedule, mu, std, preset: the whole schedule, as in
-                text-to-image; `strength` picks how much of it runs.
-            num_images_per_prompt, generator, output_type, return_dict, attention_kwargs, caption_check,
-                prompt_upsampling, prompt_upsampling_kwargs: as in text-to-image. `generator` draws only the noise,
-                exactly as text-to-image draws it.
-            latents (`torch.Tensor`, *optional*): the noise (B, N_img, 128) float32 in token layout, as in
-                text-to-image (then leave `generator` out).
-            callback_on_step_end, callback_on_step_end_tensor_inputs: as in text-to-image; steps count from 0 at the
-                first step that runs.
-        """
-        return self._edit(
-            prompt,
-            image,
-            mask_image,
-            strength,
-            height,
-            width,
-            resize_mode,
-            mask_blur,
-            padding_mask_crop,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            mu,
-            std,
-            preset,
-            num_images_per_prompt,
-            generator,
-            latents,
-            output_type,
-            return_dict,
-            attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            caption_check,
-            prompt_upsampling,
-            prompt_upsampling_kwargs,
-        )

@@ -28,6 +28,7 @@ from .captions.grammar import CaptionGrammar, CaptionLimits
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
 from .loading import load_pretrained
 from .text_encoder import tokenize_prompt
+from .validation import check_generator_type, check_image_size, string_list
 
 
 # Where the head is published (config `hidden_size` 4096, `vocab_size` 151936, one weight `lm_head.weight`).
@@ -197,14 +198,7 @@ def _generator_copy(generator: torch.Generator) -> torch.Generator:
 def check_expansion_arguments(prompt, height, width, generator, temperature, max_new_tokens, limits) -> list[str]:
     """The arguments of `expand_prompt` that need no model, checked (the command line runs this before loading);
     returns the ideas as a list."""
-    from .pipeline_ideogram4 import check_image_size
-
-    ideas = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(ideas, list) or not ideas or not all(isinstance(idea, str) for idea in ideas):
-        raise ValueError(
-            f"`prompt` must be an idea (a string) or a non-empty list of them, got {type(prompt).__name__}: "
-            f"{str(prompt)[:80]!r}."
-        )
+    ideas = string_list("prompt", prompt, "an idea (a string)")
     check_image_size(height, width)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"`temperature` must be a finite number >= 0 (0 decodes greedily), got {temperature!r}.")
@@ -214,12 +208,7 @@ def check_expansion_arguments(prompt, height, width, generator, temperature, max
         raise ValueError(f"`max_new_tokens` must be a positive int or None, got {max_new_tokens!r}.")
     if limits is not None and not isinstance(limits, CaptionLimits):
         raise ValueError(f"`limits` must be a `CaptionLimits` or None, got {type(limits).__name__}: {limits!r}.")
-    generators = generator if isinstance(generator, list) else [generator]
-    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
-        raise ValueError(
-            f"`generator` must be a torch.Generator or a list of them, got {generator!r}; e.g. "
-            "`generator=torch.Generator().manual_seed(0)`."
-        )
+    check_generator_type(generator)
     if isinstance(generator, list) and len(generator) != len(ideas):
         raise ValueError(
             f"`generator` is a list of {len(generator)} generators for {len(ideas)} idea(s); give one per idea or a "

@@ -39,3 +39,27 @@ def check_image_size(height, width) -> None:
                 + " or ".join(f"`{name}={v}`" for v in sorted(nearby))
                 + "."
             )
+
+
+def string_list(name: str, value, what: str, hint: str = "") -> list[str]:
+    """`value` as a non-empty list of strings (one string is a list of one), or a ValueError that says each is `what`
+    and ends with `hint` (a sentence on how to fix it, if any)."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(entry, str) for entry in values):
+        raise ValueError(
+            f"`{name}` must be {what} or a non-empty list of them, got {type(value).__name__}: {str(value)[:80]!r}."
+            + hint
+        )
+    return values
+
+
+def check_generator_type(generator) -> None:
+    """`generator`: None, a torch.Generator or a list of them (how many is for the caller: per image, per idea)."""
+    import torch  # here, not above: the command line checks its arguments before it imports torch
+
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            f"`generator` must be a torch.Generator or a list of them, got {generator!r}; e.g. "
+            "`generator=torch.Generator().manual_seed(0)`."
+        )
