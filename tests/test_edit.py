@@ -675,7 +675,7 @@ def test_bad_input_raises_before_model_work(pipes, kind, kwargs, message):
         ),
         (
             dict(mask_image=None, padding_mask_crop=8),
-            r"^`padding_mask_crop` needs `image` as one PIL image and one mask",
+            r"^`mask_image` is None: inpainting needs a mask",
         ),
         (
             dict(mask_image=PIL.Image.new("L", (S, S)), padding_mask_crop=8),
@@ -803,3 +803,13 @@ def test_edit_command_refuses_bad_mask_options_before_loading_a_model(files, cap
     code = main(["edit", str(files / "caption.json"), *image_and_mask, *arguments, "--model", "tiny-random"])
     assert code == 2 and loads == []
     assert message in capsys.readouterr().err
+
+
+def test_inpainting_without_a_mask_is_refused_not_run_as_image_to_image(pipes):
+    _, _, inpaint = pipes
+    with pytest.raises(ValueError) as refused:
+        inpaint(CAPTION, image=picture(), mask_image=None, num_inference_steps=2)
+    assert str(refused.value) == (
+        "`mask_image` is None: inpainting needs a mask (white = repaint, black = keep). To change the whole image, "
+        "use `Ideogram4Img2ImgPipeline.from_pipe(pipe)`, or pass an all-white mask."
+    )

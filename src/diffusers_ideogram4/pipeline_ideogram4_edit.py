@@ -369,6 +369,11 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         # 1. Check inputs: the image, mask and strength, then all text-to-image checks; no model work before step 3.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
+        if mask_image is None and isinstance(self, Ideogram4InpaintPipeline):
+            raise ValueError(
+                "`mask_image` is None: inpainting needs a mask (white = repaint, black = keep). To change the whole "
+                "image, use `Ideogram4Img2ImgPipeline.from_pipe(pipe)`, or pass an all-white mask."
+            )
         edit = check_edit_inputs(
             image,
             mask_image,
