@@ -813,3 +813,21 @@ def test_inpainting_without_a_mask_is_refused_not_run_as_image_to_image(pipes):
         "`mask_image` is None: inpainting needs a mask (white = repaint, black = keep). To change the whole image, "
         "use `Ideogram4Img2ImgPipeline.from_pipe(pipe)`, or pass an all-white mask."
     )
+
+
+def test_image_counts_are_refused_before_expanding_ideas(monkeypatch):
+    inpaint = Ideogram4InpaintPipeline.from_pipe(tiny_pipeline(prompt_enhancer_head=True))
+    expansions = []
+    monkeypatch.setattr(Ideogram4InpaintPipeline, "expand_ideas", lambda self, *a: expansions.append(a))
+    with pytest.raises(ValueError) as refused:
+        inpaint(
+            ["a lighthouse", "a harbour", "a boat"],
+            image=[picture(0), picture(1)],
+            mask_image=headline_mask(),
+            prompt_upsampling=True,
+            generator=seeded(0),
+        )
+    assert str(refused.value) == (
+        "`image` holds 2 images for 3 prompt(s); give one for all prompts or one per prompt."
+    )
+    assert expansions == []

@@ -300,7 +300,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
 
     @staticmethod
     def _check_counts(prompts: list[str], edit: EditInputs) -> None:
-        """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt."""
+        """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt (the prompts
+        before any expansion: an idea becomes one caption)."""
         for name, count in (
             ("image", edit.num_images),
             ("mask_image", None if edit.masks is None else len(edit.masks)),
@@ -385,10 +386,11 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
             padding_mask_crop=padding_mask_crop,
         )
         height, width = edit.height, edit.width
+        if isinstance(prompt, (str, list)):  # other types are refused by prepare_call's checks
+            self._check_counts([prompt] if isinstance(prompt, str) else prompt, edit)
         prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
             **arguments_for(self.prepare_call, locals())
         )
-        self._check_counts(prompts, edit)
         num_steps = steps_for_strength(edit.strength, len(guidance))
         self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
 
