@@ -30,6 +30,8 @@ from .fp8 import (
 )
 
 
+# A hub repo id as this package takes one: `owner/name`.
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 # device_map values that spread a model over devices (only the host's loader places those).
 MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

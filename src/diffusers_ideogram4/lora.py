@@ -5,7 +5,6 @@ diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank 
 """
 
 import os
-import re
 
 import torch
 import torch.nn as nn
@@ -15,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from .fp8 import FLOAT8_DTYPES
-from .loading import HUB_DOWNLOAD_KWARGS, list_keys, open_safetensors, raise_problems
+from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
     PEFT_DOWN,
@@ -33,7 +32,6 @@ from .lora_trainers import check_adapter_kinds, is_lycoris, load_lycoris_weights
 from .validation import finite_float
 
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Saved beside the base weight of a LoRA layer while an adapter is fused with `exact_unfuse=True`.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
 HUB_KWARGS = (*HUB_DOWNLOAD_KWARGS, "subfolder")
