@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8_MAX, FP8Linear, QuantizedLinear
+from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Linear, QuantizedLinear
 
 
 COMFY_QUANT_SUFFIX = ".comfy_quant"
@@ -44,7 +44,6 @@ NVFP4_GROUP = 16  # inputs per block scale
 NVFP4_ROW_TILE, NVFP4_COLUMN_TILE = 128, 4  # cuBLAS' tiled layout of the block scales
 # E2M1 code -> value; codes 8..15 are the negatives of 0..7.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-E2M1_MAX = 6.0
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -125,24 +124,12 @@ class ScaledFP8Linear(FP8Linear):
     def row_scales(self) -> torch.Tensor:
         return self.weight_scale.float().expand(self.out_features).contiguous()
 
-    def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """With an `input_scale`, the activations are quantized with it (one scale, as ComfyUI's fp8 matmul does);
-        without one, per row (`FP8Linear`)."""
+    def _matmul_scales(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With an `input_scale`, the activations are quantized with it and the weight with its one scale (as
+        ComfyUI's fp8 matmul does); without one, per row (`FP8Linear`)."""
         if self.input_scale is None:
-            return super()._fp8_matmul(hidden_states)
-        rows = hidden_states.reshape(-1, self.in_features)
-        input_scale = self.input_scale.float()
-        quantized = (rows.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
-        out = torch._scaled_mm(
-            quantized,
-            self.weight.t(),
-            scale_a=input_scale,
-            scale_b=self.weight_scale.float(),
-            bias=bias,
-            out_dtype=hidden_states.dtype,
-        )
-        return out.reshape(*hidden_states.shape[:-1], self.out_features)
+            return super()._matmul_scales(rows)
+        return self.input_scale.float(), self.weight_scale.float()
 
 
 class NVFP4Linear(QuantizedLinear):

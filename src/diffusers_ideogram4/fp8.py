@@ -147,20 +147,24 @@ class FP8Linear(QuantizedLinear):
         return super().forward(hidden_states)
 
     def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Quantize the activations per row and multiply in fp8 with row-wise scales on both sides."""
+        """Quantize the activations (`_matmul_scales`) and multiply in fp8 with both sides' scales."""
         rows = hidden_states.reshape(-1, self.in_features)
-        row_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-        quantized = (rows.float() / row_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        input_scale, weight_scale = self._matmul_scales(rows)
         bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
         out = torch._scaled_mm(
-            quantized,
+            (rows.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
             self.weight.t(),
-            scale_a=row_scale,
-            scale_b=self.row_scales()[None, :],
+            scale_a=input_scale,
+            scale_b=weight_scale,
             bias=bias,
             out_dtype=hidden_states.dtype,
         )
         return out.reshape(*hidden_states.shape[:-1], self.out_features)
+
+    def _matmul_scales(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activation scales (rows, 1), weight scales (1, out)) of the fp8 matmul: row-wise on both sides."""
+        row_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        return row_scale, self.row_scales()[None, :]
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
