@@ -352,21 +352,29 @@ def parse_lora_state_dict(
 
 
 def lora_config_kwargs(modules: dict[str, LoraFactors]) -> dict:
-    """PEFT `LoraConfig` arguments of the factors: the most common rank and alpha, every other one as a pattern."""
+    """PEFT `LoraConfig` arguments of the factors (`config_patterns`)."""
+    return config_patterns(
+        {name: f.rank for name, f in modules.items()}, {name: f.alpha for name, f in modules.items()}
+    )
+
+
+def config_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """PEFT config arguments (`LoraConfig`' names) of per-module ranks and alphas: the most common rank and alpha,
+    every other one as a pattern."""
 
     def common_and_patterns(values: dict[str, float]) -> tuple[float, dict]:
         common = Counter(values.values()).most_common(1)[0][0]
         # PEFT matches pattern keys as regexes against the end of the module name; `^` pins them to the whole name.
         return common, {f"^{re.escape(name)}": value for name, value in sorted(values.items()) if value != common}
 
-    rank, rank_pattern = common_and_patterns({name: factors.rank for name, factors in modules.items()})
-    alpha, alpha_pattern = common_and_patterns({name: factors.alpha for name, factors in modules.items()})
+    rank, rank_pattern = common_and_patterns(ranks)
+    alpha, alpha_pattern = common_and_patterns(alphas)
     return {
         "r": rank,
         "lora_alpha": alpha,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(modules),
+        "target_modules": sorted(ranks),
     }
 
 
