@@ -46,7 +46,7 @@ from .loading import (
     check_fp8_pairs,
     check_header,
     checkpoint_files,
-    fused_name,
+    fused_groups,
     locate_tensors,
     open_safetensors,
     original_key_plan,
@@ -317,13 +317,8 @@ def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_
 
 def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name: str) -> None:
     recipes, config = _checked_transformer(plan, name, None)
-    fused, groups = [], {}
-    for key, recipe in recipes.items():
-        target = fused_name(key)
-        if target is None:
-            fused.append(recipe)
-        else:
-            groups.setdefault(target[0], [None] * target[2])[target[1]] = recipe
+    unchanged, groups = fused_groups(recipes)
+    fused = list(unchanged.values())
     for key, parts in groups.items():
         if len({part.dtype for part in parts}) > 1:
             raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes.")
