@@ -382,13 +382,10 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
     by_file: dict[Path, list[Recipe]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
         if not key.endswith(SCALE_SUFFIX):
+            recipe = Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype])
             scale = located.get(key + "_scale")
-            scale = (
-                Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32) if scale else None
-            )
-            by_file[file].append(
-                _cast(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype]), target, scale)
-            )
+            scale = scale and Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32)
+            by_file[file].append(_cast(recipe, target, scale))
     written = set()
     for file, recipes in by_file.items():
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
@@ -460,12 +457,17 @@ def model_index_file(plan: ConversionPlan, entries: dict[str, list]) -> OutputFi
     return OutputFile(MODEL_INDEX_NAME, text=json_text(index))
 
 
+def _component_names(components: Iterable[str] | str) -> list[str]:
+    """`components` as given (a list, or comma-separated strings) -> the names."""
+    parts = [components] if isinstance(components, str) else components
+    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
+
+
 def _select_components(index: dict, components: Iterable[str] | None, source: str) -> list[str]:
     available = list(component_entries(index))
     if components is None:
         return available
-    parts = [components] if isinstance(components, str) else components
-    components = [c.strip() for part in parts for c in part.split(",") if c.strip()]
+    components = _component_names(components)
     unknown = sorted(set(components) - set(available))
     if unknown or not components:
         raise ValueError(f"`components` {unknown or components} are not in {source}; it has {available}.")
@@ -537,8 +539,7 @@ def resolve_source(
 
     patterns = None
     if components is not None:
-        names = [c for part in ([components] if isinstance(components, str) else components) for c in part.split(",")]
-        patterns = ["*.json", "*.md", "LICENSE*"] + [f"{c.strip()}/*" for c in names if c.strip()]
+        patterns = ["*.json", "*.md", "LICENSE*"] + [f"{name}/*" for name in _component_names(components)]
     return Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=patterns))
 
 
