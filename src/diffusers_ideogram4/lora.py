@@ -288,15 +288,10 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 `peft_config[name].to_dict()`. Without it the file is read back with alpha = rank, so pass it
                 whenever lora_alpha differs from r (`save_lora_adapter` does it for you).
         """
-        layers = {
-            "transformer": transformer_lora_layers,
-            "unconditional_transformer": unconditional_transformer_lora_layers,
-        }
-        metadata = {
-            "transformer": transformer_lora_adapter_metadata,
-            "unconditional_transformer": unconditional_transformer_lora_adapter_metadata,
-        }
+        layers = dict(zip(COMPONENTS, (transformer_lora_layers, unconditional_transformer_lora_layers)))
         layers = {component: value for component, value in layers.items() if value}
+        metadata = (transformer_lora_adapter_metadata, unconditional_transformer_lora_adapter_metadata)
+        metadata = dict(zip(COMPONENTS, metadata))
         if not layers:
             raise ValueError("Pass `transformer_lora_layers` and/or `unconditional_transformer_lora_layers`.")
         storages = set()
