@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Linear, QuantizedLinear
+from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Linear, QuantizedLinear, stored_parameter
 
 
 COMFY_QUANT_SUFFIX = ".comfy_quant"
@@ -108,12 +108,9 @@ class ScaledFP8Linear(FP8Linear):
         super().__init__(in_features, out_features, bias, device)
         if weight_dtype not in FLOAT8_DTYPES:
             raise ValueError(f"`weight_dtype={weight_dtype}` is not a float8 dtype; use one of {FLOAT8_DTYPES}.")
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=weight_dtype, device=device), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(torch.empty((), dtype=torch.float32, device=device), requires_grad=False)
-        scale = torch.empty((), dtype=torch.float32, device=device) if input_scale else None
-        self.input_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+        self.weight = stored_parameter((out_features, in_features), weight_dtype, device)
+        self.weight_scale = stored_parameter((), torch.float32, device)
+        self.input_scale = stored_parameter((), torch.float32, device) if input_scale else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f" ({str(self.weight.dtype).removeprefix('torch.')}, per-tensor scale)"
@@ -150,10 +147,8 @@ class NVFP4Linear(QuantizedLinear):
         shapes = nvfp4_shapes(out_features, in_features)
         dtypes = {"weight": torch.uint8, "weight_scale": FP8_DTYPE, "weight_scale_2": torch.float32}
         for name, dtype in dtypes.items():
-            tensor = torch.empty(shapes[name], dtype=dtype, device=device)
-            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-        scale = torch.empty((), dtype=torch.float32, device=device) if input_scale else None
-        self.input_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+            self.register_parameter(name, stored_parameter(shapes[name], dtype, device))
+        self.input_scale = stored_parameter((), torch.float32, device) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:

@@ -76,6 +76,11 @@ def linear_weight_keys(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def stored_parameter(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> nn.Parameter:
+    """An empty frozen parameter of a quantized layer's stored format, filled by the loader."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
 class QuantizedLinear(nn.Linear):
     """Base of the weight-only quantized Linears: a stored weight format (`stored_format` names its parameters) that
     is dequantized in the compute dtype when the layer runs, on any device.
@@ -123,12 +128,8 @@ class FP8Linear(QuantizedLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.use_fp8_matmul = False
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(
-            torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False
-        )
+        self.weight = stored_parameter((out_features, in_features), FP8_DTYPE, device)
+        self.weight_scale = stored_parameter((out_features,), torch.float32, device)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:
