@@ -202,16 +202,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         adapter; the pipeline is left as it was when anything fails. Returns the adapter's name."""
         for component, modules in components.items():
             check_lora_fits(component, getattr(self, component), modules)
-        check_adapter_kinds(self, components, "LoRA")
-        adapter_name = adapter_name or self._unused_adapter_name()
-        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
-        loaded_names = self.get_list_adapters()
-        in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
-        if in_use and not hotswap:
-            raise ValueError(
-                f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another "
-                f"`adapter_name`, `hotswap=True` to replace its weights, or `delete_adapters({adapter_name!r})` first."
-            )
+        adapter_name = self._new_adapter_name(components, adapter_name, "LoRA", hotswap)
         try:
             for component, modules in components.items():
                 model = getattr(self, component)
@@ -227,11 +218,32 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 _check_loaded(component, model, modules, adapter_name)
         except Exception:
             if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
-                for component in components:
-                    if adapter_name in getattr(getattr(self, component), "peft_config", {}):
-                        getattr(self, component).delete_adapters(adapter_name)
+                self._delete_adapter_from(components, adapter_name)
             raise
         return adapter_name
+
+    def _new_adapter_name(self, components, adapter_name: str | None, kind: str, hotswap: bool = False) -> str:
+        """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
+        components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
+        check_adapter_kinds(self, components, kind)
+        adapter_name = adapter_name or self._unused_adapter_name()
+        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
+        loaded_names = self.get_list_adapters()
+        in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
+        if in_use and not hotswap:
+            hint = "`hotswap=True` to replace its weights, " if kind == "LoRA" else ""
+            raise ValueError(
+                f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another `adapter_name`, "
+                f"{hint}or `delete_adapters({adapter_name!r})` first."
+            )
+        return adapter_name
+
+    def _delete_adapter_from(self, components, adapter_name: str) -> None:
+        """Remove a partly loaded adapter: the pipeline is left as it was before the load."""
+        for component in components:
+            model = getattr(self, component)
+            if adapter_name in getattr(model, "peft_config", {}):
+                model.delete_adapters(adapter_name)
 
     @classmethod
     def load_lora_into_transformer(

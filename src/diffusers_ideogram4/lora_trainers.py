@@ -455,14 +455,7 @@ def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool,
                 f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
             )
         check_lora_fits(component, model, modules)
-    check_adapter_kinds(pipe, components, kind)
-    adapter_name = adapter_name or pipe._unused_adapter_name()
-    in_use = [c for c in components if adapter_name in pipe.get_list_adapters().get(c, [])]
-    if in_use:
-        raise ValueError(
-            f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another `adapter_name`, or "
-            f"`delete_adapters({adapter_name!r})` first."
-        )
+    adapter_name = pipe._new_adapter_name(components, adapter_name, kind)
     configs = {component: lycoris_config(modules) for component, modules in components.items()}
     try:
         for component, modules in components.items():
@@ -486,9 +479,6 @@ def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool,
                 )
             model._hf_peft_config_loaded = True
     except Exception:
-        for component in components:
-            model = getattr(pipe, component)
-            if adapter_name in getattr(model, "peft_config", {}):
-                model.delete_adapters(adapter_name)
+        pipe._delete_adapter_from(components, adapter_name)
         raise
     return adapter_name
