@@ -119,7 +119,7 @@ def convert_single_files_to_diffusers(
         raise ValueError("Pass `transformer=` and/or `unconditional_transformer=` (single-file paths or URLs).")
     max_bytes = parse_size(max_shard_size)
     local = [Path(f) for f in (base, *files.values()) if f is not None and Path(f).exists()]
-    for path in local:  # neither the base folder nor a source file may be replaced or swallowed
+    for path in local or [None]:  # before any loading; neither the base nor a source file may be replaced or swallowed
         _check_output(output, overwrite, replace_any_folder, path)
     root = resolve_source(base, revision=revision, token=token) if base is not None else None
     source = ", ".join(f"{name}={file}" for name, file in files.items())
