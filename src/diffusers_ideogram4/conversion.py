@@ -520,10 +520,14 @@ def plan_diffusers_to_original(
     root: Path, source: str, components=None, weights_name: str = ORIGINAL_WEIGHTS_NAME
 ) -> ConversionPlan:
     """Like `plan_original_to_diffusers`, the other way: one fused-attention file per transformer, bit-exact."""
-    if not weights_name.endswith(".safetensors") or "/" in weights_name:
-        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
+    _check_weights_name(weights_name)
     plan_transformer = lambda plan, name: _plan_transformer_to_original(plan, name, weights_name)  # noqa: E731
     return _plan(root, source, "diffusers -> original", "keep", components, plan_transformer, None)
+
+
+def _check_weights_name(weights_name: str) -> None:
+    if not weights_name.endswith(".safetensors") or "/" in weights_name:
+        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
 
 
 def resolve_source(
@@ -979,6 +983,7 @@ def convert_diffusers_to_original(
     Every tensor is copied bit for bit (q/k/v rows concatenated in that order, fp8 scales likewise), so
     original -> diffusers -> original reproduces the source tensors exactly. The other components are copied.
     """
+    _check_weights_name(weights_name)  # before a hub source is downloaded
     _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_diffusers_to_original(root, str(source), components, weights_name)
