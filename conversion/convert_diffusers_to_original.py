@@ -9,14 +9,13 @@ other components are copied. The logic is `diffusers_ideogram4.conversion.conver
 import argparse
 import sys
 
-from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
+from diffusers_ideogram4.commands import add_output_folder_options, run_converter
 from diffusers_ideogram4.conversion import ORIGINAL_WEIGHTS_NAME, convert_diffusers_to_original
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="local folder or hub repo id in the diffusers layout")
-    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
     parser.add_argument("--components", default=None, help="comma-separated subset, e.g. transformer")
     parser.add_argument(
         "--weights-name",
@@ -29,19 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return exit_code(
-        lambda: print_summary(
-            convert_diffusers_to_original(
-                args.source,
-                args.output,
-                components=args.components,
-                weights_name=args.weights_name,
-                revision=args.revision,
-                **output_folder_arguments(args),
-            )
-        )
-    )
+    return run_converter(convert_diffusers_to_original, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
+from diffusers_ideogram4.commands import add_output_folder_options, run_converter
 from diffusers_ideogram4.conversion import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPES,
@@ -43,7 +43,6 @@ def card_variable(value: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="local folder or hub repo id in the original layout")
-    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
     parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
@@ -69,12 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--card-var",
         type=card_variable,
         action="append",
+        dest="card_variables",
         default=[],
         metavar="NAME=VALUE",
         help="a model card value, e.g. peak_memory='31 GB'; repeatable",
     )
     parser.add_argument("--base-model", default=None, help="hub id for the card's base_model")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the verified output")
+    parser.add_argument(
+        "--push-to-hub", dest="push_to_hub_id", default=None, metavar="REPO_ID", help="upload the verified output"
+    )
     parser.add_argument("--private", action="store_true", help="create the hub repo private")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--revision", default=None, help="source revision on the hub")
@@ -84,26 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(
-        lambda: print_summary(
-            convert_original_to_diffusers(
-                args.source,
-                args.output,
-                dtype=args.dtype,
-                components=args.components,
-                max_shard_size=args.max_shard_size,
-                vae_bn=args.vae_bn,
-                model_card=args.model_card,
-                card_variables=dict(args.card_var),
-                base_model=args.base_model,
-                push_to_hub_id=args.push_to_hub,
-                private=args.private,
-                commit_message=args.commit_message,
-                revision=args.revision,
-                **output_folder_arguments(args),
-            )
-        )
-    )
+    args.card_variables = dict(args.card_variables)  # NAME=VALUE pairs
+    return run_converter(convert_original_to_diffusers, args)
 
 
 if __name__ == "__main__":

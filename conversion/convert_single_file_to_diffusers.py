@@ -12,7 +12,7 @@ parses arguments.
 import argparse
 import sys
 
-from diffusers_ideogram4.commands import add_output_folder_options, exit_code, output_folder_arguments, print_summary
+from diffusers_ideogram4.commands import add_output_folder_options, run_converter
 from diffusers_ideogram4.conversion import DEFAULT_MAX_SHARD_SIZE
 from diffusers_ideogram4.single_file_conversion import DEQUANTIZED_DTYPES, convert_single_files_to_diffusers
 
@@ -21,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transformer", default=None, help="single file (.safetensors or .gguf) or hub file URL")
     parser.add_argument("--unconditional-transformer", default=None, help="the unconditional branch's single file")
-    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
     parser.add_argument(
         "--base",
         default=None,
@@ -42,22 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return exit_code(
-        lambda: print_summary(
-            convert_single_files_to_diffusers(
-                args.output,
-                transformer=args.transformer,
-                unconditional_transformer=args.unconditional_transformer,
-                base=args.base,
-                config=args.config,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                revision=args.revision,
-                **output_folder_arguments(args),
-            )
-        )
-    )
+    return run_converter(convert_single_files_to_diffusers, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

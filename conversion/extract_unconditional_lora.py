@@ -14,7 +14,7 @@ layer's rank and relative Frobenius error, and the total, are printed and stored
 import argparse
 import sys
 
-from diffusers_ideogram4.commands import exit_code, print_summary
+from diffusers_ideogram4.commands import add_progress_option, run_converter
 from diffusers_ideogram4.lora_extraction import DTYPES, NON_LINEAR_CHOICES, extract_unconditional_lora
 
 
@@ -39,28 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster at full size)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--revision", default=None, help="hub revision of --source")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return exit_code(  # one message, no traceback, nothing written
-        lambda: print_summary(
-            extract_unconditional_lora(
-                args.source,
-                args.output,
-                rank=args.rank,
-                max_rel_error=args.max_rel_error,
-                dtype=args.dtype,
-                non_linear=args.non_linear,
-                device=args.device,
-                overwrite=args.overwrite,
-                revision=args.revision,
-                progress=not args.no_progress,
-            )
-        )
-    )
+    return run_converter(extract_unconditional_lora, build_parser().parse_args(argv))  # nothing written on an error
 
 
 if __name__ == "__main__":

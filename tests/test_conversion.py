@@ -270,6 +270,14 @@ def test_bad_arguments_stop_before_the_source_is_read(tmp_path, monkeypatch, kwa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_weights_name_stops_the_reverse_conversion_before_the_source_is_read(tmp_path, monkeypatch):
+    """It was checked after the download."""
+    monkeypatch.setattr(conversion, "resolve_source", lambda *a, **k: pytest.fail("the source was read"))
+    with pytest.raises(ValueError, match=r"`weights_name='model\.bin'` must be a plain `\*\.safetensors` file name"):
+        convert_diffusers_to_original("ideogram-ai/ideogram-4", tmp_path / "out", weights_name="model.bin")
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Refusals: by key name, before anything is written
 

@@ -92,3 +92,15 @@ def test_script(tmp_path, capsys):
     assert "would write 2 files" in capsys.readouterr().out and not (tmp_path / "out").exists()
     assert script.main(["--output", str(tmp_path / "out")]) == 1
     assert "Pass `transformer=` and/or `unconditional_transformer=`" in capsys.readouterr().err
+
+
+def test_an_existing_output_is_refused_before_a_file_given_by_url_is_loaded(tmp_path, monkeypatch):
+    """Only local files used to trigger the output check before loading: a hub URL was downloaded and loaded first."""
+    loads = []
+    monkeypatch.setattr(Ideogram4Transformer2DModel, "from_single_file", lambda *a, **k: loads.append(a))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("mine")
+    url = "https://huggingface.co/someone/ideogram4-gguf/blob/main/ideogram4-Q8_0.gguf"
+    with pytest.raises(FileExistsError, match="pass `overwrite=True`"):
+        convert_single_files_to_diffusers(tmp_path / "out", transformer=url, config="tiny", progress=False)
+    assert loads == [] and (tmp_path / "out" / "kept.txt").read_text() == "mine"

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8_MAX, FP8Linear, QuantizedLinear
+from .fp8 import FLOAT8_DTYPES, FP8_DTYPE, FP8Linear, QuantizedLinear, stored_parameter
 
 
 COMFY_QUANT_SUFFIX = ".comfy_quant"
@@ -44,7 +44,6 @@ NVFP4_GROUP = 16  # inputs per block scale
 NVFP4_ROW_TILE, NVFP4_COLUMN_TILE = 128, 4  # cuBLAS' tiled layout of the block scales
 # E2M1 code -> value; codes 8..15 are the negatives of 0..7.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-E2M1_MAX = 6.0
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -109,12 +108,9 @@ class ScaledFP8Linear(FP8Linear):
         super().__init__(in_features, out_features, bias, device)
         if weight_dtype not in FLOAT8_DTYPES:
             raise ValueError(f"`weight_dtype={weight_dtype}` is not a float8 dtype; use one of {FLOAT8_DTYPES}.")
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=weight_dtype, device=device), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(torch.empty((), dtype=torch.float32, device=device), requires_grad=False)
-        scale = torch.empty((), dtype=torch.float32, device=device) if input_scale else None
-        self.input_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+        self.weight = stored_parameter((out_features, in_features), weight_dtype, device)
+        self.weight_scale = stored_parameter((), torch.float32, device)
+        self.input_scale = stored_parameter((), torch.float32, device) if input_scale else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f" ({str(self.weight.dtype).removeprefix('torch.')}, per-tensor scale)"
@@ -125,24 +121,12 @@ class ScaledFP8Linear(FP8Linear):
     def row_scales(self) -> torch.Tensor:
         return self.weight_scale.float().expand(self.out_features).contiguous()
 
-    def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """With an `input_scale`, the activations are quantized with it (one scale, as ComfyUI's fp8 matmul does);
-        without one, per row (`FP8Linear`)."""
+    def _matmul_scales(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With an `input_scale`, the activations are quantized with it and the weight with its one scale (as
+        ComfyUI's fp8 matmul does); without one, per row (`FP8Linear`)."""
         if self.input_scale is None:
-            return super()._fp8_matmul(hidden_states)
-        rows = hidden_states.reshape(-1, self.in_features)
-        input_scale = self.input_scale.float()
-        quantized = (rows.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
-        out = torch._scaled_mm(
-            quantized,
-            self.weight.t(),
-            scale_a=input_scale,
-            scale_b=self.weight_scale.float(),
-            bias=bias,
-            out_dtype=hidden_states.dtype,
-        )
-        return out.reshape(*hidden_states.shape[:-1], self.out_features)
+            return super()._matmul_scales(rows)
+        return self.input_scale.float(), self.weight_scale.float()
 
 
 class NVFP4Linear(QuantizedLinear):
@@ -163,10 +147,8 @@ class NVFP4Linear(QuantizedLinear):
         shapes = nvfp4_shapes(out_features, in_features)
         dtypes = {"weight": torch.uint8, "weight_scale": FP8_DTYPE, "weight_scale_2": torch.float32}
         for name, dtype in dtypes.items():
-            tensor = torch.empty(shapes[name], dtype=dtype, device=device)
-            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-        scale = torch.empty((), dtype=torch.float32, device=device) if input_scale else None
-        self.input_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+            self.register_parameter(name, stored_parameter(shapes[name], dtype, device))
+        self.input_scale = stored_parameter((), torch.float32, device) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:

@@ -11,8 +11,10 @@ USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)
 
 
 def add_output_folder_options(parser, verify_help: str = "skip reloading the output") -> None:
-    """The options of a converter that writes a folder (staged, verified, then moved into place): --dry-run,
-    --overwrite, --replace-any-folder, --no-verify and --no-progress."""
+    """The options of a converter that writes a folder (staged, verified, then moved into place): --output,
+    --dry-run, --overwrite, --replace-any-folder, --no-verify and --no-progress, each under the name of the `convert_*`
+    keyword it fills."""
+    parser.add_argument("--output", required=True, help="folder to create (written beside it, moved in when done)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output folder written by this converter"
@@ -20,19 +22,12 @@ def add_output_folder_options(parser, verify_help: str = "skip reloading the out
     parser.add_argument(
         "--replace-any-folder", action="store_true", help="replace an existing output folder, whatever it holds"
     )
-    parser.add_argument("--no-verify", action="store_true", help=verify_help)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=verify_help)
+    add_progress_option(parser)
 
 
-def output_folder_arguments(args) -> dict:
-    """`add_output_folder_options`' values as the keyword arguments of the `convert_*` functions."""
-    return dict(
-        dry_run=args.dry_run,
-        overwrite=args.overwrite,
-        replace_any_folder=args.replace_any_folder,
-        verify=not args.no_verify,
-        progress=not args.no_progress,
-    )
+def add_progress_option(parser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def exit_code(run: Callable[[], int], errors: tuple[type[Exception], ...] = USER_ERRORS, code: int = 1) -> int:
@@ -45,7 +40,12 @@ def exit_code(run: Callable[[], int], errors: tuple[type[Exception], ...] = USER
         return code
 
 
-def print_summary(report) -> int:
-    """Print a conversion report's summary -> exit code 0."""
-    print(report.summary())
-    return 0
+def run_converter(convert: Callable, args) -> int:
+    """`convert(**vars(args))` (each option's `dest` is the keyword it fills), its report's summary printed -> exit
+    code 0; a user's mistake is one `error:` line and exit code 1, with nothing written."""
+
+    def run() -> int:
+        print(convert(**vars(args)).summary())
+        return 0
+
+    return exit_code(run)

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from diffusers import __version__ as DIFFUSERS_VERSION
 from diffusers.utils.logging import tqdm as diffusers_tqdm
 from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int
@@ -39,12 +40,13 @@ from .constants import OFFICIAL_ENTRIES
 from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, keeps_stored_dtype
 from .layout import reference_latent_norm, variance_for_scale
 from .loading import (
+    REPO_ID,
     SAFETENSORS_DTYPES,
     CheckpointMismatchError,
     check_fp8_pairs,
     check_header,
     checkpoint_files,
-    fused_name,
+    fused_groups,
     locate_tensors,
     open_safetensors,
     original_key_plan,
@@ -92,7 +94,6 @@ DEFAULT_BASE_MODEL = "ideogram-ai/ideogram-4-fp8"  # the reference release on th
 LICENSE_NAME = "ideogram-4-non-commercial"
 LICENSE_LINK = "https://huggingface.co/ideogram-ai/ideogram-4-fp8/blob/main/LICENSE.md"
 NOT_MEASURED = "not measured yet"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BINARY_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])iB\s*$", re.IGNORECASE)
 
 
@@ -210,6 +211,11 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+def json_text(value, sort_keys: bool = True) -> str:
+    """A JSON file's text as every conversion writes it: indented by 2, a newline at the end."""
+    return json.dumps(value, indent=2, sort_keys=sort_keys) + "\n"
+
+
 def format_size(size: int) -> str:
     for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if size >= scale:
@@ -228,7 +234,7 @@ def _sharded(recipes: list[Recipe], max_bytes: int, component: str) -> list[Outp
     ]
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        files.append(OutputFile(f"{component}/{WEIGHTS_INDEX_NAME}", text=json.dumps(index, indent=2) + "\n"))
+        files.append(OutputFile(f"{component}/{WEIGHTS_INDEX_NAME}", text=json_text(index, sort_keys=False)))
     return files
 
 
@@ -277,7 +283,7 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dic
 def transformer_config_text(model: Ideogram4Transformer2DModel) -> str:
     """The config.json a converted transformer is written with: its config's TRANSFORMER_CONFIG_FIELDS."""
     config = {k: v for k, v in json.loads(model.to_json_string()).items() if k in TRANSFORMER_CONFIG_FIELDS}
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return json_text(config)
 
 
 def _cast(recipe: Recipe, target: torch.dtype | None, scale: Recipe | None) -> Recipe:
@@ -311,13 +317,8 @@ def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_
 
 def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name: str) -> None:
     recipes, config = _checked_transformer(plan, name, None)
-    fused, groups = [], {}
-    for key, recipe in recipes.items():
-        target = fused_name(key)
-        if target is None:
-            fused.append(recipe)
-        else:
-            groups.setdefault(target[0], [None] * target[2])[target[1]] = recipe
+    unchanged, groups = fused_groups(recipes)
+    fused = list(unchanged.values())
     for key, parts in groups.items():
         if len({part.dtype for part in parts}) > 1:
             raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes.")
@@ -381,13 +382,10 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
     by_file: dict[Path, list[Recipe]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
         if not key.endswith(SCALE_SUFFIX):
+            recipe = Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype])
             scale = located.get(key + "_scale")
-            scale = (
-                Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32) if scale else None
-            )
-            by_file[file].append(
-                _cast(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype]), target, scale)
-            )
+            scale = scale and Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32)
+            by_file[file].append(_cast(recipe, target, scale))
     written = set()
     for file, recipes in by_file.items():
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
@@ -396,13 +394,13 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
         index = json.loads(index_path.read_text())
         index["weight_map"] = {r.key: file.name for file, group in by_file.items() for r in group}
         index.setdefault("metadata", {})["total_size"] = sum(r.nbytes for g in by_file.values() for r in g)
-        plan.files.append(OutputFile(f"{name}/{index_path.name}", text=json.dumps(index, indent=2) + "\n"))
+        plan.files.append(OutputFile(f"{name}/{index_path.name}", text=json_text(index, sort_keys=False)))
         written.add(f"{name}/{index_path.name}")
     config = {k: v for k, v in config.items() if k != FP8_CONFIG_FLAG}
     for dtype_field in ("dtype", "torch_dtype"):
         if dtype_field in config:
             config[dtype_field] = str(target).removeprefix("torch.")
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=json_text(config)))
     plan.notes.append(f"{name}: fp8 weights dequantized to {str(target).removeprefix('torch.')}")
     return written | {f"{name}/{CONFIG_NAME}"}
 
@@ -448,21 +446,28 @@ def component_entries(index: dict) -> dict[str, list]:
     }
 
 
-def output_model_index(direction: str, source: str) -> dict:
-    """The start of every model_index.json a conversion writes: the pipeline class, and the marker that makes the
-    folder recognisably one of ours (`overwrite` may replace it)."""
+def model_index_file(plan: ConversionPlan, entries: dict[str, list]) -> OutputFile:
+    """The model_index.json a conversion writes: the pipeline class, the marker that makes the folder recognisably
+    one of ours (`overwrite` may replace it), and each component's `[library, class]` entry (as the hub names it)."""
     from . import __version__
 
-    marker = {"direction": direction, "source": source, "version": __version__}
-    return {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": _diffusers_version(), CONVERSION_MARKER: marker}
+    marker = {"direction": plan.direction, "source": plan.source, "version": __version__}
+    index = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, CONVERSION_MARKER: marker}
+    index.update({name: list(OFFICIAL_ENTRIES.get(entry[1], entry)) for name, entry in entries.items()})
+    return OutputFile(MODEL_INDEX_NAME, text=json_text(index))
+
+
+def _component_names(components: Iterable[str] | str) -> list[str]:
+    """`components` as given (a list, or comma-separated strings) -> the names."""
+    parts = [components] if isinstance(components, str) else components
+    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
 
 
 def _select_components(index: dict, components: Iterable[str] | None, source: str) -> list[str]:
     available = list(component_entries(index))
     if components is None:
         return available
-    parts = [components] if isinstance(components, str) else components
-    components = [c.strip() for part in parts for c in part.split(",") if c.strip()]
+    components = _component_names(components)
     unknown = sorted(set(components) - set(available))
     if unknown or not components:
         raise ValueError(f"`components` {unknown or components} are not in {source}; it has {available}.")
@@ -474,27 +479,20 @@ def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_
     index = _read_model_index(root)
     selected = _select_components(index, components, source)
     plan = ConversionPlan(direction, source, root, selected, dtype)
-    output_index = output_model_index(direction, source)
+    entries = {}
     for name in selected:
-        entry = list(index[name])
-        if _is_transformer(name, entry):
+        entries[name] = index[name]
+        if _is_transformer(name, index[name]):
             plan_transformer(plan, name)
-            entry = OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME]
+            entries[name] = OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME]
         else:
             _plan_copy(plan, name, target, vae_bn)
-        output_index[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
     # A LICENSE and other top-level files are carried over; the index is rewritten and the old card dropped.
     for path in sorted(p for p in root.iterdir() if p.is_file()):
         if path.name not in SKIPPED_TOP_LEVEL_FILES and not path.name.startswith("."):
             plan.files.append(OutputFile(path.name, copy_from=path))
-    plan.files.append(OutputFile(MODEL_INDEX_NAME, text=json.dumps(output_index, indent=2, sort_keys=True) + "\n"))
+    plan.files.append(model_index_file(plan, entries))
     return plan
-
-
-def _diffusers_version() -> str:
-    from diffusers import __version__
-
-    return __version__
 
 
 def plan_original_to_diffusers(
@@ -522,10 +520,14 @@ def plan_diffusers_to_original(
     root: Path, source: str, components=None, weights_name: str = ORIGINAL_WEIGHTS_NAME
 ) -> ConversionPlan:
     """Like `plan_original_to_diffusers`, the other way: one fused-attention file per transformer, bit-exact."""
-    if not weights_name.endswith(".safetensors") or "/" in weights_name:
-        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
+    _check_weights_name(weights_name)
     plan_transformer = lambda plan, name: _plan_transformer_to_original(plan, name, weights_name)  # noqa: E731
     return _plan(root, source, "diffusers -> original", "keep", components, plan_transformer, None)
+
+
+def _check_weights_name(weights_name: str) -> None:
+    if not weights_name.endswith(".safetensors") or "/" in weights_name:
+        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
 
 
 def resolve_source(
@@ -535,14 +537,13 @@ def resolve_source(
     path = Path(source)
     if path.is_dir():
         return path
-    if not _REPO_ID.match(str(source)):
+    if not REPO_ID.match(str(source)):
         raise FileNotFoundError(f"`source={source!r}` is neither a folder nor a hub repo id (`owner/name`).")
     from huggingface_hub import snapshot_download
 
     patterns = None
     if components is not None:
-        names = [c for part in ([components] if isinstance(components, str) else components) for c in part.split(",")]
-        patterns = ["*.json", "*.md", "LICENSE*"] + [f"{c.strip()}/*" for c in names if c.strip()]
+        patterns = ["*.json", "*.md", "LICENSE*"] + [f"{name}/*" for name in _component_names(components)]
     return Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=patterns))
 
 
@@ -742,7 +743,7 @@ def _leftovers(output: Path) -> list[str]:
     )
 
 
-def _execute(plan: ConversionPlan, output, *, dry_run, overwrite, replace_any_folder, verify, progress):
+def _execute(plan: ConversionPlan, output, dry_run, overwrite, replace_any_folder, verify, progress):
     output = _check_output(output, overwrite, replace_any_folder, plan.root)
     plan.notes += [
         f"left by an interrupted run, remove it when you no longer need it: {p}" for p in _leftovers(output)
@@ -820,9 +821,9 @@ def model_card_variables(
     from . import __version__
 
     if base_model is None:
-        base_model = source if _REPO_ID.match(source) and not Path(source).exists() else DEFAULT_BASE_MODEL
+        base_model = source if REPO_ID.match(source) and not Path(source).exists() else DEFAULT_BASE_MODEL
     for name, value in (("repo_id", repo_id), ("base_model", base_model)):
-        if value is not None and not _REPO_ID.match(value):
+        if value is not None and not REPO_ID.match(value):
             raise ValueError(f"`{name}={value!r}` is not a hub repo id (`owner/name`).")
     total = sum(component_sizes.values())
     rows = [f"| `{name}` | {format_size(size)} |" for name, size in component_sizes.items()]
@@ -836,7 +837,7 @@ def model_card_variables(
         "total_size": format_size(total),
         "date": datetime.now(timezone.utc).date().isoformat(),
         "package_version": __version__,
-        "diffusers_version": _diffusers_version(),
+        "diffusers_version": DIFFUSERS_VERSION,
         "license_name": LICENSE_NAME,
         "license_link": LICENSE_LINK,
         "peak_memory": NOT_MEASURED,
@@ -871,7 +872,7 @@ def push_to_hub(
         raise ConversionVerificationError(
             f"{report.output} was not verified against its source; it is not pushed. Convert without `verify=False`."
         )
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise ValueError(f"`repo_id={repo_id!r}` is not a hub repo id (`owner/name`).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -935,7 +936,7 @@ def convert_original_to_diffusers(
     # Every argument is checked before anything is downloaded or written.
     if push_to_hub_id is not None and not verify:
         raise ValueError("`push_to_hub_id` needs `verify=True`: only a folder checked against its source is pushed.")
-    if push_to_hub_id is not None and not _REPO_ID.match(push_to_hub_id):
+    if push_to_hub_id is not None and not REPO_ID.match(push_to_hub_id):
         raise ValueError(f"`push_to_hub_id={push_to_hub_id!r}` is not a hub repo id (`owner/name`).")
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
@@ -957,15 +958,7 @@ def convert_original_to_diffusers(
         )
         card = render_model_card(Path(model_card).read_text(encoding="utf-8"), variables)
         plan.files.append(OutputFile(MODEL_CARD_NAME, text=card))
-    report = _execute(
-        plan,
-        output,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        replace_any_folder=replace_any_folder,
-        verify=verify,
-        progress=progress,
-    )
+    report = _execute(plan, output, dry_run, overwrite, replace_any_folder, verify, progress)
     if push_to_hub_id is not None and not dry_run:
         push_to_hub(report, push_to_hub_id, private=private, commit_message=commit_message, token=token)
     return report
@@ -990,15 +983,8 @@ def convert_diffusers_to_original(
     Every tensor is copied bit for bit (q/k/v rows concatenated in that order, fp8 scales likewise), so
     original -> diffusers -> original reproduces the source tensors exactly. The other components are copied.
     """
+    _check_weights_name(weights_name)  # before a hub source is downloaded
     _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
     plan = plan_diffusers_to_original(root, str(source), components, weights_name)
-    return _execute(
-        plan,
-        output,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        replace_any_folder=replace_any_folder,
-        verify=verify,
-        progress=progress,
-    )
+    return _execute(plan, output, dry_run, overwrite, replace_any_folder, verify, progress)

@@ -76,6 +76,11 @@ def linear_weight_keys(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def stored_parameter(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> nn.Parameter:
+    """An empty frozen parameter of a quantized layer's stored format, filled by the loader."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
 class QuantizedLinear(nn.Linear):
     """Base of the weight-only quantized Linears: a stored weight format (`stored_format` names its parameters) that
     is dequantized in the compute dtype when the layer runs, on any device.
@@ -123,12 +128,8 @@ class FP8Linear(QuantizedLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.use_fp8_matmul = False
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(
-            torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False
-        )
+        self.weight = stored_parameter((out_features, in_features), FP8_DTYPE, device)
+        self.weight_scale = stored_parameter((out_features,), torch.float32, device)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def extra_repr(self) -> str:
@@ -147,20 +148,24 @@ class FP8Linear(QuantizedLinear):
         return super().forward(hidden_states)
 
     def _fp8_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Quantize the activations per row and multiply in fp8 with row-wise scales on both sides."""
+        """Quantize the activations (`_matmul_scales`) and multiply in fp8 with both sides' scales."""
         rows = hidden_states.reshape(-1, self.in_features)
-        row_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-        quantized = (rows.float() / row_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        input_scale, weight_scale = self._matmul_scales(rows)
         bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
         out = torch._scaled_mm(
-            quantized,
+            (rows.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
             self.weight.t(),
-            scale_a=row_scale,
-            scale_b=self.row_scales()[None, :],
+            scale_a=input_scale,
+            scale_b=weight_scale,
             bias=bias,
             out_dtype=hidden_states.dtype,
         )
         return out.reshape(*hidden_states.shape[:-1], self.out_features)
+
+    def _matmul_scales(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activation scales (rows, 1), weight scales (1, out)) of the fp8 matmul: row-wise on both sides."""
+        row_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        return row_scale, self.row_scales()[None, :]
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

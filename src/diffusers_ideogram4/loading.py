@@ -30,6 +30,8 @@ from .fp8 import (
 )
 
 
+# A hub repo id as this package takes one: `owner/name`.
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 # device_map values that spread a model over devices (only the host's loader places those).
 MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -116,6 +118,19 @@ def fused_name(name: str) -> tuple[str, int, int] | None:
     return f"{prefix}{fused}{rest}", index, len(FUSED_TO_SPLIT[fused])
 
 
+def fused_groups(named: dict) -> tuple[dict, dict[str, list]]:
+    """Split-layout names -> (the entries outside the split attention, fused name -> its parts' values in row order,
+    None where a part is absent)."""
+    unchanged, groups = {}, {}
+    for name, value in named.items():
+        fused = fused_name(name)
+        if fused is None:
+            unchanged[name] = value
+        else:
+            groups.setdefault(fused[0], [None] * fused[2])[fused[1]] = value
+    return unchanged, groups
+
+
 def is_original_layout(keys) -> bool:
     """True when the keys use the original release's fused attention (`attention.qkv` / `attention.o`)."""
     return any(_FUSED_NAME.match(key) for key in keys)
@@ -147,13 +162,7 @@ def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 
 def diffusers_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fuse to_q/to_k/to_v into `attention.qkv` (rows [q; k; v]) and rename `to_out.0` to `attention.o`."""
-    converted, groups = {}, {}
-    for key, tensor in state_dict.items():
-        fused = fused_name(key)
-        if fused is None:
-            converted[key] = tensor
-        else:
-            groups.setdefault(fused[0], [None] * fused[2])[fused[1]] = tensor
+    converted, groups = fused_groups(state_dict)
     for key, parts in groups.items():
         if any(part is None for part in parts):
             raise CheckpointMismatchError(f"`{key}` cannot be fused: some of {list(split_names(key))} are missing.")

@@ -5,7 +5,6 @@ diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank 
 """
 
 import os
-import re
 
 import torch
 import torch.nn as nn
@@ -15,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from .fp8 import FLOAT8_DTYPES
-from .loading import HUB_DOWNLOAD_KWARGS, list_keys, open_safetensors, raise_problems
+from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
     PEFT_DOWN,
@@ -33,7 +32,6 @@ from .lora_trainers import check_adapter_kinds, is_lycoris, load_lycoris_weights
 from .validation import finite_float
 
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Saved beside the base weight of a LoRA layer while an adapter is fused with `exact_unfuse=True`.
 _UNFUSED_STATE = "_ideogram4_unfused_state"
 HUB_KWARGS = (*HUB_DOWNLOAD_KWARGS, "subfolder")
@@ -204,16 +202,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         adapter; the pipeline is left as it was when anything fails. Returns the adapter's name."""
         for component, modules in components.items():
             check_lora_fits(component, getattr(self, component), modules)
-        check_adapter_kinds(self, components, "LoRA")
-        adapter_name = adapter_name or self._unused_adapter_name()
-        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
-        loaded_names = self.get_list_adapters()
-        in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
-        if in_use and not hotswap:
-            raise ValueError(
-                f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another "
-                f"`adapter_name`, `hotswap=True` to replace its weights, or `delete_adapters({adapter_name!r})` first."
-            )
+        adapter_name = self._new_adapter_name(components, adapter_name, "LoRA", hotswap)
         try:
             for component, modules in components.items():
                 model = getattr(self, component)
@@ -229,11 +218,32 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 _check_loaded(component, model, modules, adapter_name)
         except Exception:
             if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
-                for component in components:
-                    if adapter_name in getattr(getattr(self, component), "peft_config", {}):
-                        getattr(self, component).delete_adapters(adapter_name)
+                self._delete_adapter_from(components, adapter_name)
             raise
         return adapter_name
+
+    def _new_adapter_name(self, components, adapter_name: str | None, kind: str, hotswap: bool = False) -> str:
+        """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
+        components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
+        check_adapter_kinds(self, components, kind)
+        adapter_name = adapter_name or self._unused_adapter_name()
+        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
+        loaded_names = self.get_list_adapters()
+        in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
+        if in_use and not hotswap:
+            hint = "`hotswap=True` to replace its weights, " if kind == "LoRA" else ""
+            raise ValueError(
+                f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another `adapter_name`, "
+                f"{hint}or `delete_adapters({adapter_name!r})` first."
+            )
+        return adapter_name
+
+    def _delete_adapter_from(self, components, adapter_name: str) -> None:
+        """Remove a partly loaded adapter: the pipeline is left as it was before the load."""
+        for component in components:
+            model = getattr(self, component)
+            if adapter_name in getattr(model, "peft_config", {}):
+                model.delete_adapters(adapter_name)
 
     @classmethod
     def load_lora_into_transformer(
@@ -290,15 +300,10 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 `peft_config[name].to_dict()`. Without it the file is read back with alpha = rank, so pass it
                 whenever lora_alpha differs from r (`save_lora_adapter` does it for you).
         """
-        layers = {
-            "transformer": transformer_lora_layers,
-            "unconditional_transformer": unconditional_transformer_lora_layers,
-        }
-        metadata = {
-            "transformer": transformer_lora_adapter_metadata,
-            "unconditional_transformer": unconditional_transformer_lora_adapter_metadata,
-        }
+        layers = dict(zip(COMPONENTS, (transformer_lora_layers, unconditional_transformer_lora_layers)))
         layers = {component: value for component, value in layers.items() if value}
+        metadata = (transformer_lora_adapter_metadata, unconditional_transformer_lora_adapter_metadata)
+        metadata = dict(zip(COMPONENTS, metadata))
         if not layers:
             raise ValueError("Pass `transformer_lora_layers` and/or `unconditional_transformer_lora_layers`.")
         storages = set()

@@ -123,11 +123,10 @@ class ExtractionReport:
             f"(ranks {min(ranks)}..{max(ranks)})",
         ]
         if self.weight_diffs:
-            shown = ", ".join(f"{key} ({value:.2e})" for key, value in sorted(self.weight_diffs.items())[:12])
-            more = len(self.weight_diffs) - 12
+            shown = list_keys(f"{key} ({value:.2e})" for key, value in self.weight_diffs.items())
             lines.append(
                 f"stored {len(self.weight_diffs)} non-Linear differences as float32 `.diff` / `.diff_b` tensors "
-                f"(||d|| / ||w||): {shown}" + (f" and {more} more" if more > 0 else "")
+                f"(||d|| / ||w||): {shown}"
             )
         lines += [f"left out: {key}: {why}" for key, why in sorted(self.left_out.items())]
         return "\n".join(lines)

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .constants import FUSED_TO_SPLIT
 from .files import write_atomically
-from .loading import fused_name, list_keys, open_safetensors, raise_problems, split_names
+from .loading import fused_groups, list_keys, open_safetensors, raise_problems, split_names
 
 
 COMPONENTS = ("transformer", "unconditional_transformer")
@@ -352,21 +352,29 @@ def parse_lora_state_dict(
 
 
 def lora_config_kwargs(modules: dict[str, LoraFactors]) -> dict:
-    """PEFT `LoraConfig` arguments of the factors: the most common rank and alpha, every other one as a pattern."""
+    """PEFT `LoraConfig` arguments of the factors (`config_patterns`)."""
+    return config_patterns(
+        {name: f.rank for name, f in modules.items()}, {name: f.alpha for name, f in modules.items()}
+    )
+
+
+def config_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """PEFT config arguments (`LoraConfig`' names) of per-module ranks and alphas: the most common rank and alpha,
+    every other one as a pattern."""
 
     def common_and_patterns(values: dict[str, float]) -> tuple[float, dict]:
         common = Counter(values.values()).most_common(1)[0][0]
         # PEFT matches pattern keys as regexes against the end of the module name; `^` pins them to the whole name.
         return common, {f"^{re.escape(name)}": value for name, value in sorted(values.items()) if value != common}
 
-    rank, rank_pattern = common_and_patterns({name: factors.rank for name, factors in modules.items()})
-    alpha, alpha_pattern = common_and_patterns({name: factors.alpha for name, factors in modules.items()})
+    rank, rank_pattern = common_and_patterns(ranks)
+    alpha, alpha_pattern = common_and_patterns(alphas)
     return {
         "r": rank,
         "lora_alpha": alpha,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(modules),
+        "target_modules": sorted(ranks),
     }
 
 
@@ -395,32 +403,27 @@ def _fuse_attention(modules: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
     factors are stacked and the up factor is block-diagonal (scales folded in, a missing projection is a zero block),
     which gives the same delta at the summed rank.
     """
-    fused, groups = {}, defaultdict(dict)
-    for name, factors in modules.items():
-        target = fused_name(name)
-        if target is None:
-            fused[name] = factors
-        elif target[2] == 1:
-            fused[target[0]] = factors
-        else:
-            groups[target[0]][target[1]] = factors
+    fused, groups = fused_groups(modules)
     for name, parts in groups.items():
-        present = [parts[index] for index in sorted(parts)]
+        present = [part for part in parts if part is not None]
         first = present[0]
-        if len(present) == 3 and all(
+        if len(parts) == 1:  # to_out.0 -> attention.o
+            fused[name] = first
+        elif len(present) == 3 and all(
             torch.equal(p.down, first.down) and p.scale == first.scale and p.up.dtype == first.up.dtype
             for p in present
         ):
             fused[name] = LoraFactors(first.down, torch.cat([p.up for p in present]), first.scale)
-            continue
-        rows = first.up.shape[0]
-        up = first.up.new_zeros(3 * rows, sum(p.rank for p in present))
-        column = 0
-        for index in sorted(parts):
-            part = parts[index].folded()
-            up[index * rows : (index + 1) * rows, column : column + part.rank] = part.up
-            column += part.rank
-        fused[name] = LoraFactors(torch.cat([p.down for p in present]), up)
+        else:
+            rows = first.up.shape[0]
+            up = first.up.new_zeros(3 * rows, sum(p.rank for p in present))
+            column = 0
+            for index, part in enumerate(parts):
+                if part is not None:
+                    part = part.folded()
+                    up[index * rows : (index + 1) * rows, column : column + part.rank] = part.up
+                    column += part.rank
+            fused[name] = LoraFactors(torch.cat([p.down for p in present]), up)
     return fused
 
 

@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lokr.layer import factorization
 
 from .loading import list_keys, raise_problems, split_names
 from .lora_formats import (
@@ -30,6 +31,7 @@ from .lora_formats import (
     GLOBAL_MODULES,
     ORIGINAL_BLOCK_MODULES,
     _resolve_components,
+    config_patterns,
     is_known_module,
     split_prefix,
 )
@@ -347,12 +349,6 @@ def _split_fused(module: str, factors, source: str, problems: list) -> dict:
 # Through PEFT
 
 
-def _factorization(dimension: int, factor: int) -> tuple[int, int]:
-    from peft.tuners.lokr.layer import factorization
-
-    return factorization(dimension, factor)
-
-
 def _lokr_layout(modules: dict[str, LokrFactors]) -> tuple[dict, list[str]]:
     """PEFT LoKrConfig arguments that make PEFT build exactly the file's factor shapes (PEFT derives them from one
     `decompose_factor`, one `decompose_both` flag and each module's rank) -> (arguments, problems)."""
@@ -363,7 +359,7 @@ def _lokr_layout(modules: dict[str, LokrFactors]) -> tuple[dict, list[str]]:
             f
             for f in candidates
             if all(
-                _factorization(m.out_features, f) == (a, b) and _factorization(m.in_features, f) == (c, d)
+                factorization(m.out_features, f) == (a, b) and factorization(m.in_features, f) == (c, d)
                 for m, ((a, c), (b, d)) in ((modules[name], shape) for name, shape in shapes.items())
             )
         ),
@@ -394,33 +390,16 @@ def lycoris_config(modules: dict):
     """The PEFT `LoHaConfig` / `LoKrConfig` of one component's LyCORIS modules (ranks and alphas per module)."""
     from peft import LoHaConfig, LoKrConfig
 
-    from .lora_formats import lora_config_kwargs
-
     if all(isinstance(m, LohaFactors) for m in modules.values()):
-        ranks = {name: m.rank for name, m in modules.items()}
-        alphas = {name: m.alpha for name, m in modules.items()}
-        config_class, extra, problems = LoHaConfig, {}, []
+        config_class = LoHaConfig
+        extra = {"ranks": {name: m.rank for name, m in modules.items()}}
+        extra["alphas"] = {name: m.alpha for name, m in modules.items()}
     else:
-        layout, problems = _lokr_layout(modules)
+        config_class, (extra, problems) = LoKrConfig, _lokr_layout(modules)
         raise_problems("The LoKr cannot be loaded into PEFT's LoKr layers; nothing was loaded.", problems, ValueError)
-        ranks, alphas = layout.pop("ranks"), layout.pop("alphas")
-        config_class, extra = LoKrConfig, layout
-    stand_ins = {name: _RankAlpha(ranks[name], alphas[name]) for name in modules}
-    kwargs = lora_config_kwargs(stand_ins)
-    return config_class(
-        r=kwargs["r"],
-        alpha=kwargs["lora_alpha"],
-        rank_pattern=kwargs["rank_pattern"],
-        alpha_pattern=kwargs["alpha_pattern"],
-        target_modules=kwargs["target_modules"],
-        **extra,
-    )
-
-
-@dataclass
-class _RankAlpha:
-    rank: int
-    alpha: float
+    kwargs = config_patterns(extra.pop("ranks"), extra.pop("alphas"))
+    kwargs["alpha"] = kwargs.pop("lora_alpha")
+    return config_class(**kwargs, **extra)
 
 
 def _adapter_kind(config) -> str:
@@ -476,14 +455,7 @@ def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool,
                 f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
             )
         check_lora_fits(component, model, modules)
-    check_adapter_kinds(pipe, components, kind)
-    adapter_name = adapter_name or pipe._unused_adapter_name()
-    in_use = [c for c in components if adapter_name in pipe.get_list_adapters().get(c, [])]
-    if in_use:
-        raise ValueError(
-            f"An adapter named {adapter_name!r} is already loaded in {in_use}; pass another `adapter_name`, or "
-            f"`delete_adapters({adapter_name!r})` first."
-        )
+    adapter_name = pipe._new_adapter_name(components, adapter_name, kind)
     configs = {component: lycoris_config(modules) for component, modules in components.items()}
     try:
         for component, modules in components.items():
@@ -507,9 +479,6 @@ def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool,
                 )
             model._hf_peft_config_loaded = True
     except Exception:
-        for component in components:
-            model = getattr(pipe, component)
-            if adapter_name in getattr(model, "peft_config", {}):
-                model.delete_adapters(adapter_name)
+        pipe._delete_adapter_from(components, adapter_name)
         raise
     return adapter_name

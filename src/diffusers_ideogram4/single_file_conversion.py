@@ -10,7 +10,6 @@ With `base`, the other components (text encoder, VAE, tokenizer, scheduler) are 
 repo and a model_index.json is written: the output is a complete pipeline folder.
 """
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from .constants import OFFICIAL_ENTRIES
 from .conversion import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
-    MODEL_INDEX_NAME,
     TRANSFORMER_CLASS_NAME,
     WRITTEN_DTYPES,
     ConversionPlan,
@@ -36,7 +34,7 @@ from .conversion import (
     _read_model_index,
     _sharded,
     component_entries,
-    output_model_index,
+    model_index_file,
     parse_size,
     resolve_source,
     transformer_config_text,
@@ -121,7 +119,7 @@ def convert_single_files_to_diffusers(
         raise ValueError("Pass `transformer=` and/or `unconditional_transformer=` (single-file paths or URLs).")
     max_bytes = parse_size(max_shard_size)
     local = [Path(f) for f in (base, *files.values()) if f is not None and Path(f).exists()]
-    for path in local:  # neither the base folder nor a source file may be replaced or swallowed
+    for path in local or [None]:  # before any loading; neither the base nor a source file may be replaced or swallowed
         _check_output(output, overwrite, replace_any_folder, path)
     root = resolve_source(base, revision=revision, token=token) if base is not None else None
     source = ", ".join(f"{name}={file}" for name, file in files.items())
@@ -129,21 +127,11 @@ def convert_single_files_to_diffusers(
     for name, file in files.items():
         _plan_single_file(plan, name, file, config, DEQUANTIZED_DTYPES[dtype], max_bytes)
     if root is not None:
-        output_index = output_model_index(plan.direction, source)
-        for name, entry in component_entries(_read_model_index(root)).items():
+        entries = component_entries(_read_model_index(root))
+        for name in entries:
             if name not in files:
                 _plan_copy(plan, name, None)
                 plan.components.append(name)
-            output_index[name] = list(OFFICIAL_ENTRIES.get(entry[1], entry))
-        for name in files:
-            output_index[name] = list(OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME])
-        plan.files.append(OutputFile(MODEL_INDEX_NAME, text=json.dumps(output_index, indent=2, sort_keys=True) + "\n"))
-    return _execute(
-        plan,
-        output,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        replace_any_folder=replace_any_folder,
-        verify=verify,
-        progress=progress,
-    )
+        entries.update(dict.fromkeys(files, OFFICIAL_ENTRIES[TRANSFORMER_CLASS_NAME]))
+        plan.files.append(model_index_file(plan, entries))
+    return _execute(plan, output, dry_run, overwrite, replace_any_folder, verify, progress)
