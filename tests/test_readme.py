@@ -38,11 +38,17 @@ def test_caption_builder_example_runs(tmp_path, monkeypatch):
     assert namespace["prompt"] == (ROOT / "examples" / "poster.json").read_text(encoding="utf-8").rstrip("\n")
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (ROOT / ".ci" / "run").read_text()
-    command = next(line for line in blocks("bash") if "pytest" in line).strip()
-    for step in command.split(" && "):
-        assert step.replace("pip install", "python3 -m pip install --quiet").replace("python -m", "python3 -m") in ci
+def test_ci_runs_the_readme_set_up_and_test_commands():
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    set_up, test = blocks("bash")[:2]
+    assert "ideogram4 generate" in set_up and "pytest" in test
+    for command in (set_up, test):
+        steps = [
+            step.replace("pip install", "python3 -m pip install --quiet").replace("python -m", "python3 -m")
+            for step in command.strip().split(" && ")
+        ]
+        lines = [ci.index(step) for step in steps]  # each step is a whole line of the script
+        assert lines == sorted(lines), command  # in the README's order
 
 
 def test_python_examples_compile():
