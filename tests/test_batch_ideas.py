@@ -319,6 +319,21 @@ def test_cli_refuses_idea_options_that_would_do_nothing(tmp_path, capsys, no_mod
     assert no_model == []
 
 
+def test_an_idea_that_is_not_text_is_refused_before_loading(tmp_path, capsys, no_model, pipe):
+    """A command-line argument with a byte the locale cannot decode arrives as a lone surrogate (as a job file's
+    `\\udce9` escape would, which the job checks refuse): the tokenizer cannot take it."""
+    code, _, err = run_cli(
+        capsys, "generate", "a caf\udce9 sign", "--idea", "--model", TINY_RANDOM, "-o", tmp_path / "x.png"
+    )
+    assert code == 2 and err == (
+        "error: `prompt[0]` holds a lone surrogate U+DCE9 at character 5, which UTF-8 cannot encode; write the "
+        "character itself or remove it.\n"
+    )
+    assert no_model == [] and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"^`prompt\[1\]` holds a lone surrogate U\+D800 at character 0,"):
+        pipe.expand_prompt(["a cat", "\ud800"], limits=TINY_LIMITS)
+
+
 def test_the_api_refuses_what_ideas_need_and_do_not_take(tmp_path, pipe, plain_pipe):
     idea = [{"idea": IDEA, **SMALL}]
     with pytest.raises(ValueError, match=r"^Jobs with an `idea` are expanded by the pipeline's optional `prompt_"):
