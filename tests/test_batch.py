@@ -652,11 +652,12 @@ def test_two_processes_under_accelerate_make_the_single_process_images(tmp_path,
             {"caption": cap, "name": "a", "seed": 1, **SMALL},
             {"caption": cap, "name": "b", "seeds": [2, 3], **SMALL},
             {"caption": cap, "name": "c", "seed": 2.5, **SMALL},  # invalid
+            {"idea": "a jazz poster", "name": "i", "seeds": [8, 9], **SMALL},  # its two images on two ranks
             {"caption": CAPTION_SHORT, "name": "d", "seed": 4, **SMALL},
             {"caption": cap, "name": "e", "seed": 5, **SMALL},
         ],
     )
-    single = ["batch", jobs, "--model", TINY_RANDOM, "--skip-invalid"]
+    single = ["batch", jobs, "--model", TINY_RANDOM, "--skip-invalid", "--max-chars", "1", "--max-elements", "1"]
     assert run_cli(capsys, *single, "--out", tmp_path / "single")[0] == 1
 
     env = {
@@ -673,20 +674,33 @@ def test_two_processes_under_accelerate_make_the_single_process_images(tmp_path,
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 1, first.stderr[-3000:]  # one line is invalid
     assert pngs(tmp_path / "two") == pngs(tmp_path / "single")
-    assert len(pngs(tmp_path / "two")) == 5
+    assert len(pngs(tmp_path / "two")) == 7
     records = read_manifest(tmp_path / "two" / MANIFEST_NAME)
     assert [(r["status"], r["line"]) for r in records if r["status"] == "invalid"] == [("invalid", 3)]
     done = [r for r in records if r["status"] == "done"]
-    assert sorted(r["file"] for r in done) == ["a-1.png", "b-2.png", "b-3.png", "d-4.png", "e-5.png"]
+    assert sorted(r["file"] for r in done) == [
+        "a-1.png",
+        "b-2.png",
+        "b-3.png",
+        "d-4.png",
+        "e-5.png",
+        "i-8.png",
+        "i-9.png",
+    ]
     assert {r["rank"] for r in done} == {0, 1}
+    # Each idea image is expanded with its own seed, whichever process makes it: the single process's captions.
+    assert sorted((r["file"], r["rank"]) for r in done if r["line"] == 4) == [("i-8.png", 0), ("i-9.png", 1)]
+    assert {r["file"]: r["caption"] for r in done if r["line"] == 4} == {
+        name: read_recipe(tmp_path / "single" / name)["caption"] for name in ("i-8.png", "i-9.png")
+    }
     assert "rank 0: " in first.stdout and "rank 1: " in first.stdout
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 1, second.stderr[-3000:]
-    assert "5 of 5 images done (0 generated, 5 already there), 0 failed, 1 invalid line (line 3)" in second.stdout
+    assert "7 of 7 images done (0 generated, 7 already there), 0 failed, 1 invalid line (line 3)" in second.stdout
     assert pngs(tmp_path / "two") == pngs(tmp_path / "single")
     again = read_manifest(tmp_path / "two" / MANIFEST_NAME)[len(records) :]
-    assert sorted((r["status"], r.get("generated")) for r in again) == [("done", False)] * 5 + [("invalid", None)]
+    assert sorted((r["status"], r.get("generated")) for r in again) == [("done", False)] * 7 + [("invalid", None)]
 
 
 def test_single_transformer_mode_from_the_command_line_is_recorded_and_reproduced(tmp_path, capsys, monkeypatch):

@@ -230,14 +230,21 @@ def test_reproduce_makes_an_idea_image_from_its_caption_without_the_head(first_r
     assert built == [{"seed": 0, "unconditional": True, "prompt_enhancer_head": False}]
 
 
-def test_cli_batch_with_an_idea_then_resume_and_generate_idea_agrees(tmp_path, capsys):
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"idea": IDEA, "name": "jazz", "seed": 0, **SMALL}])
+def test_cli_batch_with_an_idea_then_resume_and_generate_idea_agrees(tmp_path, capsys, pipe):
+    # Not square: the instruction tells the head the image's width and height, which must not be swapped.
+    wide = {"height": 256, "width": 512, "steps": 2}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"idea": IDEA, "name": "jazz", "seed": 0, **wide}])
     command = ["batch", jobs, "--out", tmp_path / "out", "--model", TINY_RANDOM, *LIMIT_OPTIONS]
-    code, printed, _ = run_cli(capsys, *command, "--temperature", "0.5")
+    code, printed, _ = run_cli(capsys, *command, "--temperature", "1")
     assert code == 0 and "1 of 1 images done (1 generated, 0 already there)" in printed
     recipe = read_recipe(tmp_path / "out" / "jazz-0.png")
-    assert recipe["expansion"]["temperature"] == 0.5 and recipe["expansion"]["limits"] == asdict(TINY_LIMITS)
-    code, printed, _ = run_cli(capsys, *command, "--temperature", "0.5")
+    assert recipe["expansion"]["temperature"] == 1.0 and recipe["expansion"]["limits"] == asdict(TINY_LIMITS)
+    caption = pipe.expand_prompt(IDEA, height=256, width=512, generator=seeded(0), temperature=1, limits=TINY_LIMITS)
+    swapped = pipe.expand_prompt(IDEA, height=512, width=256, generator=seeded(0), temperature=1, limits=TINY_LIMITS)
+    assert recipe["caption"] == caption != swapped
+    assert Image.open(tmp_path / "out" / "jazz-0.png").size == (512, 256)
+    made = (tmp_path / "out" / "jazz-0.png").read_bytes()
+    code, printed, _ = run_cli(capsys, *command, "--temperature", "1")
     assert code == 0 and "1 of 1 images done (0 generated, 1 already there)" in printed
     code, printed, _ = run_cli(capsys, *command)  # the default temperature is another expansion
     assert code == 0 and "1 of 1 images done (1 generated, 0 already there)" in printed
@@ -246,11 +253,11 @@ def test_cli_batch_with_an_idea_then_resume_and_generate_idea_agrees(tmp_path, c
     # bytes, and prints the caption.
     image = tmp_path / "generated.png"
     generate = ["generate", IDEA, "--idea", "--model", TINY_RANDOM, "--seed", "0", "-o", image, *LIMIT_OPTIONS]
-    code, printed, _ = run_cli(capsys, *generate, "--height", "256", "--width", "256", "--steps", "2")
-    assert code == 0
-    caption = read_recipe(image)["caption"]
-    assert printed.splitlines()[-1] == f"Caption: {caption}"
-    assert image.read_bytes() == (tmp_path / "out" / "jazz-0.png").read_bytes()
+    code, printed, _ = run_cli(
+        capsys, *generate, "--height", "256", "--width", "512", "--steps", "2", "--temperature", 1
+    )
+    assert code == 0 and printed.splitlines()[-1] == f"Caption: {caption}"
+    assert read_recipe(image)["caption"] == caption and image.read_bytes() == made
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -310,6 +317,21 @@ def test_cli_refuses_idea_options_that_would_do_nothing(tmp_path, capsys, no_mod
     assert code == 2
     assert err.startswith(message.format(jobs=jobs))
     assert no_model == []
+
+
+def test_an_idea_that_is_not_text_is_refused_before_loading(tmp_path, capsys, no_model, pipe):
+    """A command-line argument with a byte the locale cannot decode arrives as a lone surrogate (as a job file's
+    `\\udce9` escape would, which the job checks refuse): the tokenizer cannot take it."""
+    code, _, err = run_cli(
+        capsys, "generate", "a caf\udce9 sign", "--idea", "--model", TINY_RANDOM, "-o", tmp_path / "x.png"
+    )
+    assert code == 2 and err == (
+        "error: `prompt[0]` holds a lone surrogate U+DCE9 at character 5, which UTF-8 cannot encode; write the "
+        "character itself or remove it.\n"
+    )
+    assert no_model == [] and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"^`prompt\[1\]` holds a lone surrogate U\+D800 at character 0,"):
+        pipe.expand_prompt(["a cat", "\ud800"], limits=TINY_LIMITS)
 
 
 def test_the_api_refuses_what_ideas_need_and_do_not_take(tmp_path, pipe, plain_pipe):

@@ -199,6 +199,14 @@ def check_expansion_arguments(prompt, height, width, generator, temperature, max
     """The arguments of `expand_prompt` that need no model, checked (the command line runs this before loading);
     returns the ideas as a list."""
     ideas = string_list("prompt", prompt, "an idea (a string)")
+    for index, idea in enumerate(ideas):
+        try:
+            idea.encode("utf-8")
+        except UnicodeEncodeError as error:  # e.g. an argument with a byte the locale cannot decode
+            raise ValueError(
+                f"`prompt[{index}]` holds a lone surrogate U+{ord(idea[error.start]):04X} at character "
+                f"{error.start}, which UTF-8 cannot encode; write the character itself or remove it."
+            ) from None
     check_image_size(height, width)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"`temperature` must be a finite number >= 0 (0 decodes greedily), got {temperature!r}.")
