@@ -143,6 +143,21 @@ def test_write_atomically_replaces_the_whole_file_and_keeps_its_mode(tmp_path):
         write_atomically(tmp_path / "no" / "x.json", b"x")
 
 
+def test_write_atomically_refuses_a_read_only_file_itself(tmp_path, monkeypatch):
+    # A rename would replace a read-only file (it needs only the folder's permission); the write asks os.access
+    # itself, faked here because root may write anywhere.
+    target = tmp_path / "locked.json"
+    target.write_bytes(OLD_BYTES)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(target) and real_access(path, mode))
+    with pytest.raises(UserFileError) as caught:
+        write_atomically(target, b"new")
+    assert str(caught.value) == (
+        f"cannot write {target}: Permission denied (the file is read-only); nothing was written"
+    )
+    assert target.read_bytes() == OLD_BYTES and os.listdir(tmp_path) == ["locked.json"]
+
+
 def test_an_interrupted_write_removes_its_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "out.json"
     target.write_bytes(OLD_BYTES)
