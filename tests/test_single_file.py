@@ -336,6 +336,19 @@ BROKEN = {
         broken(lambda s: s.update({"layers.0.ffn_norm1.comfy_quant": comfy_marker({"format": "float8_e4m3fn"})})),
         r"`layers\.0\.ffn_norm1\.weight` is BF16, a `float8_e4m3fn` layer stores it as F8_E4M3",
     ),
+    "marker-and-metadata-disagree": (
+        lambda tmp_path: write_safetensors(
+            tmp_path / "broken.safetensors",
+            load_file(str(broken(lambda s: None)(tmp_path))),
+            {"_quantization_metadata": json.dumps({"layers": {"layers.0.attention.qkv": {"format": "float8_e5m2"}}})},
+        ),
+        r"`layers\.0\.attention\.qkv\.comfy_quant` says \{'format': 'float8_e4m3fn'\}, the header's "
+        r"`_quantization_metadata` \{'format': 'float8_e5m2'\}$",
+    ),
+    "legacy-marker-beside-configs": (
+        broken(lambda s: s.update({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)})),
+        r"`scaled_fp8` \(the older scaled fp8 marker\) beside per-layer configs: give one or the other",
+    ),
     "metadata-not-json": (
         with_metadata({"_quantization_metadata": "{not json"}),
         r"`_quantization_metadata` is not JSON with a `layers` object",
