@@ -288,6 +288,13 @@ def test_latent_normalization_setting_carries_over_and_encodes_with_the_vae_bn()
         torch.testing.assert_close(img2img.encode_image(pixels, torch.device("cpu")), expected, rtol=0, atol=0)
 
 
+def test_a_pixel_at_the_threshold_repaints_its_token():
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[3, 20] = 0.5  # diffusers' binarization: >= 0.5 repaints
+    mask[20, 3] = np.nextafter(np.float32(0.5), np.float32(0))
+    assert token_weights(mask).tolist() == [[0.0, 1.0], [0.0, 0.0]]
+
+
 def test_mask_blur_blends_tokens_near_the_edge_and_keeps_the_far_ones(pipes):
     mask = np.zeros((S, S), dtype=np.float32)
     mask[:, 128:] = 1.0
