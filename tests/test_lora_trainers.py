@@ -10,7 +10,13 @@ from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_ideogram4.lora_formats import convert_lora_state_dict
-from diffusers_ideogram4.lora_trainers import FLAT_BLOCK_MODULES, FLAT_GLOBAL_MODULES, unflatten_module
+from diffusers_ideogram4.lora_trainers import (
+    FLAT_BLOCK_MODULES,
+    FLAT_GLOBAL_MODULES,
+    LohaFactors,
+    LokrFactors,
+    unflatten_module,
+)
 from diffusers_ideogram4.testing import tiny_pipeline, tiny_transformer
 from test_lora import GLOBALS, TOLERANCE, merged_by_hand, peft_adapter, refused, velocity, write
 
@@ -343,3 +349,14 @@ def test_lora_on_a_quantized_single_file_equals_its_dequantized_weights_merged_b
     torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **tolerance)
     with pytest.raises(ValueError, match=r"cannot fold adapters into quantized weight-only layers .*adaln_proj"):
         pipe.fuse_lora()
+
+
+def test_factor_deltas_follow_the_lycoris_formulas():
+    ones = torch.ones(2, 2)
+    # LoHa: (w1_a w1_b) * (w2_a w2_b) * alpha / r, r = 2: 2 * 2 * 3 / 2 = 6 everywhere.
+    assert torch.equal(LohaFactors(ones, ones, ones, ones, alpha=3.0).delta(), torch.full((2, 2), 6.0).double())
+    # LoKr with a decomposed w2 of rank 2: kron(w1, w2_a w2_b) * alpha / r; both full: alpha is not used.
+    w1 = torch.tensor([[1.0, 2.0]])
+    decomposed = LokrFactors((w1,), (ones, ones), alpha=1.0)
+    assert decomposed.delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    assert LokrFactors((w1,), (ones,), alpha=None).delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
