@@ -15,6 +15,8 @@ from diffusers_ideogram4.lora_trainers import (
     FLAT_GLOBAL_MODULES,
     LohaFactors,
     LokrFactors,
+    _lokr_layout,
+    parse_lycoris_state_dict,
     unflatten_module,
 )
 from diffusers_ideogram4.testing import tiny_pipeline, tiny_transformer
@@ -360,3 +362,24 @@ def test_factor_deltas_follow_the_lycoris_formulas():
     decomposed = LokrFactors((w1,), (ones, ones), alpha=1.0)
     assert decomposed.delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
     assert LokrFactors((w1,), (ones,), alpha=None).delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+
+
+def test_a_decomposed_lokr_without_alpha_has_scale_one():
+    module = "diffusion_model.layers.0.attention.o"
+    state = {f"{module}.lokr_w1": torch.ones(2, 2), f"{module}.lokr_w2_a": torch.ones(3, 2)}
+    state[f"{module}.lokr_w2_b"] = torch.ones(2, 4)
+    (factors,) = parse_lycoris_state_dict(state)["transformer"].values()
+    assert (factors.rank, factors.alpha, factors.scale) == (2, 2.0, 1.0)
+
+
+def test_lokr_layout_at_peft_rank_boundary_keeps_w2_full():
+    # PEFT decomposes w2 only when r < max(b, d) / 2: at r = 2 with a full 4 x 4 w2 it stays full, as in the file.
+    lokr = LokrFactors((torch.ones(8, 2), torch.ones(2, 8)), (torch.ones(4, 4),), alpha=2.0)
+    arguments, problems = _lokr_layout({"layers.0.attention.to_out.0": lokr})
+    assert problems == []
+    assert arguments == {
+        "ranks": {"layers.0.attention.to_out.0": 2},
+        "alphas": {"layers.0.attention.to_out.0": 2.0},
+        "decompose_both": True,
+        "decompose_factor": 8,
+    }
