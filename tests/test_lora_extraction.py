@@ -224,6 +224,7 @@ def test_script_and_refusals(tmp_path, capsys):
         ({}, r"Pass `rank` \(every layer\), `max_rel_error`"),
         ({"rank": 0}, r"`rank`"),
         ({"max_rel_error": 1.5}, r"`max_rel_error=1.5` must be in \(0, 1\)"),
+        ({"max_rel_error": 1.0}, r"`max_rel_error=1.0` must be in \(0, 1\)"),
         ({"rank": 2, "dtype": "fp16"}, r"`dtype='fp16'` is not supported"),
         ({"rank": 2, "non_linear": "drop"}, r"`non_linear='drop'` is not supported"),
     ]:
