@@ -310,6 +310,12 @@ def test_overlay_mask_rounds_the_tint_half_up():
     assert list(tinted.getdata()) == [(128, 0, 0), (0, 0, 0)]
 
 
+def test_blend_mixes_generated_and_kept_latents_by_weight():
+    latents, kept = torch.full((1, 3, 1), 8.0), torch.zeros(1, 3, 1)
+    weights = torch.tensor([0.0, 0.25, 1.0]).reshape(1, 3, 1)
+    assert Ideogram4InpaintPipeline.blend(latents, kept, weights).flatten().tolist() == [0.0, 2.0, 8.0]
+
+
 def test_mask_blur_blends_tokens_near_the_edge_and_keeps_the_far_ones(pipes):
     mask = np.zeros((S, S), dtype=np.float32)
     mask[:, 128:] = 1.0
