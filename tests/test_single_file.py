@@ -314,6 +314,14 @@ BROKEN = {
         ),
         r"config keys \['convrot'\] are not understood here",
     ),
+    "nvfp4-group-size": (
+        broken(
+            lambda s: s.update(
+                {"layers.1.feed_forward.w1.comfy_quant": comfy_marker({"format": "nvfp4", "group_size": 32})}
+            )
+        ),
+        r"layer `layers\.1\.feed_forward\.w1`: `group_size=32` with `nvfp4` \(only nvfp4 has one, 16\)",
+    ),
     "pre-quant-scale": (
         broken(lambda s: s.update({"layers.1.feed_forward.w1.pre_quant_scale": torch.ones(128)})),
         r"`layers\.1\.feed_forward\.w1\.pre_quant_scale`: activation smoothing",
