@@ -17,6 +17,7 @@ from diffusers.hooks import (
 )
 
 from conftest import CAPTION, seeded
+from diffusers_ideogram4.caches import hooked_modules
 from diffusers_ideogram4.testing import tiny_pipeline
 from diffusers_ideogram4.transformer_ideogram4 import Ideogram4AttnProcessor, Ideogram4TransformerBlock
 
@@ -209,6 +210,17 @@ def test_taylorseer_defaults_are_translated_without_changing_the_callers_config(
     try:
         assert pipe.transformer._cache_config.cache_identifiers == [r"layers\.\d+\.attention"]
         assert config.cache_identifiers is None
+    finally:
+        pipe.transformer.disable_cache()
+
+
+def test_taylorseer_skip_patterns_alone_keep_the_translated_cache_defaults(pipe):
+    # diffusers fills in its default cache patterns whenever `cache_identifiers` is unset, skip patterns given or
+    # not; here they must be this model's attention modules, beside the skipped block.
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(skip_predict_identifiers=[r"layers\.0"]))
+    try:
+        assert pipe.transformer._cache_config.cache_identifiers == [r"layers\.\d+\.attention"]
+        assert hooked_modules(pipe.transformer) == ["layers.0", "layers.0.attention", "layers.1.attention"]
     finally:
         pipe.transformer.disable_cache()
 

@@ -25,7 +25,7 @@ from diffusers_ideogram4 import (
     mask_from_caption,
     repainted_area,
 )
-from diffusers_ideogram4.canvas import token_weights
+from diffusers_ideogram4.canvas import overlay_mask, token_weights
 from diffusers_ideogram4.cli import main
 from diffusers_ideogram4.sampler import model_times
 from diffusers_ideogram4.testing import tiny_pipeline
@@ -286,6 +286,34 @@ def test_latent_normalization_setting_carries_over_and_encodes_with_the_vae_bn()
 
         expected = (patchify(mode) - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
         torch.testing.assert_close(img2img.encode_image(pixels, torch.device("cpu")), expected, rtol=0, atol=0)
+
+
+def test_a_pixel_at_the_threshold_repaints_its_token():
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[3, 20] = 0.5  # diffusers' binarization: >= 0.5 repaints
+    mask[20, 3] = np.nextafter(np.float32(0.5), np.float32(0))
+    assert token_weights(mask).tolist() == [[0.0, 1.0], [0.0, 0.0]]
+
+
+def test_a_blurred_token_with_a_repainted_pixel_keeps_weight_one():
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[15, 15] = 1.0  # one pixel: the blur spreads it below 1, the token still repaints fully
+    weights = token_weights(mask, mask_blur=4)
+    assert weights[0, 0] == 1.0 and 0 < weights[1, 1] < 1
+
+
+def test_overlay_mask_rounds_the_tint_half_up():
+    image = PIL.Image.new("RGB", (2, 1), (0, 0, 0))
+    mask = PIL.Image.new("L", (2, 1), 255)
+    mask.putpixel((1, 0), 0)
+    tinted = overlay_mask(image, mask, color=(255, 0, 0), opacity=0.5)  # alpha round(127.5) = 128
+    assert list(tinted.getdata()) == [(128, 0, 0), (0, 0, 0)]
+
+
+def test_blend_mixes_generated_and_kept_latents_by_weight():
+    latents, kept = torch.full((1, 3, 1), 8.0), torch.zeros(1, 3, 1)
+    weights = torch.tensor([0.0, 0.25, 1.0]).reshape(1, 3, 1)
+    assert Ideogram4InpaintPipeline.blend(latents, kept, weights).flatten().tolist() == [0.0, 2.0, 8.0]
 
 
 def test_mask_blur_blends_tokens_near_the_edge_and_keeps_the_far_ones(pipes):

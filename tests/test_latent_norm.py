@@ -14,6 +14,7 @@ from diffusers_ideogram4 import Ideogram4Pipeline
 from diffusers_ideogram4.layout import (
     REFERENCE_LATENT_NORM_PATH,
     channel_major,
+    describe_vae_statistics,
     reference_latent_norm,
     variance_for_scale,
 )
@@ -110,6 +111,16 @@ def test_channel_major_reference_is_named_as_such(caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         Ideogram4Pipeline(**pipe.components)
     assert "holds the reference vectors in the VAE's channel-major order" in caplog.text
+
+
+def test_channel_major_scale_beside_another_shift_is_not_named_the_reference():
+    pipe = tiny_pipeline(seed=2)
+    write_reference_into_bn(pipe.vae, order="channel-major")
+    assert describe_vae_statistics(pipe.vae) == "the reference vectors in the VAE's channel-major order"
+    pipe.vae.bn.running_mean.add_(0.5)  # the scale still matches, the shift no longer
+    assert describe_vae_statistics(pipe.vae) == (
+        "statistics that are not the reference vectors in any order (such as the FLUX.2 VAE's own)"
+    )
 
 
 def test_setting_is_checked_saved_and_loadable(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from diffusers_ideogram4.constants import TRANSFORMER_SIZES
 from diffusers_ideogram4.fp8 import dequantize_fp8_state_dict, linear_weight_keys, quantize_fp8_state_dict
 from diffusers_ideogram4.loading import diffusers_to_original
-from diffusers_ideogram4.lora_extraction import extract_unconditional_lora, read_extraction_report
+from diffusers_ideogram4.lora_extraction import choose_rank, extract_unconditional_lora, read_extraction_report
 from diffusers_ideogram4.testing import tiny_transformer
 from test_lora import TOLERANCE
 from test_single_transformer import passes, single, two_transformers
@@ -224,6 +224,7 @@ def test_script_and_refusals(tmp_path, capsys):
         ({}, r"Pass `rank` \(every layer\), `max_rel_error`"),
         ({"rank": 0}, r"`rank`"),
         ({"max_rel_error": 1.5}, r"`max_rel_error=1.5` must be in \(0, 1\)"),
+        ({"max_rel_error": 1.0}, r"`max_rel_error=1.0` must be in \(0, 1\)"),
         ({"rank": 2, "dtype": "fp16"}, r"`dtype='fp16'` is not supported"),
         ({"rank": 2, "non_linear": "drop"}, r"`non_linear='drop'` is not supported"),
     ]:
@@ -239,3 +240,10 @@ def test_script_and_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"have identical Linear weights: there is no unconditional LoRA"):
         extract(same, tmp_path / "x.safetensors", rank=2)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_choose_rank_keeps_the_smallest_rank_whose_error_is_at_most_the_bound():
+    values = torch.tensor([4.0, 3.0])  # ||D|| = 5; keeping one value leaves an error of exactly 3 = 0.6 x 5
+    assert choose_rank(values, None, 0.6) == 1
+    assert choose_rank(values, None, 0.5) == 2
+    assert choose_rank(values, 1, 0.5) == 1

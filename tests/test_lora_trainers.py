@@ -10,7 +10,15 @@ from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_ideogram4.lora_formats import convert_lora_state_dict
-from diffusers_ideogram4.lora_trainers import FLAT_BLOCK_MODULES, FLAT_GLOBAL_MODULES, unflatten_module
+from diffusers_ideogram4.lora_trainers import (
+    FLAT_BLOCK_MODULES,
+    FLAT_GLOBAL_MODULES,
+    LohaFactors,
+    LokrFactors,
+    _lokr_layout,
+    parse_lycoris_state_dict,
+    unflatten_module,
+)
 from diffusers_ideogram4.testing import tiny_pipeline, tiny_transformer
 from test_lora import GLOBALS, TOLERANCE, merged_by_hand, peft_adapter, refused, velocity, write
 
@@ -343,3 +351,35 @@ def test_lora_on_a_quantized_single_file_equals_its_dequantized_weights_merged_b
     torch.testing.assert_close(velocity(pipe.transformer), velocity(reference), **tolerance)
     with pytest.raises(ValueError, match=r"cannot fold adapters into quantized weight-only layers .*adaln_proj"):
         pipe.fuse_lora()
+
+
+def test_factor_deltas_follow_the_lycoris_formulas():
+    ones = torch.ones(2, 2)
+    # LoHa: (w1_a w1_b) * (w2_a w2_b) * alpha / r, r = 2: 2 * 2 * 3 / 2 = 6 everywhere.
+    assert torch.equal(LohaFactors(ones, ones, ones, ones, alpha=3.0).delta(), torch.full((2, 2), 6.0).double())
+    # LoKr with a decomposed w2 of rank 2: kron(w1, w2_a w2_b) * alpha / r; both full: alpha is not used.
+    w1 = torch.tensor([[1.0, 2.0]])
+    decomposed = LokrFactors((w1,), (ones, ones), alpha=1.0)
+    assert decomposed.delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    assert LokrFactors((w1,), (ones,), alpha=None).delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+
+
+def test_a_decomposed_lokr_without_alpha_has_scale_one():
+    module = "diffusion_model.layers.0.attention.o"
+    state = {f"{module}.lokr_w1": torch.ones(2, 2), f"{module}.lokr_w2_a": torch.ones(3, 2)}
+    state[f"{module}.lokr_w2_b"] = torch.ones(2, 4)
+    (factors,) = parse_lycoris_state_dict(state)["transformer"].values()
+    assert (factors.rank, factors.alpha, factors.scale) == (2, 2.0, 1.0)
+
+
+def test_lokr_layout_at_peft_rank_boundary_keeps_w2_full():
+    # PEFT decomposes w2 only when r < max(b, d) / 2: at r = 2 with a full 4 x 4 w2 it stays full, as in the file.
+    lokr = LokrFactors((torch.ones(8, 2), torch.ones(2, 8)), (torch.ones(4, 4),), alpha=2.0)
+    arguments, problems = _lokr_layout({"layers.0.attention.to_out.0": lokr})
+    assert problems == []
+    assert arguments == {
+        "ranks": {"layers.0.attention.to_out.0": 2},
+        "alphas": {"layers.0.attention.to_out.0": 2.0},
+        "decompose_both": True,
+        "decompose_factor": 8,
+    }

@@ -17,7 +17,7 @@ from diffusers_ideogram4.captions import check_caption
 from diffusers_ideogram4.captions.checker import MAX_ISSUES_PER_PLACE, _overlapping_boxes
 from diffusers_ideogram4.captions.limits import _longest_token_bytes, check_prompt_lengths, min_caption_tokens
 from diffusers_ideogram4.cli import main
-from diffusers_ideogram4.files import UserFileError, read_text, write_atomically
+from diffusers_ideogram4.files import UserFileError, check_image_path, read_text, write_atomically
 from diffusers_ideogram4.testing import tiny_tokenizer
 from diffusers_ideogram4.text_encoder import tokenize_prompt
 
@@ -141,6 +141,30 @@ def test_write_atomically_replaces_the_whole_file_and_keeps_its_mode(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["link.json", "out.json"]
     with pytest.raises(UserFileError, match=f"cannot write {tmp_path / 'no' / 'x.json'}: No such file or directory"):
         write_atomically(tmp_path / "no" / "x.json", b"x")
+
+
+def test_write_atomically_refuses_a_read_only_file_itself(tmp_path, monkeypatch):
+    # A rename would replace a read-only file (it needs only the folder's permission); the write asks os.access
+    # itself, faked here because root may write anywhere.
+    target = tmp_path / "locked.json"
+    target.write_bytes(OLD_BYTES)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(target) and real_access(path, mode))
+    with pytest.raises(UserFileError) as caught:
+        write_atomically(target, b"new")
+    assert str(caught.value) == (
+        f"cannot write {target}: Permission denied (the file is read-only); nothing was written"
+    )
+    assert target.read_bytes() == OLD_BYTES and os.listdir(tmp_path) == ["locked.json"]
+
+
+def test_an_extension_pillow_reads_but_cannot_write_is_refused(tmp_path):
+    with pytest.raises(UserFileError) as caught:
+        check_image_path(tmp_path / "out.psd")  # Pillow opens Photoshop files but saves none
+    assert str(caught.value) == (
+        f"cannot write {tmp_path}/out.psd: extension '.psd' is not an image format Pillow can write; end the name "
+        "with .png (lossless), .webp, .jpg or another format Pillow saves"
+    )
 
 
 def test_an_interrupted_write_removes_its_temporary_file(tmp_path, monkeypatch):

@@ -18,7 +18,11 @@ from conftest import CAPTION, seeded
 from diffusers_ideogram4 import Ideogram4Img2ImgPipeline, Ideogram4InpaintPipeline, Ideogram4Pipeline
 from diffusers_ideogram4.constants import TAU_MAX, TAU_MIN
 from diffusers_ideogram4.sampler import euler_step, model_times
-from diffusers_ideogram4.schedulers import scheduler_stepper, stochastic_noise_follows_the_generator
+from diffusers_ideogram4.schedulers import (
+    is_reference_sampler,
+    scheduler_stepper,
+    stochastic_noise_follows_the_generator,
+)
 from diffusers_ideogram4.testing import tiny_components, tiny_pipeline
 
 
@@ -223,8 +227,13 @@ def test_inpainting_with_unipc_keeps_the_kept_tokens_exactly(pipe):
             "`scheduler` is a `FlowMatchEulerDiscreteScheduler` with `use_dynamic_shifting=True`, which would rewrite "
             "Ideogram 4's sigmas or misread the velocity. ",
         ),
+        (
+            UniPCMultistepScheduler(**FLOW_UNIPC, solver_p=FlowMatchEulerDiscreteScheduler()),
+            "`scheduler` is a `UniPCMultistepScheduler` with `solver_p=FlowMatchEulerDiscreteScheduler(...)`, which "
+            "would rewrite Ideogram 4's sigmas or misread the velocity. ",
+        ),
     ],
-    ids=["heun", "dpm", "unipc-no-flow", "unipc-shift", "euler-karras-shift", "euler-dynamic"],
+    ids=["heun", "dpm", "unipc-no-flow", "unipc-shift", "euler-karras-shift", "euler-dynamic", "unipc-solver-p"],
 )
 def test_schedulers_that_cannot_take_the_schedule_are_refused_when_assigned(pipe, scheduler, message):
     with pytest.raises(ValueError) as error:
@@ -234,6 +243,15 @@ def test_schedulers_that_cannot_take_the_schedule_are_refused_when_assigned(pipe
     with pytest.raises(ValueError) as error:  # and when a pipeline is built with it
         Ideogram4Pipeline(**dict(tiny_components(), scheduler=scheduler))
     assert str(error.value) == message + FIX
+
+
+def test_a_falsy_shift_terminal_keeps_the_reference_sampler(pipe):
+    # diffusers stretches the sigmas only for a truthy `shift_terminal`: 0.0 rewrites nothing and is accepted.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift_terminal=0.0)
+    assert is_reference_sampler(scheduler)
+    step = scheduler_stepper(scheduler, [0.25, 0.5])
+    latents, velocity = torch.ones(1, 2, 4), torch.full((1, 2, 4), 2.0)
+    assert torch.equal(step(0, latents, velocity), euler_step(latents, velocity, 0.25, 0.5))
 
 
 def test_a_shift_set_after_assignment_is_refused_at_the_call_before_model_work(pipe, monkeypatch):

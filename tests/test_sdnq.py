@@ -100,13 +100,17 @@ def rewrite(folder, change):
             lambda s: s.update({"layers.0.attention.to_q.zero_points": torch.ones(128, 1)}),
             r"unexpected keys: layers\.0\.attention\.to_q\.zero_points",
         ),
+        (
+            lambda s: s.update({"layers.0.attention.to_z.scale": torch.ones(128, 1)}),
+            r"unexpected keys: layers\.0\.attention\.to_z\.scale",
+        ),
         (lambda s: s.pop("layers.1.ffn_norm2.weight"), r"missing keys: layers\.1\.ffn_norm2\.weight"),
         (
             lambda s: s.update({"layers.1.ffn_norm2.weight": torch.ones(64, dtype=torch.bfloat16)}),
             r"mis-shaped keys: layers\.1\.ffn_norm2\.weight \(checkpoint \[64\], model \[128\]\)",
         ),
     ],
-    ids=["scale-missing", "key-unexpected", "key-missing", "mis-shaped"],
+    ids=["scale-missing", "key-unexpected", "sdnq-tensor-of-no-module", "key-missing", "mis-shaped"],
 )
 def test_broken_sdnq_folder_is_refused_by_name(tmp_path, monkeypatch, change, message):
     folder = rewrite(sdnq_folder(tmp_path)[0], change)

@@ -314,6 +314,14 @@ BROKEN = {
         ),
         r"config keys \['convrot'\] are not understood here",
     ),
+    "nvfp4-group-size": (
+        broken(
+            lambda s: s.update(
+                {"layers.1.feed_forward.w1.comfy_quant": comfy_marker({"format": "nvfp4", "group_size": 32})}
+            )
+        ),
+        r"layer `layers\.1\.feed_forward\.w1`: `group_size=32` with `nvfp4` \(only nvfp4 has one, 16\)",
+    ),
     "pre-quant-scale": (
         broken(lambda s: s.update({"layers.1.feed_forward.w1.pre_quant_scale": torch.ones(128)})),
         r"`layers\.1\.feed_forward\.w1\.pre_quant_scale`: activation smoothing",
@@ -335,6 +343,19 @@ BROKEN = {
     "config-for-a-norm": (
         broken(lambda s: s.update({"layers.0.ffn_norm1.comfy_quant": comfy_marker({"format": "float8_e4m3fn"})})),
         r"`layers\.0\.ffn_norm1\.weight` is BF16, a `float8_e4m3fn` layer stores it as F8_E4M3",
+    ),
+    "marker-and-metadata-disagree": (
+        lambda tmp_path: write_safetensors(
+            tmp_path / "broken.safetensors",
+            load_file(str(broken(lambda s: None)(tmp_path))),
+            {"_quantization_metadata": json.dumps({"layers": {"layers.0.attention.qkv": {"format": "float8_e5m2"}}})},
+        ),
+        r"`layers\.0\.attention\.qkv\.comfy_quant` says \{'format': 'float8_e4m3fn'\}, the header's "
+        r"`_quantization_metadata` \{'format': 'float8_e5m2'\}$",
+    ),
+    "legacy-marker-beside-configs": (
+        broken(lambda s: s.update({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)})),
+        r"`scaled_fp8` \(the older scaled fp8 marker\) beside per-layer configs: give one or the other",
     ),
     "metadata-not-json": (
         with_metadata({"_quantization_metadata": "{not json"}),

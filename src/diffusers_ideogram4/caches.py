@@ -51,7 +51,8 @@ def register_cache_blocks() -> None:
 
 def adapt_cache_config(config):
     """The config to apply to this model: TaylorSeer's default and lite-mode patterns translated to this model's
-    module names (a copy; the caller's config is left alone); every other config as given."""
+    module names (a copy; the caller's config is left alone); every other config as given. diffusers uses its default
+    cache patterns whenever `cache_identifiers` is unset (or empty), skip patterns given or not."""
     if type(config).__name__ in REFUSED_CACHES:
         raise ValueError(
             f"`{type(config).__name__}` does not apply to Ideogram 4: {REFUSED_CACHES[type(config).__name__]}. Use "
@@ -60,7 +61,7 @@ def adapt_cache_config(config):
     if type(config).__name__ == "TaylorSeerCacheConfig":
         if config.use_lite_mode:
             return dataclasses.replace(config, use_lite_mode=False, **TAYLORSEER_LITE_IDENTIFIERS)
-        if config.cache_identifiers is None and config.skip_predict_identifiers is None:
+        if not config.cache_identifiers:
             return dataclasses.replace(config, cache_identifiers=list(TAYLORSEER_DEFAULT_IDENTIFIERS))
     return config
 
