@@ -13,7 +13,6 @@ from diffusers_ideogram4.lora_formats import convert_lora_state_dict
 from diffusers_ideogram4.lora_trainers import (
     FLAT_BLOCK_MODULES,
     FLAT_GLOBAL_MODULES,
-    LohaFactors,
     LokrFactors,
     _lokr_layout,
     parse_lycoris_state_dict,
@@ -353,23 +352,13 @@ def test_lora_on_a_quantized_single_file_equals_its_dequantized_weights_merged_b
         pipe.fuse_lora()
 
 
-def test_factor_deltas_follow_the_lycoris_formulas():
-    ones = torch.ones(2, 2)
-    # LoHa: (w1_a w1_b) * (w2_a w2_b) * alpha / r, r = 2: 2 * 2 * 3 / 2 = 6 everywhere.
-    assert torch.equal(LohaFactors(ones, ones, ones, ones, alpha=3.0).delta(), torch.full((2, 2), 6.0).double())
-    # LoKr with a decomposed w2 of rank 2: kron(w1, w2_a w2_b) * alpha / r; both full: alpha is not used.
-    w1 = torch.tensor([[1.0, 2.0]])
-    decomposed = LokrFactors((w1,), (ones, ones), alpha=1.0)
-    assert decomposed.delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
-    assert LokrFactors((w1,), (ones,), alpha=None).delta().tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
-
-
-def test_a_decomposed_lokr_without_alpha_has_scale_one():
+def test_a_decomposed_lokr_without_alpha_gets_alpha_equal_to_its_rank():
+    """LyCORIS reads a missing alpha of a decomposed LoKr as its rank (scale 1), and PEFT is given that alpha."""
     module = "diffusion_model.layers.0.attention.o"
     state = {f"{module}.lokr_w1": torch.ones(2, 2), f"{module}.lokr_w2_a": torch.ones(3, 2)}
     state[f"{module}.lokr_w2_b"] = torch.ones(2, 4)
     (factors,) = parse_lycoris_state_dict(state)["transformer"].values()
-    assert (factors.rank, factors.alpha, factors.scale) == (2, 2.0, 1.0)
+    assert (factors.rank, factors.alpha) == (2, 2.0)
 
 
 def test_lokr_layout_at_peft_rank_boundary_keeps_w2_full():

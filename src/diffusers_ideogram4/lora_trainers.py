@@ -91,7 +91,7 @@ def split_flat_prefix(key: str) -> tuple[str, str] | None:
 
 @dataclass
 class LohaFactors:
-    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * scale."""
+    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r, r the rank (the module docstring has the formats)."""
 
     w1_a: torch.Tensor  # (out, r)
     w1_b: torch.Tensor  # (r, in)
@@ -113,13 +113,6 @@ class LohaFactors:
     def in_features(self) -> int:
         return self.w1_b.shape[1]
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        return (self.w1_a.double() @ self.w1_b.double()) * (self.w2_a.double() @ self.w2_b.double()) * self.scale
-
     def rows(self, part: slice) -> "LohaFactors":
         """The factors of rows `part` of dW (rows of the product come from rows of w1_a and w2_a)."""
         return LohaFactors(
@@ -132,7 +125,7 @@ class LohaFactors:
 
 @dataclass
 class LokrFactors:
-    """dW = kron(w1, w2) * scale, each factor full or a product of two (a, r) @ (r, c) matrices."""
+    """dW = kron(w1, w2) (times alpha / r when a factor is decomposed), each factor full or a product of two (a, r) @ (r, c) matrices."""
 
     w1: tuple[torch.Tensor, ...]  # (a, c), or (a, r) and (r, c)
     w2: tuple[torch.Tensor, ...]  # (b, d), or (b, r) and (r, d)
@@ -160,17 +153,6 @@ class LokrFactors:
         """The rank of the decomposed factor(s), None when both are full."""
         ranks = {w[0].shape[1] for w in (self.w1, self.w2) if len(w) == 2}
         return ranks.pop() if ranks else None
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.rank is None else self.alpha / self.rank
-
-    @staticmethod
-    def _full(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return w[0].double() if len(w) == 1 else w[0].double() @ w[1].double()
-
-    def delta(self) -> torch.Tensor:
-        return torch.kron(self._full(self.w1), self._full(self.w2)) * self.scale
 
     def rows(self, part: slice) -> "LokrFactors":
         """The factors of rows `part` of dW, a whole number of w1's rows (kron rows come in a blocks of b): those
