@@ -125,7 +125,8 @@ class LohaFactors:
 
 @dataclass
 class LokrFactors:
-    """dW = kron(w1, w2) (times alpha / r when a factor is decomposed), each factor full or a product of two (a, r) @ (r, c) matrices."""
+    """dW = kron(w1, w2), times alpha / r when a factor is decomposed; each factor full or a product of two
+    (a, r) @ (r, c) matrices."""
 
     w1: tuple[torch.Tensor, ...]  # (a, c), or (a, r) and (r, c)
     w2: tuple[torch.Tensor, ...]  # (b, d), or (b, r) and (r, d)
