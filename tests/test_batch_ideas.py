@@ -1,7 +1,6 @@
 """Jobs with an `idea`: expanded per image by the tiny random model and its random head, seeded as
 `prompt_upsampling=True` seeds it; recipes, resume, reproduce, `generate --idea`, and the refusals before loading."""
 
-import json
 import sys
 from dataclasses import asdict
 
@@ -20,34 +19,17 @@ from diffusers_ideogram4.batch import (
     read_manifest,
 )
 from diffusers_ideogram4.captions.grammar import EXPAND_EXTRA, CaptionLimits
-from diffusers_ideogram4.cli import main
 from diffusers_ideogram4.prompt_expansion import HEAD_REPO, INSTRUCTION_VERSION, Ideogram4PromptExpansionMixin
 from diffusers_ideogram4.recipe import TINY_RANDOM, HeadSpec, ModelSpec, read_recipe
+from test_batch import SMALL, TINY, pngs, run_cli, write_jobs
 
 
-SMALL = {"height": 256, "width": 256, "steps": 2}
 # One character per string and one element: each caption of the random head takes about 50 tokens (about 1 s).
 TINY_LIMITS = CaptionLimits(description_chars=1, style_chars=1, element_chars=1, text_chars=1, max_elements=1)
 LIMIT_OPTIONS = ["--max-chars", "1", "--max-elements", "1"]
 IDEA = "a jazz poster that says JAZZ NIGHT"
-TINY = ModelSpec(TINY_RANDOM, dtype="fp32", seed=0)
 TINY_HEAD = ModelSpec(TINY_RANDOM, dtype="fp32", seed=0, head=HeadSpec(TINY_RANDOM))
 CALL = dict(height=256, width=256, num_inference_steps=2, caption_check="off")
-
-
-def write_jobs(path, lines: list):
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
-def pngs(folder) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
-
-
-def run_cli(capsys, *arguments) -> tuple[int, str, str]:
-    code = main([str(argument) for argument in arguments])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
