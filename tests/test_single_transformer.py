@@ -222,14 +222,16 @@ def test_unconditional_branch_weights_and_runtime_scale(tmp_path):
     for mine, theirs in zip(passes(pipe, scale=0.3), passes(reference)):
         torch.testing.assert_close(mine, theirs, **TOLERANCE)
 
-    # disable_lora(): no adapter in the conditional pass; the unconditional pass keeps the unconditional LoRA.
+    # disable_lora(): no adapter in the conditional pass; the unconditional pass keeps the unconditional LoRA only,
+    # even when its branch also runs the style adapter.
+    pipe.set_adapters(["unconditional", "style"], branch="unconditional")
     pipe.disable_lora()
     assert pipe.get_branch_adapters() == {"conditional": [], "unconditional": ["unconditional"]}
     plain = two_transformers(merged_by_hand(base_transformer(), uncond))
     for mine, theirs in zip(passes(pipe), passes(plain)):
         torch.testing.assert_close(mine, theirs, **TOLERANCE)
     pipe.enable_lora()
-    assert pipe.get_branch_adapters()["conditional"] == ["style"]
+    assert pipe.get_branch_adapters() == {"conditional": ["style"], "unconditional": ["unconditional", "style"]}
 
 
 def test_branch_scopes_with_two_transformers(tmp_path):
