@@ -482,3 +482,16 @@ def test_sdnq_on_a_diffusers_without_its_quantizer_is_refused_with_the_way_out(t
     monkeypatch.setattr(sdnq_loading, "host_reads_sdnq", lambda: False)
     with pytest.raises(ImportError, match=r"quantized with SDNQ, which diffusers .* cannot load.*0\.39 or newer"):
         Transformer.from_pretrained(folder)
+
+
+def test_a_quantization_config_that_is_not_an_object_is_refused_by_name(tmp_path):
+    """It reached diffusers' quantizer lookup, which failed with `'list' object has no attribute 'quant_method'`."""
+    folder = write(tmp_path / "t", tiny_transformer().state_dict())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": ["sdnq"]}))
+    with pytest.raises(ValueError) as refused:
+        Transformer.from_pretrained(folder)
+    assert str(refused.value) == (
+        f"{folder / 'config.json'}: `quantization_config` must be an object such as "
+        '{"quant_method": "sdnq", ...}, got list [\'sdnq\']; fix or remove it.'
+    )

@@ -28,8 +28,15 @@ def quantization_method(folder: Path) -> str | None:
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         return None
-    quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+    quantization = json.loads(config_path.read_text()).get("quantization_config")
+    if quantization is None:
+        return None
+    if not isinstance(quantization, dict):
+        raise ValueError(
+            f'{config_path}: `quantization_config` must be an object such as {{"quant_method": "sdnq", ...}}, got '
+            f"{type(quantization).__name__} {str(quantization)[:80]}; fix or remove it."
+        )
+    return quantization.get("quant_method")
 
 
 def sdnq_tensor_names() -> set[str]:
