@@ -447,6 +447,17 @@ def test_one_run_per_output_folder(tmp_path, pipe):
     assert pngs(tmp_path) == {}
 
 
+def test_the_command_refuses_a_folder_another_run_holds_before_loading(tmp_path, capsys, no_model):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"caption": CAPTION, **SMALL}])
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out):
+        code, _, err = run_cli(capsys, "batch", jobs, "--out", out, "--model", TINY_RANDOM)
+    assert code == 2
+    assert err.startswith(f"error: {out}: another `ideogram4 batch` run (pid {os.getpid()}) is writing there;")
+    assert no_model == [] and pngs(out) == {}
+
+
 def test_a_run_killed_after_its_first_image_resumes_to_the_same_files(tmp_path, pipe):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"caption": CAPTION, "name": "p", "seeds": list(range(8)), **SMALL}])
     reference = generate_batch(pipe, jobs, tmp_path / "reference", model=TINY, progress=False)

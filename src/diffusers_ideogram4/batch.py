@@ -600,6 +600,21 @@ class RunLock:
             self.handle.close()  # closing releases the lock
 
 
+def check_no_other_run(out_dir) -> None:
+    """Refuse a folder that another run holds before any model is loaded: process 0 tries the run lock and lets it go
+    at once, and every process gets its answer (`generate_batch` then takes the lock for the run itself)."""
+    error = None
+    if process_state().is_main_process and Path(out_dir).is_dir():
+        try:
+            with RunLock(Path(out_dir)):
+                pass
+        except ValueError as refused:
+            error = str(refused)
+    (error,) = broadcast_object_list([error])
+    if error is not None:
+        raise ValueError(error)
+
+
 def check_out_dir(out_dir, name: str = "`out_dir`") -> Path:
     """The output folder may exist or not, but may not be a file, nor hold a folder named like the manifest, and it
     (or the folder it will be made in) must be writable. `name` is how the message names the argument."""

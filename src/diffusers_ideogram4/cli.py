@@ -475,6 +475,7 @@ def run_batch(args) -> int:
         CLI_SKIP_HINT,
         check_expansion_available,
         check_expansion_kwargs,
+        check_no_other_run,
         check_out_dir,
         check_token_limits,
         generate_batch,
@@ -494,6 +495,7 @@ def run_batch(args) -> int:
         check_out_dir(args.out, "--out")
         check_model_argument(args.model)
         device = resolve_device(args.device) if args.device is not None else state.device
+        check_no_other_run(args.out)
         jobs = read_jobs(args.jobs)
         if jobs.problems and not args.skip_invalid:
             raise jobs.error(CLI_SKIP_HINT)
