@@ -23,8 +23,9 @@ pytestmark = pytest.mark.skipif(
 )
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Velocity error of the quantized model against the bf16 one (relative L2, tiny model, seed 0, measured 2026-12-02:
-# float8_e4m3fn 0.0077, int8 0.0039); asserted with some room.
-BUDGET = {"float8_e4m3fn": 0.015, "int8": 0.008}
+# float8_e4m3fn 0.0077, int8 0.0039, uint4 0.0216); asserted with some room. uint4 packs two weights per byte, so its
+# stored weights do not have the model's shapes (the header check must leave quantized modules' shapes to SDNQ).
+BUDGET = {"float8_e4m3fn": 0.015, "int8": 0.008, "uint4": 0.04}
 
 
 def bf16(inputs):
