@@ -490,3 +490,24 @@ def test_batch_refuses_single_transformer_mode_that_the_model_does_not_name(tmp_
     ):
         generate_batch(pipe, [{"caption": CAPTION}], tmp_path / "out", model=ModelSpec("tiny-random", seed=0))
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_differences_follow_the_dtype_of_each_pass():
+    """A difference is converted once per device and dtype: after a float32 pass, a bfloat16 pass adds it in
+    bfloat16 (not the float32 copy, which would promote the output)."""
+    from diffusers_ideogram4.unconditional_lora import WeightDiffs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    difference = torch.tensor([0.1, -0.2, 0.3])
+    diffs = WeightDiffs(model, {"0": {"bias": difference}})
+    x = torch.randn(2, 4, generator=seeded(0))
+    with diffs.applied():
+        full = model(x)
+    assert torch.equal(full, torch.nn.functional.linear(x, model[0].weight, model[0].bias) + difference)
+    model.to(torch.bfloat16)
+    with diffs.applied():
+        half = model(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    plain = torch.nn.functional.linear(x.bfloat16(), model[0].weight, model[0].bias)
+    assert torch.equal(half, plain + difference.bfloat16())
+    assert torch.equal(model(x.bfloat16()), plain)  # outside the unconditional pass: nothing added
