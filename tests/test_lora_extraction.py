@@ -164,6 +164,10 @@ def test_a_stray_non_linear_difference_is_reported_stored_or_refused(tmp_path):
     expected = torch.zeros(CHANNELS := TRANSFORMER_SIZES["tiny"]["attention_head_dim"] * 2)
     expected[7] = unconditional.layers[1].ffn_norm1.weight[7] - conditional.layers[1].ffn_norm1.weight[7]
     assert torch.equal(stored["diffusion_model.layers.1.ffn_norm1.diff"], expected) and CHANNELS == 128
+    # The report gives the difference relative to the unconditional weight: ||d|| / ||w_u||.
+    relative_size = float(expected.norm()) / float(unconditional.layers[1].ffn_norm1.weight.norm())
+    assert report.weight_diffs["diffusion_model.layers.1.ffn_norm1.diff"] == pytest.approx(relative_size, rel=1e-6)
+    assert f"diffusion_model.layers.1.ffn_norm1.diff ({relative_size:.2e})" in report.summary()
     assert not any(key.startswith("diffusion_model.llm_cond_proj") for key in stored)
     # The differences have rank 3 (9 for the fused q/k/v): rank 9 reproduces them to float error, and with the norm
     # difference the unconditional branch.
