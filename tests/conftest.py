@@ -47,3 +47,14 @@ def tiny_pipe():
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The names of the tiny tokenizers and pipelines built during the test (tests assert it stays empty)."""
+    import diffusers_ideogram4.testing as testing
+
+    built = []
+    monkeypatch.setattr(testing, "tiny_pipeline", lambda **kw: built.append("pipeline"))
+    monkeypatch.setattr(testing, "tiny_tokenizer", lambda *a: built.append("tokenizer"))
+    return built

@@ -56,17 +56,6 @@ def first_run(pipe, tmp_path_factory):
     return out, result
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if a tokenizer or a pipeline is built."""
-    import diffusers_ideogram4.testing as testing
-
-    built = []
-    monkeypatch.setattr(testing, "tiny_pipeline", lambda **kw: built.append("pipeline"))
-    monkeypatch.setattr(testing, "tiny_tokenizer", lambda *a: built.append("tokenizer"))
-    return built
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The job file
 
