@@ -145,8 +145,21 @@ def test_fp8_model_saves_back_to_the_release_format(tmp_path):
             lambda s: s.update({"layers.1.attention_norm1.weight_scale": torch.ones(128)}),
             r"`\.weight_scale` tensors without a float8 weight: layers\.1\.attention_norm1\.weight_scale",
         ),
+        # Weights and scales only in the release's dtypes.
+        (
+            lambda s: s.update({"input_proj.weight_scale": s["input_proj.weight_scale"].half()}),
+            r"input_proj\.weight_scale \(F16, not F32\)",
+        ),
+        (
+            lambda s: s.update({"input_proj.weight_scale": torch.ones(128, dtype=torch.int32)}),
+            r"input_proj\.weight_scale \(I32, not F32\)",
+        ),
+        (
+            lambda s: s.update({"input_proj.weight": s["input_proj.weight"].float().to(torch.float8_e5m2)}),
+            r"input_proj\.weight \(F8_E5M2, not F8_E4M3\)",
+        ),
     ],
-    ids=["scale-missing", "scale-wrong-shape", "scale-on-a-norm"],
+    ids=["scale-missing", "scale-wrong-shape", "scale-on-a-norm", "f16-scale", "int-scale", "e5m2-weight"],
 )
 def test_corrupted_fp8_checkpoint_is_refused_by_name(tmp_path, corrupt, message):
     state = fp8_release(seed=3)
