@@ -59,17 +59,14 @@ def test_model_offload_hooks_every_component_in_order(expected):
     assert order.count("transformer") == order.count("unconditional_transformer") == 2
 
 
-def test_model_offload_keeps_one_component_on_the_accelerator(expected, monkeypatch):
-    """CPU-only machine, so residency is simulated: a component counts as on the accelerator from its hook's
-    pre-forward until its hook offloads it. diffusers' chain alone leaves the text encoder resident until the
-    unconditional transformer runs and the unconditional transformer resident when the conditional one runs again
-    (two 9.3 B models at once)."""
+def simulate_residency(pipe, components, monkeypatch) -> tuple[list[str], list[int]]:
+    """On a CPU-only machine, under `enable_model_cpu_offload`: a component counts as on the accelerator from its
+    hook's pre-forward until its hook offloads it. -> (the components moved there, in order; how many were there
+    after each forward's hooks ran), filled in as the pipeline runs."""
     import diffusers_ideogram4.pipeline_ideogram4 as module
 
-    pipe = tiny_pipeline(seed=3)
-    pipe.enable_model_cpu_offload(device="cpu")
-    names = {id(getattr(pipe, name)): name for name in COMPONENTS}
-    resident, peak, moves = set(), [], []
+    names = {id(getattr(pipe, name)): name for name in components}
+    resident, moves, peak = set(), [], []
     monkeypatch.setattr(module, "_on_accelerator", lambda model: names[id(model)] in resident)
     for hook in pipe._all_hooks:
         name = names[id(hook.model)]
@@ -84,13 +81,25 @@ def test_model_offload_keeps_one_component_on_the_accelerator(expected, monkeypa
             if prev is not None and module._on_accelerator(prev.model):
                 prev.offload()
             result = original(model, *args, **kwargs)
+            if name not in resident:
+                moves.append(name)
             resident.add(name)
-            moves.append(name)
             peak.append(len(resident))
             return result
 
         monkeypatch.setattr(hook, "offload", offload)
         monkeypatch.setattr(hook.hook, "pre_forward", pre_forward)
+    return moves, peak
+
+
+def test_model_offload_keeps_one_component_on_the_accelerator(expected, monkeypatch):
+    """CPU-only machine, so residency is simulated: a component counts as on the accelerator from its hook's
+    pre-forward until its hook offloads it. diffusers' chain alone leaves the text encoder resident until the
+    unconditional transformer runs and the unconditional transformer resident when the conditional one runs again
+    (two 9.3 B models at once)."""
+    pipe = tiny_pipeline(seed=3)
+    pipe.enable_model_cpu_offload(device="cpu")
+    moves, peak = simulate_residency(pipe, COMPONENTS, monkeypatch)
     out = pipe(CAPTION, generator=seeded(1), **KWARGS).images
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert moves == ["text_encoder"] + ["transformer", "unconditional_transformer"] * 2

@@ -13,6 +13,7 @@ from diffusers_ideogram4.layout import image_only_layout, pack_layout
 from diffusers_ideogram4.testing import tiny_pipeline
 from test_lora import CAPTION_CHECK, TOLERANCE, make_lora, merged_by_hand, random_original, write
 from test_lora_trainers import loha_file, merged_lycoris
+from test_offload import simulate_residency
 
 
 CONFIG = TRANSFORMER_SIZES["tiny"]
@@ -362,10 +363,7 @@ def test_fp8_release_weights(tmp_path):
 
 
 def test_model_offload_moves_one_transformer_never_two(monkeypatch):
-    """Residency simulated as in test_offload.py: a component counts as on the accelerator from its hook's
-    pre-forward until its hook offloads it. The transformer moves once per call: both passes of every step run on it."""
-    import diffusers_ideogram4.pipeline_ideogram4 as module
-
+    """Residency simulated (test_offload.simulate_residency). The transformer moves once per call: both passes of every step run on it."""
     uncond = random_original(seed=18, prefix="diffusion_model.")
     expected_pipe = single(seed=3)
     expected_pipe.load_unconditional_lora(uncond)
@@ -373,28 +371,7 @@ def test_model_offload_moves_one_transformer_never_two(monkeypatch):
     pipe = single(seed=3)
     pipe.load_unconditional_lora(uncond)
     pipe.enable_model_cpu_offload(device="cpu")
-    names = {id(getattr(pipe, name)): name for name in ("text_encoder", "transformer", "vae")}
-    resident, moves, peak = set(), [], []
-    monkeypatch.setattr(module, "_on_accelerator", lambda model: names[id(model)] in resident)
-    for hook in pipe._all_hooks:
-        name = names[id(hook.model)]
-
-        def offload(original=hook.offload, name=name):
-            resident.discard(name)
-            return original()
-
-        def pre_forward(model, *args, original=hook.hook.pre_forward, previous=hook.hook, name=name, **kwargs):
-            prev = previous.prev_module_hook
-            if prev is not None and module._on_accelerator(prev.model):
-                prev.offload()
-            if name not in resident:
-                moves.append(name)
-            resident.add(name)
-            peak.append(len(resident))
-            return original(model, *args, **kwargs)
-
-        monkeypatch.setattr(hook, "offload", offload)
-        monkeypatch.setattr(hook.hook, "pre_forward", pre_forward)
+    moves, peak = simulate_residency(pipe, ("text_encoder", "transformer", "vae"), monkeypatch)
     forwards = []
     handle = pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
     out = generate(pipe)
