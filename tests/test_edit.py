@@ -132,6 +132,19 @@ def test_strength_one_equals_text_to_image_bit_for_bit(pipes, kind):
     assert torch.equal(edited, t2i(CAPTION, height=S, width=S, generator=seeded(5), **call).images)
 
 
+def test_img2img_at_strength_one_does_not_encode_the_image(pipes, monkeypatch):
+    _, img2img, inpaint = pipes
+    encoded = []
+    for pipe in (img2img, inpaint):
+        monkeypatch.setattr(pipe, "encode_image", lambda pixels, device: encoded.append(pixels.shape) or 1 / 0)
+    call = dict(num_inference_steps=2, guidance_scale=1.0, output_type="latent", latents=noise())
+    img2img(CAPTION, image=picture(), strength=1.0, **call)  # starts from the noise alone: the image is not read
+    assert encoded == []
+    with pytest.raises(ZeroDivisionError):  # inpainting at strength 1.0 still needs the image for the kept tokens
+        inpaint(CAPTION, image=picture(), mask_image=headline_mask(), **call)
+    assert encoded == [(1, 3, S, S)]
+
+
 def test_inpainting_keeps_the_encoded_original_exactly(pipes):
     _, _, inpaint = pipes
     image = picture(2)

@@ -429,13 +429,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 f"`caption_check={caption_check!r}` is not supported; use one of {list(CAPTION_CHECK_MODES)}."
             )
         if latents is not None:
-            self.check_latents(latents)
+            self.check_latents(latents)  # a tensor from here on
             expected = (len(prompts) * num_images_per_prompt, grid[0] * grid[1], self.transformer.config.in_channels)
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            if tuple(latents.shape) != expected:
                 raise ValueError(
-                    f"`latents` has shape {got}, expected {expected}: (prompts x num_images_per_prompt, "
-                    f"(height/16) x (width/16) image tokens, {expected[2]} channels) in token layout."
+                    f"`latents` has shape {tuple(latents.shape)}, expected {expected}: (prompts x "
+                    f"num_images_per_prompt, (height/16) x (width/16) image tokens, {expected[2]} channels) in token "
+                    "layout."
                 )
         batch_size = len(prompts) * num_images_per_prompt
         if latents is not None and generator is not None:

@@ -414,11 +414,10 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 return tensor.expand(batch_size, *tensor.shape[1:])
             return tensor.repeat_interleave(num_images_per_prompt, dim=0)
 
-        x0 = per_image(self.encode_image(pixels, device))
-
         # 4. Schedule: the last `num_steps` of the N steps, with their guidance, from the noised image; over the
-        # whole schedule from the noise itself, text-to-image's start.
+        # whole schedule from the noise itself, text-to-image's start (image-to-image then never reads the image).
         skipped = len(guidance) - num_steps
+        x0 = per_image(self.encode_image(pixels, device)) if skipped or weights is not None else None
         taus = self.schedule(len(guidance), mu, std, height, width)[skipped:]
         guidance = guidance[skipped:]
         noise = self.prepare_latents(batch_size, grid, generator, latents, device)
