@@ -595,6 +595,7 @@ def run_caption_expand(args) -> int:
         Ideogram4PromptEnhancerHead,
         check_expansion_arguments,
     )
+    from .recipe import seeded_generator
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
@@ -635,7 +636,7 @@ def run_caption_expand(args) -> int:
         idea,
         height=args.height,
         width=args.width,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        generator=seeded_generator(args.seed),
         temperature=temperature,
         max_new_tokens=args.max_new_tokens,
         limits=limits,
