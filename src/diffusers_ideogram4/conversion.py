@@ -533,9 +533,14 @@ def _check_weights_name(weights_name: str) -> None:
 def resolve_source(
     source, components: Iterable[str] | None = None, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """A local folder, or a hub repo id downloaded with `huggingface_hub.snapshot_download`."""
+    """A local folder, or a hub repo id downloaded with `huggingface_hub.snapshot_download` (at `revision`)."""
     path = Path(source)
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"`revision={revision!r}` picks a commit of a hub repo, but `source={str(source)!r}` is a local "
+                "folder; drop `revision`, or give the hub repo id."
+            )
         return path
     if not REPO_ID.match(str(source)):
         raise FileNotFoundError(f"`source={source!r}` is neither a folder nor a hub repo id (`owner/name`).")
