@@ -522,6 +522,24 @@ def test_push_uploads_the_verified_folder(releases, tmp_path, fake_hub):
     assert "base_model: ideogram-ai/ideogram-4-fp8" in card and "{{" not in card
 
 
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        (dict(private=True), ("private", "push_to_hub_id")),
+        (dict(commit_message="Add weights"), ("commit_message", "push_to_hub_id")),
+        (dict(card_variables={"peak_memory": "31 GB"}), ("card_variables", "model_card")),
+        (dict(base_model="someone/base"), ("base_model", "model_card")),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused(releases, tmp_path, kwargs, names):
+    name, needed = names
+    output = tmp_path / "out"
+    message = f"^`{name}` does nothing without `{needed}`; give `{needed}` too, or drop `{name}`\\.$"
+    with pytest.raises(ValueError, match=message):
+        convert_original_to_diffusers(releases["bf16"][0], output, dry_run=True, progress=False, **kwargs)
+    assert not output.exists()
+
+
 def test_nothing_is_pushed_when_verification_fails(releases, tmp_path, fake_hub, monkeypatch):
     real_save = conversion.save_file
 

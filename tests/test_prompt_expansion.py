@@ -326,6 +326,18 @@ def test_head_loading_is_strict(tmp_path, tensors, message):
         Ideogram4PromptEnhancerHead.from_pretrained(tmp_path / "head")
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=0), r"^`hidden_size` must be a positive int, got 0\.$"),
+        (dict(vocab_size=True), r"^`vocab_size` must be a positive int, got True\.$"),
+    ],
+)
+def test_head_sizes_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Ideogram4PromptEnhancerHead(**kwargs)
+
+
 def test_head_must_fit_the_text_encoder():
     components = tiny_components()
     components["prompt_enhancer_head"] = Ideogram4PromptEnhancerHead(hidden_size=16, vocab_size=600)

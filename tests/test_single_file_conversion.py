@@ -104,3 +104,18 @@ def test_an_existing_output_is_refused_before_a_file_given_by_url_is_loaded(tmp_
     with pytest.raises(FileExistsError, match="pass `overwrite=True`"):
         convert_single_files_to_diffusers(tmp_path / "out", transformer=url, config="tiny", progress=False)
     assert loads == [] and (tmp_path / "out" / "kept.txt").read_text() == "mine"
+
+
+def test_a_revision_without_a_hub_base_is_refused(tmp_path):
+    """`revision` picks a commit of the hub `base`: without a base, or with a local folder, it would do nothing."""
+    path, _, _ = gguf_file(tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    with pytest.raises(ValueError, match=r"^`revision='abc'` is the hub revision of `base`; give `base`, or drop"):
+        convert_single_files_to_diffusers(tmp_path / "out", transformer=path, config="tiny", revision="abc")
+    (tmp_path / "base").mkdir()
+    with pytest.raises(
+        ValueError, match=r"^`revision='abc'` picks a commit of a hub repo, but `source=.*base'` is a "
+    ):
+        convert_single_files_to_diffusers(
+            tmp_path / "out", transformer=path, base=tmp_path / "base", config="tiny", revision="abc"
+        )
+    assert not (tmp_path / "out").exists()

@@ -65,6 +65,7 @@ from .recipe import (
     write_png,
 )
 from .sampler import PRESETS
+from .validation import check_image_size, require_positive_int
 
 
 JOB_FIELDS = (
@@ -335,8 +336,6 @@ class _LineChecker:
         return tuple(range(first, first + count))
 
     def size(self, name: str) -> int:
-        from .validation import check_image_size
-
         value = self.job.get(name, DEFAULT_IMAGE_SIDE)
         sides = {"height": DEFAULT_IMAGE_SIDE, "width": DEFAULT_IMAGE_SIDE, name: value}
         try:
@@ -954,8 +953,7 @@ def generate_batch(
     Returns:
         `BatchResult` (the same on every process): counts, failed records, invalid lines, per-process timing.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    require_positive_int("batch_size", batch_size)
     out_dir = check_out_dir(out_dir)
     job_list = jobs if isinstance(jobs, JobList) else read_jobs(jobs)
     expansion = check_expansion_kwargs(job_list, expansion_kwargs)

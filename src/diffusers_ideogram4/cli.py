@@ -289,29 +289,18 @@ def run_edit(args) -> int:
     strength = args.strength
     if strength is None:
         strength = DEFAULT_INPAINT_STRENGTH if inpainting else DEFAULT_IMG2IMG_STRENGTH
-    check_edit_inputs(
-        image,
-        mask,
-        strength=strength,
-        height=args.height,
-        width=args.width,
-        resize_mode=args.resize,
-        mask_blur=args.mask_blur,
-        padding_mask_crop=args.padding_mask_crop,
-    )
+    shape = {"strength": strength, "height": args.height, "width": args.width, "resize_mode": args.resize}
+    region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
+    check_edit_inputs(image, mask, **shape, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop)
     check_generate_arguments(args)
     device = resolve_device(args.device)
     checked_caption(args, caption)
     _, pipe = load_image_model(args, device)
     pipe = (Ideogram4InpaintPipeline if inpainting else Ideogram4Img2ImgPipeline).from_pipe(pipe)
-    region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
     edited = pipe(
         caption,
         image=image,
-        strength=strength,
-        height=args.height,
-        width=args.width,
-        resize_mode=args.resize,
+        **shape,
         num_inference_steps=args.steps,
         preset=args.preset,
         guidance_scale=args.guidance_scale,
@@ -606,6 +595,7 @@ def run_caption_expand(args) -> int:
         Ideogram4PromptEnhancerHead,
         check_expansion_arguments,
     )
+    from .recipe import seeded_generator
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
@@ -646,7 +636,7 @@ def run_caption_expand(args) -> int:
         idea,
         height=args.height,
         width=args.width,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        generator=seeded_generator(args.seed),
         temperature=temperature,
         max_new_tokens=args.max_new_tokens,
         limits=limits,

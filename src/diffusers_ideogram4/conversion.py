@@ -533,9 +533,14 @@ def _check_weights_name(weights_name: str) -> None:
 def resolve_source(
     source, components: Iterable[str] | None = None, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """A local folder, or a hub repo id downloaded with `huggingface_hub.snapshot_download`."""
+    """A local folder, or a hub repo id downloaded with `huggingface_hub.snapshot_download` (at `revision`)."""
     path = Path(source)
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"`revision={revision!r}` picks a commit of a hub repo, but `source={str(source)!r}` is a local "
+                "folder; drop `revision`, or give the hub repo id."
+            )
         return path
     if not REPO_ID.match(str(source)):
         raise FileNotFoundError(f"`source={source!r}` is neither a folder nor a hub repo id (`owner/name`).")
@@ -938,6 +943,14 @@ def convert_original_to_diffusers(
         raise ValueError("`push_to_hub_id` needs `verify=True`: only a folder checked against its source is pushed.")
     if push_to_hub_id is not None and not REPO_ID.match(push_to_hub_id):
         raise ValueError(f"`push_to_hub_id={push_to_hub_id!r}` is not a hub repo id (`owner/name`).")
+    for name, given, needed, needed_value in (  # an option that would do nothing is refused, not ignored
+        ("private", private, "push_to_hub_id", push_to_hub_id),
+        ("commit_message", commit_message is not None, "push_to_hub_id", push_to_hub_id),
+        ("card_variables", bool(card_variables), "model_card", model_card),
+        ("base_model", base_model is not None, "model_card", model_card),
+    ):
+        if given and needed_value is None:
+            raise ValueError(f"`{name}` does nothing without `{needed}`; give `{needed}` too, or drop `{name}`.")
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
     parse_size(max_shard_size)

@@ -28,7 +28,7 @@ from .captions.grammar import CaptionGrammar, CaptionLimits
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
 from .loading import load_pretrained
 from .text_encoder import tokenize_prompt
-from .validation import check_generator_type, check_image_size, string_list
+from .validation import check_generator_type, check_image_size, require_positive_int, string_list
 
 
 # Where the head is published (config `hidden_size` 4096, `vocab_size` 151936, one weight `lm_head.weight`).
@@ -58,9 +58,8 @@ class Ideogram4PromptEnhancerHead(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, hidden_size: int = 4096, vocab_size: int = 151936) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        require_positive_int("hidden_size", hidden_size)
+        require_positive_int("vocab_size", vocab_size)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

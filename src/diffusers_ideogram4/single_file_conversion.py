@@ -117,6 +117,8 @@ def convert_single_files_to_diffusers(
     files = {name: file for name, file in files.items() if file is not None}
     if not files:
         raise ValueError("Pass `transformer=` and/or `unconditional_transformer=` (single-file paths or URLs).")
+    if revision is not None and base is None:
+        raise ValueError(f"`revision={revision!r}` is the hub revision of `base`; give `base`, or drop `revision`.")
     max_bytes = parse_size(max_shard_size)
     local = [Path(f) for f in (base, *files.values()) if f is not None and Path(f).exists()]
     for path in local or [None]:  # before any loading; neither the base nor a source file may be replaced or swallowed
