@@ -615,3 +615,14 @@ def test_script_renders_a_named_card_and_pushes(releases, tmp_path, fake_hub, ca
     card = (output / "README.md").read_text()
     assert "| time per denoising step, 1024 x 1024 | 1.2 s |" in card
     assert "Transformer weights: bfloat16, float32, float8_e4m3fn." in card
+
+
+def test_a_dry_run_says_it_pushes_nothing(releases, tmp_path, monkeypatch):
+    import diffusers_ideogram4.conversion as conversion
+
+    monkeypatch.setattr(conversion, "push_to_hub", lambda *a, **k: pytest.fail("a dry run pushed"))
+    report = convert_original_to_diffusers(
+        releases["bf16"][0], tmp_path / "out", dry_run=True, push_to_hub_id="someone/x", progress=False
+    )
+    assert report.pushed_to is None
+    assert report.summary().endswith("note: dry run: nothing written, so nothing pushed to someone/x")

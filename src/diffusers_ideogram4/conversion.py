@@ -972,7 +972,9 @@ def convert_original_to_diffusers(
         card = render_model_card(Path(model_card).read_text(encoding="utf-8"), variables)
         plan.files.append(OutputFile(MODEL_CARD_NAME, text=card))
     report = _execute(plan, output, dry_run, overwrite, replace_any_folder, verify, progress)
-    if push_to_hub_id is not None and not dry_run:
+    if push_to_hub_id is not None and dry_run:
+        report.notes.append(f"dry run: nothing written, so nothing pushed to {push_to_hub_id}")
+    elif push_to_hub_id is not None:
         push_to_hub(report, push_to_hub_id, private=private, commit_message=commit_message, token=token)
     return report
 
