@@ -197,12 +197,8 @@ def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[st
     replaced = []
     for name, module in list(model.named_modules()):
         if name in wanted and isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            fp8 = FP8Linear(
-                module.in_features, module.out_features, module.bias is not None, device=module.weight.device
-            )
-            setattr(parent, child, fp8)
+            bias = module.bias is not None
+            model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias, module.weight.device))
             replaced.append(name)
     return replaced
 
@@ -212,15 +208,14 @@ def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
 
     Needs float8 matmul support: CUDA compute capability >= 8.9 (Ada, Hopper and newer), or the CPU.
     """
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
     if enabled and torch.cuda.is_available():
-        devices = {m.weight.device for m in model.modules() if isinstance(m, FP8Linear)}
-        for device in devices:
+        for device in {layer.weight.device for layer in layers}:
             if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
                 raise ValueError(
                     f"`set_fp8_matmul(True)` needs a GPU with compute capability >= 8.9; {device} has "
                     f"{torch.cuda.get_device_capability(device)}. Keep the weight-only fp8 path (the default)."
                 )
-    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
     if enabled and not layers:
         raise ValueError("`set_fp8_matmul(True)`: this model has no fp8 layers; load an fp8-release checkpoint.")
     for layer in layers:

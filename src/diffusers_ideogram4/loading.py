@@ -48,18 +48,8 @@ _HOST_ONLY = {
 _NO_EFFECT = ("low_cpu_mem_usage", "use_safetensors", "variant")
 # How many offending keys an error message lists before it summarises.
 MAX_KEYS_IN_MESSAGE = 12
-# The safetensors dtypes each kind of model tensor may be stored in: floating weights in any float (cast to the load
-# dtype), fp8 weights in float8_e4m3fn and their per-row scales in float32 only, integer buffers in their own dtype.
+# The safetensors dtypes a floating model tensor may be stored in (cast to the load dtype); see `accepted_dtypes`.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-STORED_AS = {
-    torch.float8_e4m3fn: ("F8_E4M3",),
-    torch.float8_e5m2: ("F8_E5M2",),
-    torch.int64: ("I64",),
-    torch.int32: ("I32",),
-    torch.uint8: ("U8",),
-    torch.bool: ("BOOL",),
-}
-SCALE_DTYPES = ("F32",)
 # safetensors header dtype names and the torch dtypes they store.
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -75,6 +65,7 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+STORED_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointMismatchError(ValueError):
@@ -312,11 +303,11 @@ def check_fp8_pairs(header: dict[str, tuple[str, tuple[int, ...]]], source: str)
     float8 = {key for key, (dtype, _) in header.items() if dtype.startswith("F8")}
     unscaled = [key for key in float8 if key + "_scale" not in scales]
     orphans = [key for key in scales if key.removesuffix("_scale") not in float8]
-    problems = []
-    if unscaled:
-        problems.append(f"float8 weights without their `.weight_scale`: {list_keys(unscaled)}")
-    if orphans:
-        problems.append(f"`.weight_scale` tensors without a float8 weight: {list_keys(orphans)}")
+    labelled = (
+        ("float8 weights without their `.weight_scale`", unscaled),
+        ("`.weight_scale` tensors without a float8 weight", orphans),
+    )
+    problems = [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
     raise_problems(f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.", problems)
 
 
@@ -369,10 +360,10 @@ def check_header(build_model, header: dict, source, key_plan=None, hint: str = "
 
 
 def accepted_dtypes(key: str, model_dtype: torch.dtype) -> tuple[str, ...]:
-    """The safetensors dtypes a checkpoint may store a model tensor in (`STORED_AS`)."""
-    if model_dtype in STORED_AS:  # fp8 weights and block scales, packed codes, integer buffers
-        return STORED_AS[model_dtype]
-    return SCALE_DTYPES if key.endswith(SCALE_SUFFIX) else FLOAT_DTYPES
+    """The safetensors dtypes a checkpoint may store a model tensor in: exactly the model's dtype for the tensors
+    that keep their stored dtype (`fp8.keeps_stored_dtype`: float8 weights and block scales, float32 scales, packed
+    codes, integer buffers), any float for the others (cast to the load dtype)."""
+    return (STORED_NAMES[model_dtype],) if keeps_stored_dtype(key, model_dtype) else FLOAT_DTYPES
 
 
 def check_dtypes(found: dict[str, tuple[str, tuple[str, ...]]], source) -> None:
@@ -492,17 +483,16 @@ def load_pretrained(
     header = {key: value for key, value in read_header(files).items() if not (ignore and re.search(ignore, key))}
     build = lambda: build_model(folder)  # noqa: E731
 
-    from .sdnq_loading import SDNQ_METHOD, check_sdnq_checkpoint, quantization_method
+    from .sdnq_loading import SDNQ_METHOD, check_sdnq_checkpoint, stored_quantization_config
 
-    if quantization_method(folder) == SDNQ_METHOD:  # the host loads it through the `sdnq` package's quantizer
-        check_sdnq_checkpoint(build, header, folder, hint, check_names=check_before_host)
+    quantization = stored_quantization_config(folder)
+    if quantization is not None and quantization.get("quant_method") == SDNQ_METHOD:
+        check_sdnq_checkpoint(build, header, folder, hint, check_names=check_before_host)  # the host loads it
     if not (is_original_layout(header) or is_fp8_checkpoint(header)):
         # A pre-quantized checkpoint stores its quantization state as extra keys that only the host can read.
-        if "quantization_config" in json.loads((folder / "config.json").read_text()):
-            pass
-        elif check_before_host:
+        if quantization is None and check_before_host:
             check_header(build, header, folder, hint=hint)
-        else:
+        elif quantization is None:
             check_dtypes({key: (dtype, FLOAT_DTYPES) for key, (dtype, _) in header.items()}, folder)
         model, info = host_from_pretrained(folder, **{host_dtype_argument: dtype}, output_loading_info=True, **kwargs)
         check_loading_info(info, folder, hint)

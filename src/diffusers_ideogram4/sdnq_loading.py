@@ -16,27 +16,23 @@ from pathlib import Path
 
 from accelerate import init_empty_weights
 
-from .loading import is_original_layout, key_problems, mismatch_headline, raise_problems
+from .loading import check_keys, is_original_layout
 
 
 SDNQ_METHOD = "sdnq"
 INSTALL_HINT = "pip install 'diffusers-ideogram4[sdnq]'"
 
 
-def quantization_method(folder: Path) -> str | None:
-    """The `quant_method` of a component folder's config.json, if it has a quantization config."""
+def stored_quantization_config(folder: Path) -> dict | None:
+    """The `quantization_config` of a component folder's config.json, if it has one."""
     config_path = Path(folder) / "config.json"
-    if not config_path.is_file():
-        return None
-    quantization = json.loads(config_path.read_text()).get("quantization_config")
-    if quantization is None:
-        return None
-    if not isinstance(quantization, dict):
+    quantization = json.loads(config_path.read_text()).get("quantization_config") if config_path.is_file() else None
+    if quantization is not None and not isinstance(quantization, dict):
         raise ValueError(
             f'{config_path}: `quantization_config` must be an object such as {{"quant_method": "sdnq", ...}}, got '
             f"{type(quantization).__name__} {str(quantization)[:80]}; fix or remove it."
         )
-    return quantization.get("quant_method")
+    return quantization
 
 
 def sdnq_tensor_names() -> set[str]:
@@ -84,19 +80,16 @@ def check_sdnq_checkpoint(build_model, header: dict, source, hint: str = "", che
         model = build_model()
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     modules = {name for name, _ in model.named_modules()}
-    quantized = {
-        module for key in header if key not in expected for module, _, name in [key.rpartition(".")] if name in extra
-    }
-    unexpected = [
+    sdnq_tensors = {
         key
         for key in header
-        if key not in expected and not (key.rpartition(".")[0] in modules and key.rpartition(".")[2] in extra)
-    ]
+        if key not in expected and (parts := key.rpartition("."))[0] in modules and parts[2] in extra
+    }
+    quantized = {key.rpartition(".")[0] for key in sdnq_tensors}
     # A quantized module's weight is stored packed or in another shape; every other tensor keeps the model's shape.
-    mismatched = [
-        f"{key} (checkpoint {list(header[key][1])}, model {list(shape)})"
-        for key, shape in expected.items()
-        if key in header and key.rpartition(".")[0] not in quantized and tuple(header[key][1]) != shape
-    ]
-    problems = key_problems(set(expected) - set(header), unexpected, mismatched)
-    raise_problems(mismatch_headline(source, hint), problems)
+    provided = {
+        key: expected.get(key, shape) if key.rpartition(".")[0] in quantized else shape
+        for key, (_, shape) in header.items()
+        if key not in sdnq_tensors
+    }
+    check_keys(expected, provided, source, hint)

@@ -37,15 +37,17 @@ from .comfy_formats import (
 )
 from .constants import TRANSFORMER_SIZES
 from .loading import (
+    FLOAT_DTYPES,
     HUB_DOWNLOAD_KWARGS,
+    STORED_NAMES,
     CheckpointMismatchError,
     check_header,
     fp8_release_layers,
     list_keys,
-    locate_tensors,
     open_safetensors,
     original_key_plan,
     raise_problems,
+    read_header,
     resolve_dtype,
     split_names,
     strict_load,
@@ -59,16 +61,8 @@ DEFAULT_SIZE = "ideogram4"
 # Header metadata musubi-tuner requires of the Comfy-Org files: which branch a file holds.
 MODEL_TYPE_KEY = "model_type"
 BRANCH_MODEL_TYPES = {"ideogram4_cond": "transformer", "ideogram4_uncond": "unconditional_transformer"}
-# safetensors dtypes by role.
-FLOAT_DTYPES = ("F32", "F16", "BF16")
-FLOAT8_HEADER_DTYPES = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-SCALE_DTYPE = "F32"
-# Per quantized layer: the tensors each format has (beside `weight` and an optional `bias`), and their dtypes.
-FORMAT_TENSORS = {
-    **{fmt: {".weight_scale": SCALE_DTYPE} for fmt in FLOAT8_FORMATS},
-    NVFP4_FORMAT: {".weight_scale": "F8_E4M3", ".weight_scale_2": SCALE_DTYPE},
-}
-OPTIONAL_TENSORS = {".input_scale": SCALE_DTYPE}
+# The one tensor of a quantized layer that a file may leave out.
+OPTIONAL_TENSOR = ".input_scale"
 LEGACY_SCALE = next(old for old, new in LEGACY_RENAMES.items() if new == ".weight_scale")
 # ModelOpt / AWQ activation smoothing: a weight-only load would have to fold it in; refused.
 REFUSED_SUFFIXES = (".pre_quant_scale",)
@@ -208,7 +202,7 @@ def comfy_layer_formats(path: Path, header: dict, metadata: dict, prefix: str) -
             )
         consumed.add(legacy)
         # Each layer in the float8 format its weight is stored in (ComfyUI labels them all e4m3fn).
-        formats_by_dtype = {header_dtype: fmt for fmt, header_dtype in FLOAT8_HEADER_DTYPES.items()}
+        formats_by_dtype = {STORED_NAMES[dtype]: fmt for fmt, dtype in FLOAT8_FORMATS.items()}
         for key in header:
             if key.endswith(LEGACY_SCALE):
                 layer = key.removeprefix(prefix).removesuffix(LEGACY_SCALE)
@@ -231,14 +225,20 @@ def comfy_layer_formats(path: Path, header: dict, metadata: dict, prefix: str) -
     return {layer: config["format"] for layer, config in configs.items()}, consumed
 
 
+def stored_tensors(fmt: str) -> dict[str, tuple[str, bool]]:
+    """`.name` -> (safetensors dtype, whether it is one number) of every tensor but the bias that a layer of format
+    `fmt` stores, its optional `.input_scale` included: the layer classes of `comfy_formats` define them."""
+    layer = quantized_layer(fmt, torch.nn.Linear(16, 16, bias=False, device="meta"), has_input_scale=True)
+    return {f".{name}": (STORED_NAMES[value.dtype], value.dim() == 0) for name, value in layer.named_parameters()}
+
+
 def check_comfy_tensors(header: dict, formats: dict[str, str], prefix: str, source) -> None:
     """Dtypes and the set of tensors of every layer: quantized layers have exactly their format's tensors, every other
     tensor is a float (a float8 or uint8 tensor outside a quantized layer has no config to read it with)."""
     problems, owned = [], set()
     for layer, fmt in formats.items():
         stem = prefix + layer
-        weight_dtype = FLOAT8_HEADER_DTYPES.get(fmt, "U8")
-        expected = {".weight": weight_dtype, **FORMAT_TENSORS[fmt]}
+        expected = stored_tensors(fmt)
         present = {key.removeprefix(stem) for key in header if key.startswith(stem + ".")} - {".bias"}
         if fmt == NVFP4_FORMAT:
             # Fused q/k/v rows are split by row thirds; the tiled block scales stay whole only at 128-row tiles.
@@ -249,18 +249,19 @@ def check_comfy_tensors(header: dict, formats: dict[str, str], prefix: str, sour
         for stored in sorted(present):
             key, suffix = stem + stored, LEGACY_RENAMES.get(stored, stored)
             owned.add(key)
-            wanted = expected.get(suffix, OPTIONAL_TENSORS.get(suffix))
+            wanted, one_number = expected.get(suffix, (None, False))
             if suffix in REFUSED_SUFFIXES:
                 problems.append(f"`{key}`: activation smoothing (`pre_quant_scale`) is not supported")
             elif wanted is None:
                 problems.append(f"`{key}` is not a tensor of a `{fmt}` layer")
             elif header[key][0] != wanted:
                 problems.append(f"`{key}` is {header[key][0]}, a `{fmt}` layer stores it as {wanted}")
-            elif wanted == SCALE_DTYPE and header[key][1] != ():
+            elif one_number and header[key][1] != ():
                 problems.append(
                     f"`{key}` has shape {list(header[key][1])}; a per-tensor scale is one number (shape [])"
                 )
-        missing = sorted(stem + suffix for suffix in set(expected) - {LEGACY_RENAMES.get(p, p) for p in present})
+        required = set(expected) - {OPTIONAL_TENSOR}
+        missing = sorted(stem + suffix for suffix in required - {LEGACY_RENAMES.get(p, p) for p in present})
         if missing:
             problems.append(f"`{fmt}` layer `{stem}` lacks {missing}")
     others = [key for key, (dtype, _) in header.items() if key not in owned and dtype not in FLOAT_DTYPES]
@@ -273,7 +274,7 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
     """`check_header`'s layer rule for ComfyUI files: each quantized layer (renamed like its weight) becomes the layer
     that holds its format."""
     # The activation scale under its current name or its legacy one (`scale_input`).
-    input_scale_names = [".input_scale", *(old for old, new in LEGACY_RENAMES.items() if new == ".input_scale")]
+    input_scale_names = [OPTIONAL_TENSOR, *(old for old, new in LEGACY_RENAMES.items() if new == OPTIONAL_TENSOR)]
     by_module = {}
     for layer, fmt in formats.items():
         has_input_scale = any(prefix + layer + name in header for name in input_scale_names)
@@ -283,7 +284,6 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
     def replace(model, renamed: dict, source) -> None:
         not_linear = []
         for module, (fmt, has_input_scale) in by_module.items():
-            parent_name, _, child = module.rpartition(".")
             try:
                 linear = model.get_submodule(module)
             except AttributeError:
@@ -291,8 +291,7 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
             if not isinstance(linear, torch.nn.Linear):
                 not_linear.append(f"{module} ({type(linear).__name__})")
                 continue
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, quantized_layer(fmt, linear, has_input_scale))
+            model.set_submodule(module, quantized_layer(fmt, linear, has_input_scale))
         if not_linear:
             raise CheckpointMismatchError(
                 f"{source}: quantization configs for modules that are not Linear layers: {list_keys(not_linear)}."
@@ -307,10 +306,9 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
 
 def load_safetensors_transformer(cls, path: Path, config: dict, dtype, disable_mmap: bool = False):
     """A safetensors single file (module docstring) -> the model, checked before any weight is read."""
-    located = locate_tensors([path])  # a damaged file is named, with what is wrong
+    header = read_header([path])  # a damaged file is named, with what is wrong
     with open_safetensors(path) as handle:
         metadata = handle.metadata() or {}
-    header = {key: (dtype_name, shape) for key, (_, dtype_name, shape) in located.items()}
     prefix = common_prefix(header, path)
     formats, consumed = comfy_layer_formats(path, header, metadata, prefix)
     header = {key: value for key, value in header.items() if key not in consumed}
