@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,15 +109,14 @@ class ConversionVerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Recipe:
     """One output tensor: source rows `(file, key, rows or None)` concatenated along dim 0, stored as `dtype`; with
-    `scale` (same form), fp8 source rows dequantized with those per-row scales; or a given `value`; or the tensor
-    `compute()` returns when it is written (a weight dequantized from a loaded model, one at a time)."""
+    `scale` (same form), fp8 source rows dequantized with those per-row scales; or the tensor `compute()` returns when
+    it is written (a given value, or a weight dequantized from a loaded model, one at a time)."""
 
     key: str
     parts: tuple[tuple[Path, str, slice | None], ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
     scale: tuple[Path, str, slice | None] | None = None
-    value: torch.Tensor | None = field(default=None, compare=False)
     compute: Callable[[], torch.Tensor] | None = field(default=None, compare=False)
 
     @property
@@ -154,9 +154,6 @@ class ConversionPlan:
     checks: dict[str, tuple[dict[str, Recipe], torch.dtype]] = field(default_factory=dict)
     tensor_dtypes: set[str] = field(default_factory=set)  # dtypes of the transformers' written tensors
     notes: list[str] = field(default_factory=list)
-
-    def component_size(self, component: str) -> int:
-        return sum(f.size for f in self.files if f.path.startswith(component + "/"))
 
 
 @dataclass
@@ -364,18 +361,17 @@ def _plan_copy(plan: ConversionPlan, name: str, target, vae_bn: str = "keep") ->
         raise FileNotFoundError(f"model_index.json lists `{name}`, but {folder} does not exist.")
     config_path = folder / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    rewritten = set()
+    planned = len(plan.files)
     if target is not None and name == TEXT_ENCODER_NAME and config.get(FP8_CONFIG_FLAG):
-        rewritten = _plan_dequantized_text_encoder(plan, folder, name, config, target)
+        _plan_dequantized_text_encoder(plan, folder, name, config, target)
     if vae_bn == "reference" and name == VAE_NAME:
-        rewritten = _plan_reference_bn(plan, folder, name)
-    plan.files += _copied(plan, folder, name, rewritten)
+        _plan_reference_bn(plan, folder, name)
+    plan.files += _copied(plan, folder, name, {f.path for f in plan.files[planned:]})  # the rest, as they are
 
 
-def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> set[str]:
+def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> None:
     """The fp8 text encoder (SPEC 2.2) written in `target`: same files, each float8 weight dequantized with its
-    scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag. Returns the paths
-    it writes."""
+    scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag."""
     files = checkpoint_files(folder, name="model")
     located = locate_tensors(files)
     check_fp8_pairs({key: (dtype, shape) for key, (_, dtype, shape) in located.items()}, str(folder))
@@ -386,43 +382,35 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
             scale = located.get(key + "_scale")
             scale = scale and Recipe(key + "_scale", ((scale[0], key + "_scale", None),), scale[2], torch.float32)
             by_file[file].append(_cast(recipe, target, scale))
-    written = set()
-    for file, recipes in by_file.items():
-        plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
-        written.add(f"{name}/{file.name}")
+    plan.files += [OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)) for file, recipes in by_file.items()]
     for index_path in folder.glob("*.safetensors.index.json"):
         index = json.loads(index_path.read_text())
         index["weight_map"] = {r.key: file.name for file, group in by_file.items() for r in group}
         index.setdefault("metadata", {})["total_size"] = sum(r.nbytes for g in by_file.values() for r in g)
         plan.files.append(OutputFile(f"{name}/{index_path.name}", text=json_text(index, sort_keys=False)))
-        written.add(f"{name}/{index_path.name}")
     config = {k: v for k, v in config.items() if k != FP8_CONFIG_FLAG}
     for dtype_field in ("dtype", "torch_dtype"):
         if dtype_field in config:
             config[dtype_field] = str(target).removeprefix("torch.")
     plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=json_text(config)))
     plan.notes.append(f"{name}: fp8 weights dequantized to {str(target).removeprefix('torch.')}")
-    return written | {f"{name}/{CONFIG_NAME}"}
 
 
-def _plan_reference_bn(plan: ConversionPlan, folder: Path, name: str) -> set[str]:
+def _plan_reference_bn(plan: ConversionPlan, folder: Path, name: str) -> None:
     """The VAE's files with `bn.running_mean` = the reference shift and `bn.running_var` = scale^2 - eps (to the
     bit), in token order: `z * sqrt(running_var + eps) + running_mean` is then the reference's `z * scale + shift`."""
     eps = json.loads((folder / CONFIG_NAME).read_text()).get("batch_norm_eps", 1e-4)
     scale, shift = reference_latent_norm()
     given = {"bn.running_mean": shift, "bn.running_var": variance_for_scale(scale, eps)}
-    written = set()
     for file in checkpoint_files(folder):
         recipes = []
         for key, (_, dtype, shape) in locate_tensors([file]).items():
             if key in given and tuple(shape) != tuple(given[key].shape):
                 raise ValueError(f"{file}: `{key}` has shape {list(shape)}; the reference vectors have 128 entries.")
-            value = given[key].to(SAFETENSORS_DTYPES[dtype]) if key in given else None
-            recipes.append(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype], value=value))
+            compute = (lambda value=given[key]: value) if key in given else None
+            recipes.append(Recipe(key, ((file, key, None),), shape, SAFETENSORS_DTYPES[dtype], compute=compute))
         plan.files.append(OutputFile(f"{name}/{file.name}", tensors=tuple(recipes)))
-        written.add(f"{name}/{file.name}")
     plan.notes.append(f"{name}: the reference latent normalisation written into `bn` (token order)")
-    return written
 
 
 def _read_model_index(root: Path) -> dict:
@@ -495,39 +483,9 @@ def _plan(root: Path, source: str, direction: str, dtype: str, components, plan_
     return plan
 
 
-def plan_original_to_diffusers(
-    root: Path,
-    source: str,
-    dtype: str = "keep",
-    components=None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    vae_bn: str = "keep",
-) -> ConversionPlan:
-    """Check every component's header against its model and list the files to write; reads no tensor."""
-    _check_choice("dtype", dtype, DTYPES)
-    _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
-    target, max_bytes = DTYPES[dtype], parse_size(max_shard_size)
-    plan_transformer = lambda plan, name: _plan_transformer_to_diffusers(plan, name, target, max_bytes)  # noqa: E731
-    return _plan(root, source, "original -> diffusers", dtype, components, plan_transformer, target, vae_bn)
-
-
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}={value!r}` is not supported; use one of {list(choices)}.")
-
-
-def plan_diffusers_to_original(
-    root: Path, source: str, components=None, weights_name: str = ORIGINAL_WEIGHTS_NAME
-) -> ConversionPlan:
-    """Like `plan_original_to_diffusers`, the other way: one fused-attention file per transformer, bit-exact."""
-    _check_weights_name(weights_name)
-    plan_transformer = lambda plan, name: _plan_transformer_to_original(plan, name, weights_name)  # noqa: E731
-    return _plan(root, source, "diffusers -> original", "keep", components, plan_transformer, None)
-
-
-def _check_weights_name(weights_name: str) -> None:
-    if not weights_name.endswith(".safetensors") or "/" in weights_name:
-        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
 
 
 def resolve_source(
@@ -556,30 +514,22 @@ def resolve_source(
 # Writing and verifying
 
 
-class _Reader:
+class _Reader(ExitStack):
     """Open safetensors files on demand, each once, for the life of a `with` block."""
 
     def __init__(self) -> None:
-        self._stack = ExitStack()
+        super().__init__()
         self._handles = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
 
     def _read(self, file: Path, key: str, rows: slice | None) -> torch.Tensor:
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(open_safetensors(file))
+            self._handles[file] = self.enter_context(open_safetensors(file))
         if rows is None:
             return self._handles[file].get_tensor(key)
         return self._handles[file].get_slice(key)[rows.start : rows.stop]  # only these rows are read
 
     def tensor(self, recipe: Recipe) -> torch.Tensor:
         """The value of one planned output tensor."""
-        if recipe.value is not None:
-            return recipe.value
         if recipe.compute is not None:
             return recipe.compute().to(recipe.dtype).contiguous()
         parts = [self._read(*part) for part in recipe.parts]
@@ -953,12 +903,15 @@ def convert_original_to_diffusers(
             raise ValueError(f"`{name}` does nothing without `{needed}`; give `{needed}` too, or drop `{name}`.")
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("vae_bn", vae_bn, VAE_BN_CHOICES)
-    parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size)
     if model_card is not None and not Path(model_card).is_file():
         raise FileNotFoundError(f"`model_card={str(model_card)!r}` is not a file; pass a template from model_cards/.")
     _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
-    plan = plan_original_to_diffusers(root, str(source), dtype, components, max_shard_size, vae_bn)
+    plan_transformer = partial(_plan_transformer_to_diffusers, target=DTYPES[dtype], max_bytes=max_bytes)
+    plan = _plan(
+        root, str(source), "original -> diffusers", dtype, components, plan_transformer, DTYPES[dtype], vae_bn
+    )
     if model_card is not None:
         words = str(DTYPES[dtype]).removeprefix("torch.") if dtype != "keep" else ", ".join(sorted(plan.tensor_dtypes))
         variables = model_card_variables(
@@ -966,7 +919,9 @@ def convert_original_to_diffusers(
             dtype=words or "as in the source",
             repo_id=push_to_hub_id,
             base_model=base_model,
-            component_sizes={c: plan.component_size(c) for c in plan.components},
+            component_sizes={
+                c: sum(f.size for f in plan.files if f.path.startswith(c + "/")) for c in plan.components
+            },
             **(card_variables or {}),
         )
         card = render_model_card(Path(model_card).read_text(encoding="utf-8"), variables)
@@ -998,8 +953,10 @@ def convert_diffusers_to_original(
     Every tensor is copied bit for bit (q/k/v rows concatenated in that order, fp8 scales likewise), so
     original -> diffusers -> original reproduces the source tensors exactly. The other components are copied.
     """
-    _check_weights_name(weights_name)  # before a hub source is downloaded
+    if not weights_name.endswith(".safetensors") or "/" in weights_name:  # before a hub source is downloaded
+        raise ValueError(f"`weights_name={weights_name!r}` must be a plain `*.safetensors` file name.")
     _check_output(output, overwrite, replace_any_folder, source if Path(source).is_dir() else None)
     root = resolve_source(source, components, revision=revision, token=token)
-    plan = plan_diffusers_to_original(root, str(source), components, weights_name)
+    plan_transformer = partial(_plan_transformer_to_original, weights_name=weights_name)
+    plan = _plan(root, str(source), "diffusers -> original", "keep", components, plan_transformer, None)
     return _execute(plan, output, dry_run, overwrite, replace_any_folder, verify, progress)

@@ -15,8 +15,8 @@
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
+from .fp8 import linear_weight_keys
 from .loading import CheckpointMismatchError, check_header, list_keys, original_key_plan
 from .single_file import SINGLE_FILE_HINT, common_prefix
 
@@ -103,7 +103,7 @@ def load_gguf_transformer(cls, path: Path, config: dict, dtype, quantization_con
     )
 
     stored = load_gguf_checkpoint(str(path))
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linear_weights = set(linear_weight_keys(model))
     state_dict = {}
     for key, (source_key, rows) in origin.items():
         tensor = stored[source_key] if rows is None else stored[source_key][rows]
