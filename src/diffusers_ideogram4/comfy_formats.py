@@ -54,16 +54,6 @@ def round_up(value: int, multiple: int) -> int:
 # NVFP4 tensors
 
 
-def nvfp4_shapes(out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-    """Stored shapes of an NVFP4 layer's `weight`, `weight_scale` and `weight_scale_2`."""
-    rows, columns = round_up(out_features, NVFP4_GROUP), round_up(in_features, NVFP4_GROUP)
-    return {
-        "weight": (rows, columns // 2),
-        "weight_scale": (round_up(rows, NVFP4_ROW_TILE), round_up(columns // NVFP4_GROUP, NVFP4_COLUMN_TILE)),
-        "weight_scale_2": (),
-    }
-
-
 def unswizzle_block_scales(tiled: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """Block scales in cuBLAS' tiled layout -> plain (rows, columns). The tiled tensor is a sequence of 128 x 4 tiles,
     row tiles outermost; inside a tile, row r sits at (r % 32, r // 32) and column c at c % 4 (16 bytes per line)."""
@@ -144,10 +134,11 @@ class NVFP4Linear(QuantizedLinear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight to allocate and initialise
         self.in_features = in_features
         self.out_features = out_features
-        shapes = nvfp4_shapes(out_features, in_features)
-        dtypes = {"weight": torch.uint8, "weight_scale": FP8_DTYPE, "weight_scale_2": torch.float32}
-        for name, dtype in dtypes.items():
-            self.register_parameter(name, stored_parameter(shapes[name], dtype, device))
+        rows, columns = round_up(out_features, NVFP4_GROUP), round_up(in_features, NVFP4_GROUP)
+        block_scales = (round_up(rows, NVFP4_ROW_TILE), round_up(columns // NVFP4_GROUP, NVFP4_COLUMN_TILE))
+        self.weight = stored_parameter((rows, columns // 2), torch.uint8, device)
+        self.weight_scale = stored_parameter(block_scales, FP8_DTYPE, device)
+        self.weight_scale_2 = stored_parameter((), torch.float32, device)
         self.input_scale = stored_parameter((), torch.float32, device) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 

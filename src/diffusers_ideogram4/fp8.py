@@ -20,8 +20,6 @@ SCALE_SUFFIX = ".weight_scale"
 # Scales that keep their stored dtype in every quantized format: per row or per tensor (`weight_scale`), NVFP4's
 # per-tensor second level (`weight_scale_2`), and static activation scales (`input_scale`).
 STORED_SCALE_SUFFIXES = (SCALE_SUFFIX, ".weight_scale_2", ".input_scale")
-# The parameters of an FP8Linear that keep the release's dtypes (float8, float32) whatever the model's dtype.
-STORED_FORMAT = ("weight", "weight_scale")
 
 
 def is_fp8_checkpoint(keys) -> bool:
@@ -121,7 +119,7 @@ class FP8Linear(QuantizedLinear):
     Keeps the checkpoint's key names, so a model saved with these layers is again an fp8-release checkpoint.
     """
 
-    stored_format = STORED_FORMAT
+    stored_format = ("weight", "weight_scale")  # kept in the release's dtypes whatever the model's dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight to allocate and initialise

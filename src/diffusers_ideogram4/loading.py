@@ -270,13 +270,11 @@ def raise_problems(headline: str, problems: list[str], error: type[Exception] = 
         raise error(headline + "\n  - " + "\n  - ".join(problems))
 
 
-def key_problems(missing=(), unexpected=(), mismatched=()) -> list[str]:
+def raise_key_problems(source, hint: str, missing=(), unexpected=(), mismatched=()) -> None:
+    """One CheckpointMismatchError naming every missing, unexpected and mis-shaped key (nothing when there is none)."""
     labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
-    return [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
-
-
-def mismatch_headline(source, hint: str = "") -> str:
-    return f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip()
+    problems = [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
+    raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
 
 
 def check_keys(expected: dict, provided: dict, source, hint: str = "") -> None:
@@ -286,15 +284,15 @@ def check_keys(expected: dict, provided: dict, source, hint: str = "") -> None:
         for key in set(expected) & set(provided)
         if tuple(provided[key]) != tuple(expected[key])
     ]
-    problems = key_problems(set(expected) - set(provided), set(provided) - set(expected), mismatched)
-    raise_problems(mismatch_headline(source, hint), problems)
+    raise_key_problems(source, hint, set(expected) - set(provided), set(provided) - set(expected), mismatched)
 
 
 def check_loading_info(info: dict, source, hint: str = "") -> None:
     """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
     reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
-    problems = key_problems(*(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")))
-    raise_problems(mismatch_headline(source, hint), problems)
+    raise_key_problems(
+        source, hint, *(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    )
 
 
 def check_fp8_pairs(header: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:

@@ -166,34 +166,28 @@ def read_model_type(path) -> str | None:
 def comfy_layer_formats(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, str], set[str]]:
     """-> (layer name without prefix -> format, the file's keys that only describe formats). Empty when the file has
     none of ComfyUI's markers. Raises naming every layer whose config cannot be loaded."""
-    configs, consumed, problems = {}, set(), []
+    configs, problems = {}, []
     raw = metadata.get(QUANTIZATION_METADATA_KEY)
     if raw is not None:
-        try:
-            layers = json.loads(raw)["layers"]
-            if not isinstance(layers, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
+        try:  # a `layers` that is not an object has no `.items()`
+            configs = {layer.removeprefix(prefix): config for layer, config in json.loads(raw)["layers"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointMismatchError(
                 f"{path}: the header's `{QUANTIZATION_METADATA_KEY}` is not JSON with a `layers` object."
             ) from None
-        configs = {layer.removeprefix(prefix): config for layer, config in layers.items()}
     markers = [key for key in header if key.endswith(COMFY_QUANT_SUFFIX)]
-    if markers:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in markers:
-                layer = key.removeprefix(prefix).removesuffix(COMFY_QUANT_SUFFIX)
-                try:
-                    config = decode_comfy_quant(handle.get_tensor(key))
-                except (ValueError, UnicodeDecodeError):
-                    problems.append(f"`{key}` is not UTF-8 JSON")
-                    continue
-                if layer in configs and configs[layer] != config:
-                    problems.append(
-                        f"`{key}` says {config}, the header's `{QUANTIZATION_METADATA_KEY}` {configs[layer]}"
-                    )
-                configs[layer] = config
-        consumed.update(markers)
+    with safe_open(str(path), framework="pt") as handle:
+        for key in markers:
+            layer = key.removeprefix(prefix).removesuffix(COMFY_QUANT_SUFFIX)
+            try:
+                config = decode_comfy_quant(handle.get_tensor(key))
+            except (ValueError, UnicodeDecodeError):
+                problems.append(f"`{key}` is not UTF-8 JSON")
+                continue
+            if layer in configs and configs[layer] != config:
+                problems.append(f"`{key}` says {config}, the header's `{QUANTIZATION_METADATA_KEY}` {configs[layer]}")
+            configs[layer] = config
+    consumed = set(markers)
     legacy = prefix + LEGACY_MARKER
     if legacy in header:
         if configs:

@@ -39,14 +39,11 @@ def _causal_mask(config, hidden_states: torch.Tensor, positions: torch.Tensor):
     return create_causal_mask(config, hidden_states, None, **kwargs)
 
 
-def chat_messages(caption: str) -> list[dict]:
-    """The single user turn the model was trained with; the caption is used verbatim."""
-    return [{"role": "user", "content": [{"type": "text", "text": caption}]}]
-
-
 def tokenize_prompt(tokenizer, caption: str) -> list[int]:
-    """Token ids of one caption wrapped in the chat template, with the generation prompt, no extra specials."""
-    text = tokenizer.apply_chat_template(chat_messages(caption), add_generation_prompt=True, tokenize=False)
+    """Token ids of one caption wrapped in the chat template (the single user turn the model was trained with, the
+    caption verbatim), with the generation prompt, no extra specials."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": caption}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
