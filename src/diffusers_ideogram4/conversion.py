@@ -43,6 +43,7 @@ from .layout import reference_latent_norm, variance_for_scale
 from .loading import (
     REPO_ID,
     SAFETENSORS_DTYPES,
+    STORED_NAMES,
     CheckpointMismatchError,
     check_fp8_pairs,
     check_header,
@@ -51,6 +52,7 @@ from .loading import (
     locate_tensors,
     open_safetensors,
     original_key_plan,
+    read_header,
 )
 from .text_encoder import FP8_CONFIG_FLAG
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
@@ -585,10 +587,8 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
         if file.copy_from is not None and not filecmp.cmp(file.copy_from, path, shallow=False):
             problems.append(f"{file.path} differs from {file.copy_from}")
         elif file.tensors is not None:
-            planned = {r.key: (r.dtype, r.shape) for r in file.tensors}
-            got = {
-                key: (SAFETENSORS_DTYPES[dtype], shape) for key, (_, dtype, shape) in locate_tensors([path]).items()
-            }
+            planned = {r.key: (STORED_NAMES[r.dtype], r.shape) for r in file.tensors}
+            got = read_header([path])
             if got != planned:
                 bad = sorted(k for k in set(got) | set(planned) if got.get(k) != planned.get(k))
                 problems.append(f"{file.path}: keys, dtypes or shapes differ from the plan: {bad[:12]}")

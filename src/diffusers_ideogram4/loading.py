@@ -168,17 +168,16 @@ def diffusers_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 def resolve_component_folder(pretrained_model_name_or_path, subfolder: str | None = None, **hub_kwargs) -> Path:
     """A local folder, or a hub repo id fetched with `huggingface_hub` (only the component's files)."""
     path = Path(pretrained_model_name_or_path)
-    if path.is_dir():
-        folder = path / subfolder if subfolder else path
-        if not folder.is_dir():
-            raise FileNotFoundError(f"`subfolder={subfolder!r}` does not exist in {path}.")
-        return folder
-    from huggingface_hub import snapshot_download
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
 
-    patterns = [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"]
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    root = snapshot_download(str(pretrained_model_name_or_path), allow_patterns=patterns, **hub_kwargs)
-    return Path(root) / subfolder if subfolder else Path(root)
+        patterns = [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"]
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+        path = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=patterns, **hub_kwargs))
+    folder = path / (subfolder or "")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"`subfolder={subfolder!r}` does not exist in {path}.")
+    return folder
 
 
 def checkpoint_files(folder: Path, variant: str | None = None, name: str = "diffusion_pytorch_model") -> list[Path]:
