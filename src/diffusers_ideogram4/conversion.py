@@ -38,7 +38,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import save_file
 
 from .constants import OFFICIAL_ENTRIES
-from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, keeps_stored_dtype
+from .fp8 import SCALE_SUFFIX, dequantize_fp8_weight, is_fp8_checkpoint, keeps_stored_dtype
 from .layout import reference_latent_norm, variance_for_scale
 from .loading import (
     REPO_ID,
@@ -361,22 +361,24 @@ def _plan_copy(plan: ConversionPlan, name: str, target, vae_bn: str = "keep") ->
     folder = plan.root / name
     if not folder.is_dir():
         raise FileNotFoundError(f"model_index.json lists `{name}`, but {folder} does not exist.")
-    config_path = folder / CONFIG_NAME
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
     planned = len(plan.files)
-    if target is not None and name == TEXT_ENCODER_NAME and config.get(FP8_CONFIG_FLAG):
-        _plan_dequantized_text_encoder(plan, folder, name, config, target)
+    if target is not None and name == TEXT_ENCODER_NAME:
+        _plan_dequantized_text_encoder(plan, folder, name, target)
     if vae_bn == "reference" and name == VAE_NAME:
         _plan_reference_bn(plan, folder, name)
     plan.files += _copied(plan, folder, name, {f.path for f in plan.files[planned:]})  # the rest, as they are
 
 
-def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, config: dict, target) -> None:
-    """The fp8 text encoder (SPEC 2.2) written in `target`: same files, each float8 weight dequantized with its
-    scale, the scales dropped, every other floating tensor cast; config.json loses the fp8 flag."""
+def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str, target) -> None:
+    """An fp8 text encoder (SPEC 2.2; fp8 as the loader tells it, from its weights) written in `target`: same files,
+    each float8 weight dequantized with its scale, the scales dropped, every other floating tensor cast; config.json
+    loses the fp8 flag. Other text encoders are left to be copied."""
     files = checkpoint_files(folder, name="model")
     located = locate_tensors(files)
-    check_fp8_pairs({key: (dtype, shape) for key, (_, dtype, shape) in located.items()}, str(folder))
+    header = {key: (dtype, shape) for key, (_, dtype, shape) in located.items()}
+    if not is_fp8_checkpoint(header):
+        return
+    check_fp8_pairs(header, str(folder))
     by_file: dict[Path, list[Recipe]] = {file: [] for file in files}
     for key, (file, dtype, shape) in located.items():
         if not key.endswith(SCALE_SUFFIX):
@@ -390,7 +392,8 @@ def _plan_dequantized_text_encoder(plan: ConversionPlan, folder: Path, name: str
         index["weight_map"] = {r.key: file.name for file, group in by_file.items() for r in group}
         index.setdefault("metadata", {})["total_size"] = sum(r.nbytes for g in by_file.values() for r in g)
         plan.files.append(OutputFile(f"{name}/{index_path.name}", text=json_text(index, sort_keys=False)))
-    config = {k: v for k, v in config.items() if k != FP8_CONFIG_FLAG}
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.pop(FP8_CONFIG_FLAG, None)
     for dtype_field in ("dtype", "torch_dtype"):
         if dtype_field in config:
             config[dtype_field] = str(target).removeprefix("torch.")
