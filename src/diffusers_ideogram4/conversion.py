@@ -157,6 +157,12 @@ class ConversionPlan:
     tensor_dtypes: set[str] = field(default_factory=set)  # dtypes of the transformers' written tensors
     notes: list[str] = field(default_factory=list)
 
+    def add_transformer(self, name: str, weights: list[OutputFile], config: str, expected: dict[str, Recipe]) -> None:
+        """A converted transformer's weight files and config.json, and the recipe of each value it must reload to."""
+        self.files += [*weights, OutputFile(f"{name}/{CONFIG_NAME}", text=config)]
+        self.checks[name] = (expected, _load_dtype(expected.values()))
+        self.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for f in weights for r in f.tensors or ()}
+
 
 @dataclass
 class ConversionReport:
@@ -308,10 +314,7 @@ def _plan_transformer_to_diffusers(plan: ConversionPlan, name: str, target, max_
             continue  # consumed with its weight
         scale = recipes.get(key + "_scale") if target is not None else None
         written.append(_cast(recipe, target, scale))
-    plan.files += _sharded(written, max_bytes, name)
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=config))
-    plan.checks[name] = ({r.key: r for r in written}, _load_dtype(written))
-    plan.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for r in written}
+    plan.add_transformer(name, _sharded(written, max_bytes, name), config, {r.key: r for r in written})
 
 
 def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name: str) -> None:
@@ -323,11 +326,8 @@ def _plan_transformer_to_original(plan: ConversionPlan, name: str, weights_name:
             raise CheckpointMismatchError(f"The parts of `{key}` in {name}/ have different dtypes.")
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
         fused.append(Recipe(key, tuple(p for part in parts for p in part.parts), shape, parts[0].dtype))
-    plan.files.append(OutputFile(f"{name}/{weights_name}", tensors=tuple(fused)))
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=config))
     # Verified by reloading the fused file and comparing each model tensor with the source tensor of the same key.
-    plan.checks[name] = (recipes, _load_dtype(recipes.values()))
-    plan.tensor_dtypes |= {str(r.dtype).removeprefix("torch.") for r in fused}
+    plan.add_transformer(name, [OutputFile(f"{name}/{weights_name}", tensors=tuple(fused))], config, recipes)
 
 
 def _copied(plan: ConversionPlan, folder: Path, name: str, skip: set[str] = frozenset()) -> list[OutputFile]:

@@ -19,13 +19,11 @@ from accelerate import init_empty_weights
 
 from .constants import OFFICIAL_ENTRIES
 from .conversion import (
-    CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     TRANSFORMER_CLASS_NAME,
     WRITTEN_DTYPES,
     ConversionPlan,
     ConversionReport,
-    OutputFile,
     Recipe,
     _check_choice,
     _check_output,
@@ -74,10 +72,9 @@ def _plan_single_file(plan: ConversionPlan, name: str, file, config, target: tor
         plain = Ideogram4Transformer2DModel.from_config(model.config)
     weights = dequantized_weights(model, target)
     recipes = [Recipe(key, (), weights[key][0], target, compute=weights[key][1]) for key in plain.state_dict()]
-    plan.files += _sharded(recipes, max_bytes, name)
-    plan.files.append(OutputFile(f"{name}/{CONFIG_NAME}", text=transformer_config_text(plain)))
-    plan.checks[name] = ({r.key: r for r in recipes}, target)
-    plan.tensor_dtypes.add(str(target).removeprefix("torch."))
+    plan.add_transformer(
+        name, _sharded(recipes, max_bytes, name), transformer_config_text(plain), {r.key: r for r in recipes}
+    )
     plan.notes.append(f"{name}: {Path(str(file)).name} dequantized to {str(target).removeprefix('torch.')}")
 
 
