@@ -274,15 +274,14 @@ def _checked_transformer(plan: ConversionPlan, name: str, key_plan) -> tuple[dic
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{error} Nothing was written.") from None
     recipes = {}
-    for key, (source_key, rows) in origin.items():
-        file, dtype, shape = located[source_key]
-        shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
-        recipes[key] = Recipe(key, ((file, source_key, rows),), shape, SAFETENSORS_DTYPES[dtype])
+    for key, value in model.state_dict().items():  # the model's order: blocks stay together in shards
+        source_key, rows = origin[key]
+        file, dtype, _ = located[source_key]
+        recipes[key] = Recipe(key, ((file, source_key, rows),), tuple(value.shape), SAFETENSORS_DTYPES[dtype])
     unknown = sorted(k for k in config if k not in TRANSFORMER_CONFIG_FIELDS)
     if unknown:
         plan.notes.append(f"{name}/config.json: fields {unknown} are not {TRANSFORMER_CLASS_NAME} arguments; dropped")
-    ordered = {key: recipes[key] for key in model.state_dict()}  # the model's order: blocks stay together in shards
-    return ordered, transformer_config_text(model)
+    return recipes, transformer_config_text(model)
 
 
 def transformer_config_text(model: Ideogram4Transformer2DModel) -> str:
