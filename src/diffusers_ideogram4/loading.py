@@ -24,6 +24,7 @@ from .constants import FUSED_TO_SPLIT
 from .fp8 import (
     FP8_DTYPE,
     SCALE_SUFFIX,
+    STORED_SCALE_SUFFIXES,
     is_fp8_checkpoint,
     keeps_stored_dtype,
     replace_linears_with_fp8,
@@ -344,12 +345,8 @@ def check_header(build_model, header: dict, source, key_plan=None, hint: str = "
         model = build_model()
         (quantized_layers or fp8_release_layers)(model, renamed, source)
     state = model.state_dict()
-    check_keys(
-        {key: tuple(value.shape) for key, value in state.items()},
-        {k: s for k, (_, s) in renamed.items()},
-        source,
-        hint,
-    )
+    expected = {key: tuple(value.shape) for key, value in state.items()}
+    check_keys(expected, {key: shape for key, (_, shape) in renamed.items()}, source, hint)
     # Tensors stored in safetensors dtypes (a GGUF header names its quantization types instead, checked by its loader).
     stored = {key: dtype for key, (dtype, _) in renamed.items() if dtype in SAFETENSORS_DTYPES}
     check_dtypes({key: (dtype, accepted_dtypes(key, state[key].dtype)) for key, dtype in stored.items()}, source)
@@ -404,12 +401,14 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
     scales = [
         key
         for key, value in state_dict.items()
-        if key.endswith(SCALE_SUFFIX)
+        if key.endswith(STORED_SCALE_SUFFIXES)
         and value.dtype == torch.float32
         and not bool((torch.isfinite(value) & (value > 0)).all())
     ]
     if scales:
-        raise CheckpointMismatchError(f"fp8 scales must be finite and positive; these are not: {list_keys(scales)}.")
+        raise CheckpointMismatchError(
+            f"Quantization scales must be finite and positive; these are not: {list_keys(scales)}."
+        )
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
