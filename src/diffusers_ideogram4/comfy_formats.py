@@ -16,7 +16,6 @@ Older "scaled fp8" files have a `scaled_fp8` marker tensor instead, and `scale_w
 load as the float8 formats, each layer in its stored float8 dtype (ComfyUI reads every such layer as e4m3fn).
 """
 
-import json
 import math
 
 import torch
@@ -152,11 +151,6 @@ class NVFP4Linear(QuantizedLinear):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Layer configs
-
-
-def decode_comfy_quant(tensor: torch.Tensor) -> dict:
-    """A `<layer>.comfy_quant` tensor (uint8 bytes of UTF-8 JSON) -> its config dict."""
-    return json.loads(tensor.numpy().tobytes().decode("utf-8"))
 
 
 def layer_config_problem(config) -> str | None:

@@ -693,18 +693,10 @@ def _check_output(output, overwrite: bool, replace_any_folder: bool = False, sou
     return output
 
 
-def _leftovers(output: Path) -> list[str]:
-    """Folders an interrupted run left beside `output`."""
-    return sorted(
-        str(p) for p in output.parent.glob(f".{output.name}.*") if ".partial-" in p.name or ".old-" in p.name
-    )
-
-
 def _execute(plan: ConversionPlan, output, dry_run, overwrite, replace_any_folder, verify, progress):
     output = _check_output(output, overwrite, replace_any_folder, plan.root)
-    plan.notes += [
-        f"left by an interrupted run, remove it when you no longer need it: {p}" for p in _leftovers(output)
-    ]
+    leftovers = [p for p in output.parent.glob(f".{output.name}.*") if ".partial-" in p.name or ".old-" in p.name]
+    plan.notes += [f"left by an interrupted run, remove it when you no longer need it: {p}" for p in sorted(leftovers)]
     files = sorted(plan.files, key=lambda f: f.path)
     report = ConversionReport(
         plan.direction,

@@ -25,14 +25,6 @@ from .single_file import SINGLE_FILE_HINT, common_prefix
 PLAIN_TYPES = ("F32", "F16")
 
 
-def supported_types() -> tuple[str, ...]:
-    """GGUF tensor types diffusers can load: F32, F16 and those it has a torch dequantizer for (BF16, Q4_0, Q4_1,
-    Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K, IQ4_NL, IQ4_XS with diffusers 0.42)."""
-    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
-
-    return (*PLAIN_TYPES, *(quant_type.name for quant_type in SUPPORTED_GGUF_QUANT_TYPES))
-
-
 def read_gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (GGUF type name, torch shape), without reading tensor data (GGUF stores shapes reversed)."""
     try:
@@ -52,7 +44,11 @@ def read_gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def check_gguf_types(header: dict, source) -> None:
-    supported = supported_types()
+    """Every tensor in a type diffusers can load: F32, F16 and those it has a torch dequantizer for (BF16, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K, IQ4_NL, IQ4_XS with diffusers 0.42)."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    supported = (*PLAIN_TYPES, *(quant_type.name for quant_type in SUPPORTED_GGUF_QUANT_TYPES))
     unsupported = {}
     for key, (type_name, _) in header.items():
         if type_name not in supported:

@@ -35,19 +35,6 @@ def stored_quantization_config(folder: Path) -> dict | None:
     return quantization
 
 
-def sdnq_tensor_names() -> set[str]:
-    """The per-module tensor names an SDNQ checkpoint adds beside a module's `weight`, as the installed `sdnq` names
-    them. Importing `sdnq` also registers its quantizer with diffusers and transformers."""
-    try:
-        import sdnq  # noqa: F401
-        from sdnq.common import sdnq_keys
-    except ImportError:
-        raise ImportError(
-            f"This checkpoint is quantized with SDNQ; loading it needs the `sdnq` package: {INSTALL_HINT}."
-        ) from None
-    return set(sdnq_keys) - {"weight"}
-
-
 def host_reads_sdnq() -> bool:
     """Whether the installed diffusers knows SDNQ itself (its `SDNQConfig`, diffusers >= 0.39): the `sdnq` package
     also registers a quantizer when imported, but older diffusers lack the rest of the path (tested on 0.38)."""
@@ -66,7 +53,14 @@ def check_sdnq_checkpoint(build_model, header: dict, source, hint: str = "", che
             f"{source} is quantized with SDNQ, which diffusers {diffusers.__version__} cannot load (its quantizers do "
             "not include `sdnq`); upgrade diffusers (`pip install -U diffusers`, 0.39 or newer)."
         )
-    extra = sdnq_tensor_names()
+    try:  # importing `sdnq` also registers its quantizer with diffusers and transformers
+        import sdnq  # noqa: F401
+        from sdnq.common import sdnq_keys
+    except ImportError:
+        raise ImportError(
+            f"This checkpoint is quantized with SDNQ; loading it needs the `sdnq` package: {INSTALL_HINT}."
+        ) from None
+    extra = set(sdnq_keys) - {"weight"}  # the per-module tensors an SDNQ checkpoint adds beside `weight`
     if is_original_layout(header):
         raise ValueError(
             f"{source} is an SDNQ checkpoint in the original fused-attention layout (`attention.qkv`); the SDNQ "

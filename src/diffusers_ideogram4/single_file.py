@@ -31,7 +31,6 @@ from .comfy_formats import (
     NVFP4_FORMAT,
     NVFP4_ROW_TILE,
     QUANTIZATION_METADATA_KEY,
-    decode_comfy_quant,
     layer_config_problem,
     quantized_layer,
 )
@@ -180,7 +179,7 @@ def comfy_layer_formats(path: Path, header: dict, metadata: dict, prefix: str) -
         for key in markers:
             layer = key.removeprefix(prefix).removesuffix(COMFY_QUANT_SUFFIX)
             try:
-                config = decode_comfy_quant(handle.get_tensor(key))
+                config = json.loads(handle.get_tensor(key).numpy().tobytes().decode("utf-8"))  # uint8 bytes of JSON
             except (ValueError, UnicodeDecodeError):
                 problems.append(f"`{key}` is not UTF-8 JSON")
                 continue
