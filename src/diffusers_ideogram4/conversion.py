@@ -49,9 +49,11 @@ from .loading import (
     check_header,
     checkpoint_files,
     fused_groups,
+    list_keys,
     locate_tensors,
     open_safetensors,
     original_key_plan,
+    raise_problems,
     read_header,
 )
 from .text_encoder import FP8_CONFIG_FLAG
@@ -592,8 +594,8 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
             planned = {r.key: (STORED_NAMES[r.dtype], r.shape) for r in file.tensors}
             got = read_header([path])
             if got != planned:
-                bad = sorted(k for k in set(got) | set(planned) if got.get(k) != planned.get(k))
-                problems.append(f"{file.path}: keys, dtypes or shapes differ from the plan: {bad[:12]}")
+                bad = [k for k in set(got) | set(planned) if got.get(k) != planned.get(k)]
+                problems.append(f"{file.path}: keys, dtypes or shapes differ from the plan: {list_keys(bad)}")
     if not problems:
         with _Reader() as reader:
             for component, (expected, load_dtype) in plan.checks.items():
@@ -608,18 +610,15 @@ def verify_output(plan: ConversionPlan, folder: Path) -> None:
                         for r in file.tensors
                         if not _same_bits(handle.get_tensor(r.key), reader.tensor(r))
                     ]
-    if problems:
-        raise ConversionVerificationError(
-            "The converted output does not match its source; nothing was moved into place or pushed.\n  - "
-            + "\n  - ".join(problems)
-        )
+    headline = "The converted output does not match its source; nothing was moved into place or pushed."
+    raise_problems(headline, problems, ConversionVerificationError)
 
 
 def _verify_transformer(component, expected: dict[str, Recipe], load_dtype, folder: Path, reader) -> list[str]:
     state = Ideogram4Transformer2DModel.from_pretrained(folder / component, dtype=load_dtype).state_dict()
     problems = []
     if set(state) != set(expected):
-        problems.append(f"{component}: reloaded keys differ: {sorted(set(state) ^ set(expected))[:12]}")
+        problems.append(f"{component}: reloaded keys differ: {list_keys(set(state) ^ set(expected))}")
     for key, recipe in expected.items():
         value = reader.tensor(recipe)
         value = value if keeps_stored_dtype(key, value.dtype) else value.to(load_dtype)

@@ -11,9 +11,8 @@ def finite_float(name: str, value) -> float:
     """A real, finite number (a Python or numpy number, or a one-element tensor) as a float, or a ValueError that
     names the argument. Strings and bools are refused rather than read."""
     number = math.nan
-    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor or array
-        number = float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+    one_element = hasattr(value, "numel") and value.numel() == 1  # a one-element tensor or array
+    if one_element or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
         number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
