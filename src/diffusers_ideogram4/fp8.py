@@ -167,16 +167,14 @@ class FP8Linear(QuantizedLinear):
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a model computes in: that of its first floating parameter outside the fp8 stored format (diffusers'
-    and transformers' `model.dtype` would report float8 for a model whose first parameter is an fp8 weight)."""
-    stored = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, QuantizedLinear)
-        for name in m.stored_format
-        if (p := m._parameters.get(name)) is not None
-    }
-    return next(p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in stored)
+    """The dtype a model computes in: that of its first floating parameter that does not keep a stored quantized dtype
+    (`keeps_stored_dtype`; diffusers' and transformers' `model.dtype` would report float8 for a model whose first
+    parameter is an fp8 weight)."""
+    return next(
+        p.dtype
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and not keeps_stored_dtype(name, p.dtype)
+    )
 
 
 class ComputeDtypeMixin:

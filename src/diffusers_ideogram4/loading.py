@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 
 from .constants import FUSED_TO_SPLIT
 from .fp8 import (
-    FP8_DTYPE,
     SCALE_SUFFIX,
     STORED_SCALE_SUFFIXES,
     is_fp8_checkpoint,
@@ -419,8 +418,7 @@ def warn_non_finite(model, source) -> None:
         key
         for key, value in model.state_dict().items()
         if type(value) in (torch.Tensor, torch.nn.Parameter)  # quantized tensor subclasses hold their own checks
-        and value.is_floating_point()
-        and value.dtype != FP8_DTYPE
+        and not keeps_stored_dtype(key, value.dtype)  # floats only; stored scales were checked by strict_load
         and not bool(torch.isfinite(value).all())
     ]
     if bad:
