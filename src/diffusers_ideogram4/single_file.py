@@ -263,20 +263,14 @@ def check_comfy_tensors(header: dict, formats: dict[str, str], prefix: str, sour
     raise_problems(f"The quantized single file {source} is incomplete or corrupted; nothing was loaded.", problems)
 
 
-def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
+def comfy_layers(formats: dict[str, str]):
     """`check_header`'s layer rule for ComfyUI files: each quantized layer (renamed like its weight) becomes the layer
-    that holds its format."""
-    # The activation scale under its current name or its legacy one (`scale_input`).
-    input_scale_names = [OPTIONAL_TENSOR, *(old for old, new in LEGACY_RENAMES.items() if new == OPTIONAL_TENSOR)]
-    by_module = {}
-    for layer, fmt in formats.items():
-        has_input_scale = any(prefix + layer + name in header for name in input_scale_names)
-        for module in split_names(layer) or (layer,):
-            by_module[module] = (fmt, has_input_scale)
+    that holds its format, with an activation scale where the renamed header has one."""
+    by_module = {module: fmt for layer, fmt in formats.items() for module in split_names(layer) or (layer,)}
 
     def replace(model, renamed: dict, source) -> None:
         not_linear = []
-        for module, (fmt, has_input_scale) in by_module.items():
+        for module, fmt in by_module.items():
             try:
                 linear = model.get_submodule(module)
             except AttributeError:
@@ -284,7 +278,7 @@ def comfy_layers(formats: dict[str, str], header: dict, prefix: str):
             if not isinstance(linear, torch.nn.Linear):
                 not_linear.append(f"{module} ({type(linear).__name__})")
                 continue
-            model.set_submodule(module, quantized_layer(fmt, linear, has_input_scale))
+            model.set_submodule(module, quantized_layer(fmt, linear, module + OPTIONAL_TENSOR in renamed))
         if not_linear:
             raise CheckpointMismatchError(
                 f"{source}: quantization configs for modules that are not Linear layers: {list_keys(not_linear)}."
@@ -308,7 +302,7 @@ def load_safetensors_transformer(cls, path: Path, config: dict, dtype, disable_m
     quantized_layers = fp8_release_layers
     if formats:
         check_comfy_tensors(header, formats, prefix, path)
-        quantized_layers = comfy_layers(formats, header, prefix)
+        quantized_layers = comfy_layers(formats)
 
     def key_plan(key, shape):
         key = key.removeprefix(prefix)
