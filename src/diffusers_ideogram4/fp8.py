@@ -193,8 +193,9 @@ def replace_linears_with_fp8(model: nn.Module, quantized_weight_keys) -> list[st
     replaced = []
     for name, module in list(model.named_modules()):
         if name in wanted and isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
-            bias = module.bias is not None
-            model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias, module.weight.device))
+            parent, _, child = name.rpartition(".")  # not `set_submodule`: torch 2.4 has none
+            fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, module.weight.device)
+            setattr(model.get_submodule(parent), child, fp8)
             replaced.append(name)
     return replaced
 

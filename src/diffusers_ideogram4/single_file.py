@@ -278,7 +278,10 @@ def comfy_layers(formats: dict[str, str]):
             if not isinstance(linear, torch.nn.Linear):
                 not_linear.append(f"{module} ({type(linear).__name__})")
                 continue
-            model.set_submodule(module, quantized_layer(fmt, linear, module + OPTIONAL_TENSOR in renamed))
+            parent, _, child = module.rpartition(".")
+            setattr(
+                model.get_submodule(parent), child, quantized_layer(fmt, linear, module + OPTIONAL_TENSOR in renamed)
+            )
         if not_linear:
             raise CheckpointMismatchError(
                 f"{source}: quantization configs for modules that are not Linear layers: {list_keys(not_linear)}."
