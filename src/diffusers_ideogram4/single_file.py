@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .comfy_formats import (
     COMFY_QUANT_SUFFIX,
@@ -137,24 +136,22 @@ def common_prefix(keys, source) -> str:
     is an error naming the others."""
     keys = list(keys)
     for prefix in SINGLE_FILE_PREFIXES:
-        carrying = [key for key in keys if key.startswith(prefix)]
-        if carrying and len(carrying) < len(keys):
-            others = [key for key in keys if not key.startswith(prefix)]
+        others = [key for key in keys if not key.startswith(prefix)]
+        if others and len(others) < len(keys):
             raise CheckpointMismatchError(
-                f"{source}: {len(carrying)} keys start with `{prefix}` and {len(others)} do not: {list_keys(others)}. "
-                "A single file holds one model, every key with the same prefix."
+                f"{source}: {len(keys) - len(others)} keys start with `{prefix}` and {len(others)} do not: "
+                f"{list_keys(others)}. A single file holds one model, every key with the same prefix."
             )
-        if carrying:
+        if keys and not others:
             return prefix
     return ""
 
 
 def read_model_type(path) -> str | None:
     """The `model_type` header metadata (`ideogram4_cond` / `ideogram4_uncond`) of a safetensors file, if any."""
-    path = Path(path)
     if file_kind(path) != "safetensors":
         return None
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         return (handle.metadata() or {}).get(MODEL_TYPE_KEY)
 
 
@@ -175,7 +172,7 @@ def comfy_layer_formats(path: Path, header: dict, metadata: dict, prefix: str) -
                 f"{path}: the header's `{QUANTIZATION_METADATA_KEY}` is not JSON with a `layers` object."
             ) from None
     markers = [key for key in header if key.endswith(COMFY_QUANT_SUFFIX)]
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         for key in markers:
             layer = key.removeprefix(prefix).removesuffix(COMFY_QUANT_SUFFIX)
             try:
