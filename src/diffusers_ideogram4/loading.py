@@ -289,9 +289,8 @@ def check_keys(expected: dict, provided: dict, source, hint: str = "") -> None:
 def check_loading_info(info: dict, source, hint: str = "") -> None:
     """Raise CheckpointMismatchError when a diffusers / transformers `from_pretrained(output_loading_info=True)`
     reports missing, unexpected or mis-shaped keys (those loaders only log them and initialise at random)."""
-    raise_key_problems(
-        source, hint, *(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    )
+    keys = (info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    raise_key_problems(source, hint, *keys)
 
 
 def check_fp8_pairs(header: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
