@@ -276,9 +276,8 @@ def comfy_layers(formats: dict[str, str]):
                 not_linear.append(f"{module} ({type(linear).__name__})")
                 continue
             parent, _, child = module.rpartition(".")
-            setattr(
-                model.get_submodule(parent), child, quantized_layer(fmt, linear, module + OPTIONAL_TENSOR in renamed)
-            )
+            quantized = quantized_layer(fmt, linear, has_input_scale=module + OPTIONAL_TENSOR in renamed)
+            setattr(model.get_submodule(parent), child, quantized)
         if not_linear:
             raise CheckpointMismatchError(
                 f"{source}: quantization configs for modules that are not Linear layers: {list_keys(not_linear)}."
