@@ -19,7 +19,6 @@ layout PEFT's LoKr can hold; anything else is refused by name.
 
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +29,9 @@ from .lora_formats import (
     BLOCK_MODULES,
     GLOBAL_MODULES,
     ORIGINAL_BLOCK_MODULES,
-    _resolve_components,
+    by_component,
     config_patterns,
-    is_known_module,
-    split_prefix,
+    group_factors,
 )
 
 
@@ -42,7 +40,13 @@ LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 ALPHA = "alpha"
 # LyCORIS tensors this package does not load: Tucker cores (convolutions only), weight decomposition (DoRA).
-REFUSED_LYCORIS = {"hada_t1": "LoHa Tucker core", "hada_t2": "LoHa Tucker core", "lokr_t2": "LoKr Tucker core"}
+REFUSED_LYCORIS = {
+    "hada_t1": "LoHa Tucker core",
+    "hada_t2": "LoHa Tucker core",
+    "lokr_t2": "LoKr Tucker core",
+    "dora_scale": "DoRA",
+}
+LYCORIS_PARTS = {f".{name}": name for name in (*LOHA_TENSORS, *LOKR_TENSORS, ALPHA, *REFUSED_LYCORIS)}
 _FLAT_BLOCK = re.compile(r"^layers_(?P<index>\d+)_(?P<module>.+)$")
 
 
@@ -174,42 +178,19 @@ def is_lycoris(keys) -> bool:
     return any(f".{name}" in key for key in keys for name in (*LOHA_TENSORS, *LOKR_TENSORS))
 
 
-def _lycoris_key(key: str) -> tuple[str, str, str] | None:
-    """-> (prefix, module, tensor name) of a LyCORIS key, or None when it is not one."""
-    prefix, rest = split_prefix(key)
-    module, _, name = rest.rpartition(".")
-    if name in (*LOHA_TENSORS, *LOKR_TENSORS, ALPHA, *REFUSED_LYCORIS, "dora_scale"):
-        return prefix, module, name
-    return None
-
-
 def parse_lycoris_state_dict(state_dict: dict[str, torch.Tensor], target: str | None = None) -> dict[str, dict]:
     """A LyCORIS LoHa or LoKr state dict -> `{component: {module (diffusers layout): LohaFactors | LokrFactors}}`.
 
     Raises ValueError naming every key that is not a LoHa / LoKr factor of a Linear of the model, unsupported
     tensors (Tucker cores, DoRA), incomplete or mis-shaped factors, a file mixing LoHa and LoKr, and a fused q/k/v LoKr
     that does not split."""
-    pieces = defaultdict(dict)
-    not_lycoris, unknown_module, refused = [], [], []
-    for key, tensor in state_dict.items():
-        parsed = _lycoris_key(key)
-        if parsed is None:
-            not_lycoris.append(key)
-            continue
-        prefix, module, name = parsed
-        if name in REFUSED_LYCORIS or name == "dora_scale":
-            refused.append(f"{key} ({REFUSED_LYCORIS.get(name, 'DoRA')})")
-        elif not is_known_module(module):
-            unknown_module.append(key)
-        else:
-            pieces[prefix, module][name] = tensor
-    problems = []
-    if not_lycoris:
-        problems.append(f"keys that are not LoHa / LoKr factors: {list_keys(not_lycoris)}")
-    if unknown_module:
-        problems.append(
-            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
-        )
+    pieces, problems = group_factors(state_dict, LYCORIS_PARTS, "LoHa / LoKr")
+    refused = [
+        f"{key} ({REFUSED_LYCORIS[part]})"
+        for parts in pieces.values()
+        for part, (key, _) in parts.items()
+        if part in REFUSED_LYCORIS
+    ]
     if refused:
         problems.append(f"unsupported LyCORIS tensors: {list_keys(refused)}")
     kind_of = {
@@ -223,26 +204,18 @@ def parse_lycoris_state_dict(state_dict: dict[str, torch.Tensor], target: str | 
     bare = [f"{prefix}{module}" for (prefix, module), kind in kind_of.items() if kind is None]
     if bare:
         problems.append(f"modules with an alpha but no LoHa / LoKr factors: {list_keys(bare)}")
-    kinds = set(kind_of.values()) - {None}
-    if len(kinds) > 1:
+    if len(set(kind_of.values()) - {None}) > 1:
         problems.append("the file mixes LoHa and LoKr modules; PEFT holds one adapter kind per adapter")
     raise_problems(
         "The LyCORIS adapter has keys this loader does not understand; nothing was loaded.", problems, ValueError
     )
+    return by_component(dict(sorted(pieces.items())), target, _lycoris_factors, "LyCORIS adapter")
 
-    components = _resolve_components({prefix for prefix, _ in pieces}, target)
-    parsed = defaultdict(dict)
-    for (prefix, module), parts in sorted(pieces.items()):
-        source = f"`{prefix}{module}`"
-        factors = _loha(parts, source, problems) if kinds == {"LoHa"} else _lokr(parts, source, problems)
-        if factors is None:
-            continue
-        for name, part in _split_fused(module, factors, source, problems).items():
-            if name in parsed[components[prefix]]:
-                problems.append(f"`{components[prefix]}.{name}` is given twice (again by {source})")
-            parsed[components[prefix]][name] = part
-    raise_problems("The LyCORIS adapter is malformed; nothing was loaded.", problems, ValueError)
-    return dict(parsed)
+
+def _lycoris_factors(prefix: str, module: str, parts: dict, source: str, problems: list):
+    if any(name in parts for name in LOHA_TENSORS):
+        return _loha(parts, source, problems)
+    return _lokr(module, parts, source, problems)
 
 
 def _alpha(parts: dict, source: str, problems: list, required: bool) -> float | None:
@@ -282,7 +255,7 @@ def _loha(parts: dict, source: str, problems: list) -> LohaFactors | None:
     return LohaFactors(w1_a, w1_b, w2_a, w2_b, float(w1_b.shape[0]) if alpha is None else alpha)
 
 
-def _lokr(parts: dict, source: str, problems: list) -> LokrFactors | None:
+def _lokr(module: str, parts: dict, source: str, problems: list) -> LokrFactors | None:
     factors = []
     for name in ("lokr_w1", "lokr_w2"):
         full, down, up = parts.get(name), parts.get(f"{name}_a"), parts.get(f"{name}_b")
@@ -304,28 +277,16 @@ def _lokr(parts: dict, source: str, problems: list) -> LokrFactors | None:
     alpha = _alpha(parts, source, problems, required=decomposed)
     if decomposed and ALPHA in parts and alpha is None:
         return None
-    # LyCORIS: without alpha the scale is 1 (alpha = rank); with both factors full alpha is not used.
-    lokr.alpha = (alpha if alpha is not None else float(lokr.rank)) if decomposed else None
-    return lokr
-
-
-def _split_fused(module: str, factors, source: str, problems: list) -> dict:
-    """Original-layout module -> diffusers-layout module(s); a fused q/k/v splits by row thirds."""
-    names = split_names(module)
-    if names is None or len(names) == 1:
-        return {(names or (module,))[0]: factors}
-    rows = factors.out_features // len(names)
-    if factors.out_features % len(names):
-        problems.append(f"{source}: a fused q/k/v factor needs 3 x hidden rows, got {factors.out_features}")
-        return {}
-    if isinstance(factors, LokrFactors) and factors.factor_shapes[0][0] % len(names):
-        (a, _), (b, _) = factors.factor_shapes
+    (a, _), (b, _) = lokr.factor_shapes
+    if a % len(split_names(module) or (module,)):
         problems.append(
             f"{source}: a LoKr on the fused q/k/v whose Kronecker rows ({a} blocks of {b}) do not split in thirds; "
             "it cannot be split into the q/k/v projections"
         )
-        return {}
-    return {name: factors.rows(slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
+        return None
+    # LyCORIS: without alpha the scale is 1 (alpha = rank); with both factors full alpha is not used.
+    lokr.alpha = (alpha if alpha is not None else float(lokr.rank)) if decomposed else None
+    return lokr
 
 
 # --------------------------------------------------------------------------------------------------------------------
