@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 from diffusers.utils import USE_PEFT_BACKEND
+from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -28,7 +29,7 @@ from .lora_formats import (
     peft_state_dict,
     to_diffusers_format,
 )
-from .lora_trainers import check_adapter_kinds, is_lycoris, load_lycoris_weights
+from .lora_trainers import lycoris_config, parse_adapter_state_dict
 from .validation import finite_float
 
 
@@ -183,39 +184,60 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if not USE_PEFT_BACKEND:
             raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
-        if is_lycoris(state_dict):  # LyCORIS LoHa / LoKr: through PEFT's own layers
-            return load_lycoris_weights(self, state_dict, adapter_name, target, hotswap, low_cpu_mem_usage)
-        components = parse_lora_state_dict(state_dict, metadata, target)
-        for component in components:
-            if getattr(self, component, None) is None:
-                raise ValueError(
-                    f"The LoRA has weights for `{component}`, which this pipeline does not have (a CFG-distilled "
-                    f"checkpoint, or single-transformer mode?). Load the pipeline with its `{component}`, pass "
-                    "`target=` another component, or load an unconditional LoRA with `load_unconditional_lora`."
-                )
+        components = parse_adapter_state_dict(state_dict, metadata, target)
         self._load_parsed_lora(components, adapter_name, hotswap, low_cpu_mem_usage)
 
     def _load_parsed_lora(
-        self, components: dict[str, dict[str, LoraFactors]], adapter_name, hotswap: bool, low_cpu_mem_usage: bool
+        self, components: dict[str, dict], adapter_name, hotswap: bool, low_cpu_mem_usage: bool
     ) -> str:
-        """Load parsed LoRA factors `{component: {module: LoraFactors}}` into the pipeline's components as one
-        adapter; the pipeline is left as it was when anything fails. Returns the adapter's name."""
+        """Load parsed factors `{component: {module: LoraFactors | LohaFactors | LokrFactors}}` into the pipeline's
+        components as one adapter: LoRA through diffusers' `load_lora_adapter` (rank and alpha as its metadata), LoHa
+        / LoKr through PEFT's own layers. The pipeline is left as it was when anything fails. Returns the adapter's
+        name."""
+        kind = next(iter(next(iter(components.values())).values())).kind
+        if hotswap and kind != "LoRA":
+            raise ValueError(
+                f"`hotswap=True` is for LoRA adapters; this file is a {kind}. Delete the old one and load it."
+            )
         for component, modules in components.items():
-            check_lora_fits(component, getattr(self, component), modules)
-        adapter_name = self._new_adapter_name(components, adapter_name, "LoRA", hotswap)
+            model = getattr(self, component, None)
+            if model is None:
+                raise ValueError(
+                    f"The {kind} has weights for `{component}`, which this pipeline does not have (a CFG-distilled "
+                    f"checkpoint, or single-transformer mode?). Load the pipeline with its `{component}`, pass "
+                    "`target=` another component, or load an unconditional LoRA with `load_unconditional_lora`."
+                )
+            if kind != "LoRA" and any(hasattr(m, "_hf_hook") for m in model.modules()):
+                raise ValueError(
+                    f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
+                )
+            check_lora_fits(component, model, modules)
+        adapter_name = self._new_adapter_name(components, adapter_name, kind, hotswap)
+        configs = {} if kind == "LoRA" else {c: lycoris_config(modules) for c, modules in components.items()}
         try:
             for component, modules in components.items():
                 model = getattr(self, component)
-                self.load_lora_into_transformer(
-                    peft_state_dict(modules),
-                    transformer=model,
-                    adapter_name=adapter_name,
-                    metadata=lora_config_kwargs(modules),
-                    _pipeline=self,
-                    low_cpu_mem_usage=low_cpu_mem_usage,
-                    hotswap=hotswap,
-                )
-                _check_loaded(component, model, modules, adapter_name)
+                unexpected = []
+                if kind == "LoRA":
+                    model.load_lora_adapter(
+                        peft_state_dict(modules),
+                        prefix=None,
+                        adapter_name=adapter_name,
+                        metadata=lora_config_kwargs(modules),
+                        _pipeline=self,
+                        low_cpu_mem_usage=low_cpu_mem_usage,
+                        hotswap=hotswap,
+                    )
+                else:
+                    inject_adapter_in_model(
+                        configs[component], model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                    )
+                    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.peft_tensors().items()}
+                    unexpected = set_peft_model_state_dict(
+                        model, tensors, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                    ).unexpected_keys
+                    model._hf_peft_config_loaded = True
+                _check_loaded(component, model, modules, adapter_name, kind, unexpected)
         except Exception:
             if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
                 self._delete_adapter_from(components, adapter_name)
@@ -225,7 +247,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
     def _new_adapter_name(self, components, adapter_name: str | None, kind: str, hotswap: bool = False) -> str:
         """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
         components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
-        check_adapter_kinds(self, components, kind)
+        _check_adapter_kinds(self, components, kind)
         adapter_name = adapter_name or self._unused_adapter_name()
         # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
         loaded_names = self.get_list_adapters()
@@ -244,29 +266,6 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
             model = getattr(self, component)
             if adapter_name in getattr(model, "peft_config", {}):
                 model.delete_adapters(adapter_name)
-
-    @classmethod
-    def load_lora_into_transformer(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        transformer,
-        adapter_name: str | None = None,
-        metadata: dict | None = None,
-        _pipeline=None,
-        low_cpu_mem_usage: bool = False,
-        hotswap: bool = False,
-    ) -> None:
-        """Load an unprefixed PEFT LoRA state dict (with its LoraConfig arguments as `metadata`) into one transformer,
-        through the model's `PeftAdapterMixin.load_lora_adapter`."""
-        transformer.load_lora_adapter(
-            state_dict,
-            prefix=None,
-            adapter_name=adapter_name,
-            metadata=metadata,
-            _pipeline=_pipeline,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            hotswap=hotswap,
-        )
 
     def _unused_adapter_name(self) -> str:
         taken = {name for names in self.get_list_adapters().values() for name in names}
@@ -458,16 +457,38 @@ def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> N
         )
 
 
-def _check_loaded(component: str, model: nn.Module, modules: dict[str, LoraFactors], adapter_name: str) -> None:
-    """After PEFT's load: every module of the LoRA carries the adapter (diffusers only warns about leftovers)."""
-    found = dict(model.named_modules())
+def _check_loaded(component: str, model: nn.Module, modules: dict, adapter_name: str, kind: str, unexpected) -> None:
+    """After PEFT's load: every module carries the adapter and every tensor was taken (diffusers only warns)."""
     absent = [
         f"{component}.{name}"
         for name in modules
-        if not (isinstance(found.get(name), BaseTunerLayer) and adapter_name in found[name].lora_A)
+        if adapter_name not in getattr(model.get_submodule(name), "scaling", {})
     ]
-    if absent:
-        raise ValueError(f"PEFT did not load the whole LoRA: modules without the adapter: {list_keys(absent)}.")
+    if absent or unexpected:
+        raise ValueError(
+            f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not take: "
+            f"{list_keys(unexpected)}."
+        )
+
+
+def _adapter_kind(config) -> str:
+    return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(config.peft_type.value, config.peft_type.value)
+
+
+def _check_adapter_kinds(pipe, components, kind: str) -> None:
+    """PEFT holds one adapter kind per transformer: refuse a LoRA beside LoHa adapters and the like, by name."""
+    problems = []
+    for component in components:
+        configs = getattr(getattr(pipe, component, None), "peft_config", None) or {}
+        others = sorted(f"{name} ({_adapter_kind(c)})" for name, c in configs.items() if _adapter_kind(c) != kind)
+        if others:
+            problems.append(f"`{component}` holds {others}")
+    raise_problems(
+        f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
+        "them first (`fuse_lora`, `delete_adapters`).",
+        problems,
+        ValueError,
+    )
 
 
 def _is_quantized(weight: torch.Tensor) -> bool:

@@ -92,6 +92,8 @@ class LoraFactors:
     up: torch.Tensor  # (out_features, rank)
     scale: float = 1.0  # alpha / rank
 
+    kind = "LoRA"
+
     @property
     def rank(self) -> int:
         return self.down.shape[0]

@@ -32,6 +32,7 @@ from .lora_formats import (
     by_component,
     config_patterns,
     group_factors,
+    parse_lora_state_dict,
 )
 
 
@@ -346,83 +347,11 @@ def lycoris_config(modules: dict):
     return config_class(**kwargs, **extra)
 
 
-def _adapter_kind(config) -> str:
-    return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(
-        str(getattr(config.peft_type, "value", "")), str(config.peft_type)
-    )
-
-
-def check_adapter_kinds(pipe, components, kind: str) -> None:
-    """PEFT holds one adapter kind per transformer: refuse a LoRA beside LoHa adapters and the like, by name."""
-    problems = []
-    for component in components:
-        configs = getattr(getattr(pipe, component, None), "peft_config", None) or {}
-        others = sorted(f"{name} ({_adapter_kind(c)})" for name, c in configs.items() if _adapter_kind(c) != kind)
-        if others:
-            problems.append(f"`{component}` holds {others}")
-    raise_problems(
-        f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
-        "them first (`fuse_lora`, `delete_adapters`).",
-        problems,
-        ValueError,
-    )
-
-
-def load_lycoris_weights(pipe, state_dict, adapter_name, target, hotswap: bool, low_cpu_mem_usage: bool) -> None:
-    """`Ideogram4Pipeline.load_lora_weights` for LoHa / LoKr files (module docstring)."""
-    load_lycoris_components(
-        pipe, parse_lycoris_state_dict(state_dict, target), adapter_name, hotswap, low_cpu_mem_usage
-    )
-
-
-def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool, low_cpu_mem_usage: bool) -> str:
-    """Load parsed LoHa / LoKr factors `{component: {module: factors}}` into the pipeline's components as one adapter
-    (PEFT's own layers); the pipeline is left as it was when anything fails. Returns the adapter's name."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    from .lora import check_lora_fits
-
-    kind = next(iter(next(iter(components.values())).values())).kind
-    if hotswap:
-        raise ValueError(
-            f"`hotswap=True` is for LoRA adapters; this file is a {kind}. Delete the old one and load it."
-        )
-    for component, modules in components.items():
-        model = getattr(pipe, component, None)
-        if model is None:
-            raise ValueError(
-                f"The {kind} has weights for `{component}`, which this pipeline does not have. Load the pipeline with "
-                f"its `{component}`, or pass `target=` another component."
-            )
-        if any(hasattr(m, "_hf_hook") for m in model.modules()):
-            raise ValueError(
-                f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
-            )
-        check_lora_fits(component, model, modules)
-    adapter_name = pipe._new_adapter_name(components, adapter_name, kind)
-    configs = {component: lycoris_config(modules) for component, modules in components.items()}
-    try:
-        for component, modules in components.items():
-            model = getattr(pipe, component)
-            inject_adapter_in_model(
-                configs[component], model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-            )
-            tensors = {
-                f"{name}.{key}": value for name, m in modules.items() for key, value in m.peft_tensors().items()
-            }
-            result = set_peft_model_state_dict(
-                model, tensors, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-            )
-            absent = [
-                f"{component}.{name}" for name in modules if adapter_name not in model.get_submodule(name).scaling
-            ]
-            if result.unexpected_keys or absent:
-                raise ValueError(
-                    f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not "
-                    f"take: {list_keys(result.unexpected_keys)}."
-                )
-            model._hf_peft_config_loaded = True
-    except Exception:
-        pipe._delete_adapter_from(components, adapter_name)
-        raise
-    return adapter_name
+def parse_adapter_state_dict(
+    state_dict: dict[str, torch.Tensor], metadata: dict | None = None, target: str | None = None
+) -> dict[str, dict]:
+    """Any adapter file this package reads -> `{component: {module: LoraFactors | LohaFactors | LokrFactors}}`:
+    LyCORIS LoHa / LoKr (`parse_lycoris_state_dict`) or LoRA (`lora_formats.parse_lora_state_dict`)."""
+    if is_lycoris(state_dict):
+        return parse_lycoris_state_dict(state_dict, target)
+    return parse_lora_state_dict(state_dict, metadata, target)

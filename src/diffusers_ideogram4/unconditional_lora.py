@@ -37,8 +37,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .loading import list_keys, raise_problems
 from .lora import Ideogram4LoraLoaderMixin, base_layer, check_adapter_weights
-from .lora_formats import BRANCH_PREFIXES, parse_lora_state_dict, split_prefix
-from .lora_trainers import is_lycoris, load_lycoris_components, parse_lycoris_state_dict
+from .lora_formats import BRANCH_PREFIXES, split_prefix
+from .lora_trainers import parse_adapter_state_dict
 from .transformer_ideogram4 import Ideogram4RMSNorm
 
 
@@ -402,19 +402,11 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             self.transformer, {split_prefix(name)[1]: parts for name, parts in prefixed_diffs.items()}
         )
         target = "unconditional_transformer"
-        lycoris = is_lycoris(lora_keys)
-        if lycoris:
-            parsed = parse_lycoris_state_dict(lora_keys, target)
-        else:
-            parsed = parse_lora_state_dict(lora_keys, metadata, target)
-        components = {"transformer": parsed[target]}  # the unconditional branch, loaded into the one transformer
-
+        # the unconditional branch, loaded into the one transformer
+        components = {"transformer": parse_adapter_state_dict(lora_keys, metadata, target)[target]}
         with switch.preserved() as before:  # the conditional pass keeps the adapters it had
             common = list(before[0].active_adapters) if before else []
-            if lycoris:
-                load_lycoris_components(self, components, adapter_name, False, low_cpu_mem_usage)
-            else:
-                self._load_parsed_lora(components, adapter_name, False, low_cpu_mem_usage)
+            self._load_parsed_lora(components, adapter_name, False, low_cpu_mem_usage)
         for layer in switch.layers():  # layers that PEFT wrapped for this adapter alone
             if adapter_name in layer.active_adapters:
                 layer._active_adapter = [a for a in common if a != adapter_name]
