@@ -4,12 +4,12 @@ Files in any format `diffusers_ideogram4.lora_formats` reads are parsed, checked
 diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank and alpha per module) as metadata.
 """
 
+import itertools
 import os
 
 import torch
 import torch.nn as nn
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
-from diffusers.utils import USE_PEFT_BACKEND
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -129,27 +129,21 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if weight_name is not None and not weight_name.endswith(".safetensors"):
             raise ValueError(f"`weight_name={weight_name!r}`: LoRA weights are read from safetensors files only.")
         path = str(pretrained_model_name_or_path_or_dict)
-        if os.path.isfile(path) and not path.endswith(".safetensors"):
-            raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
-        if not os.path.exists(path) and not REPO_ID.match(path):
-            raise FileNotFoundError(f"{path} is neither a file, a folder, nor a hub repo id (`owner/name`).")
         if os.path.isfile(path):
+            if not path.endswith(".safetensors"):
+                raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
             with open_safetensors(path):  # a damaged file is named, with what is wrong
                 pass
+        elif not os.path.exists(path) and not REPO_ID.match(path):
+            raise FileNotFoundError(f"{path} is neither a file, a folder, nor a hub repo id (`owner/name`).")
         state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
             use_safetensors=True,
-            local_files_only=kwargs.get("local_files_only"),
-            cache_dir=kwargs.get("cache_dir"),
-            force_download=kwargs.get("force_download", False),
-            proxies=kwargs.get("proxies"),
-            token=kwargs.get("token"),
-            revision=kwargs.get("revision"),
-            subfolder=kwargs.get("subfolder"),
             user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
             allow_pickle=False,
             metadata=metadata,
+            **{**dict.fromkeys(HUB_KWARGS), "force_download": False, **kwargs},
         )
         if metadata is None and any(key.startswith(PEFT_SAVE_PREFIX) for key in state_dict):
             metadata = _peft_adapter_config(path, kwargs.get("subfolder"))
@@ -181,8 +175,6 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         Raises ValueError, before touching the model, for keys that are not understood, modules the transformer does
         not have or cannot wrap (fp8 layers), mis-shaped factors and unsupported adapter kinds.
         """
-        if not USE_PEFT_BACKEND:
-            raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         components = parse_adapter_state_dict(state_dict, metadata, target)
         self._load_parsed_lora(components, adapter_name, hotswap, low_cpu_mem_usage)
@@ -240,7 +232,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 _check_loaded(component, model, modules, adapter_name, kind, unexpected)
         except Exception:
             if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
-                self._delete_adapter_from(components, adapter_name)
+                for component in components:
+                    if adapter_name in getattr(getattr(self, component), "peft_config", {}):
+                        getattr(self, component).delete_adapters(adapter_name)
             raise
         return adapter_name
 
@@ -248,9 +242,12 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
         components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
         _check_adapter_kinds(self, components, kind)
-        adapter_name = adapter_name or self._unused_adapter_name()
-        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
         loaded_names = self.get_list_adapters()
+        taken = {name for names in loaded_names.values() for name in names}
+        adapter_name = adapter_name or next(
+            f"default_{i}" for i in itertools.count(len(taken)) if f"default_{i}" not in taken
+        )
+        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
         in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
         if in_use and not hotswap:
             hint = "`hotswap=True` to replace its weights, " if kind == "LoRA" else ""
@@ -259,20 +256,6 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 f"{hint}or `delete_adapters({adapter_name!r})` first."
             )
         return adapter_name
-
-    def _delete_adapter_from(self, components, adapter_name: str) -> None:
-        """Remove a partly loaded adapter: the pipeline is left as it was before the load."""
-        for component in components:
-            model = getattr(self, component)
-            if adapter_name in getattr(model, "peft_config", {}):
-                model.delete_adapters(adapter_name)
-
-    def _unused_adapter_name(self) -> str:
-        taken = {name for names in self.get_list_adapters().values() for name in names}
-        index = len(taken)
-        while f"default_{index}" in taken:
-            index += 1
-        return f"default_{index}"
 
     @classmethod
     def save_lora_weights(

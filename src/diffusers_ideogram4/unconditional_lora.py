@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.utils import USE_PEFT_BACKEND
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .loading import list_keys, raise_problems
@@ -356,8 +355,6 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         out of the unconditional pass unless `set_adapters(..., branch="both" | "unconditional")` puts them there.
         Every problem raises a ValueError before the model is touched.
         """
-        if not USE_PEFT_BACKEND:
-            raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         if getattr(self, "transformer", None) is None:
             raise ValueError("This pipeline has no `transformer` to load the unconditional LoRA into.")
         if getattr(self, "unconditional_transformer", None) is not None:
