@@ -14,7 +14,7 @@ from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .fp8 import FLOAT8_DTYPES
+from .fp8 import keeps_stored_dtype
 from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
@@ -356,8 +356,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         quantized = [
             f"{component}.{name}"
             for component in components
-            for name, layer in _named_tuner_layers(getattr(self, component, None))
-            if _is_quantized(base_layer(layer).weight)
+            for name, layer in _tuner_layers(getattr(self, component, None)).items()
+            # stored quantized (float8, or packed bytes): a LoRA delta cannot be added to it
+            if keeps_stored_dtype(f"{name}.weight", layer.get_base_layer().weight.dtype)
         ]
         if quantized:
             raise ValueError(
@@ -404,7 +405,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if unknown:
             raise ValueError(f"`components` has {unknown}; LoRA-loadable components are {list(COMPONENTS)}.")
         # Only components with fused layers: PEFT warns for every layer that has nothing to unmerge.
-        fused = [c for c in components if any(m.merged for m in _tuner_layers(getattr(self, c, None)))]
+        fused = [c for c in components if any(m.merged for m in _tuner_layers(getattr(self, c, None)).values())]
         if fused:
             super().unfuse_lora(components=fused, **kwargs)
         for component in components:  # scaling was changed in every LoRA layer, merged or not
@@ -474,23 +475,14 @@ def _check_adapter_kinds(pipe, components, kind: str) -> None:
     )
 
 
-def _is_quantized(weight: torch.Tensor) -> bool:
-    """A weight stored quantized (float8, or packed bytes), which a LoRA delta cannot be added to."""
-    return not weight.is_floating_point() or weight.dtype in FLOAT8_DTYPES
-
-
-def _named_tuner_layers(model: nn.Module | None) -> list[tuple[str, BaseTunerLayer]]:
-    return [] if model is None else [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
-    return [layer for _, layer in _named_tuner_layers(model)]
+def _tuner_layers(model: nn.Module | None) -> dict[str, BaseTunerLayer]:
+    return {} if model is None else {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
 def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact: bool) -> None:
     """Before fusing: every LoRA layer's scaling (diffusers' fuse rescales all of them by `lora_scale`) and, with
     `exact`, a CPU copy of each weight about to change. A layer keeps the state of the first fuse until unfused."""
-    for module in _tuner_layers(model):
+    for module in _tuner_layers(model).values():
         if hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
@@ -501,7 +493,7 @@ def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact
 
 
 def _restore_unfused_state(model: nn.Module | None) -> None:
-    for module in _tuner_layers(model):
+    for module in _tuner_layers(model).values():
         state = getattr(module, _UNFUSED_STATE, None)
         if state is None or module.merged:
             continue
