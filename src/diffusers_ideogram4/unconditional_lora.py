@@ -26,7 +26,7 @@ under every offload mode (model, group, per-module), whatever moves the weights.
 
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,8 @@ from .transformer_ideogram4 import Ideogram4RMSNorm
 
 
 BRANCHES = ("conditional", "unconditional", "both")
+# The component that computes each pass when the pipeline has both transformers.
+BRANCH_COMPONENTS = {"conditional": "transformer", "unconditional": "unconditional_transformer"}
 DEFAULT_UNCONDITIONAL_ADAPTER = "unconditional"
 # Full-precision differences of non-Linear weights in a LoRA file (ComfyUI's names), and what each one patches.
 DIFF_SUFFIXES = {".diff": "weight", ".diff_b": "bias"}
@@ -78,6 +80,11 @@ class AdapterSwitch:
     def disabled(self) -> bool:
         """Whether `disable_lora()` turned the adapters off."""
         return any(layer.disable_adapters for layer in self.layers())
+
+    def running(self) -> list[str]:
+        """The adapters the layers run now (none after `disable_lora()`)."""
+        layers = self.layers()
+        return [] if not layers or self.disabled() else list(layers[0].active_adapters)
 
     def merged(self) -> bool:
         return any(layer.merged for layer in self.layers())
@@ -299,11 +306,11 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         """The model that computes `branch`'s velocity ("conditional" or "unconditional"), set up for that pass: in
         single-transformer mode `transformer` with the pass's adapters (and, for the unconditional pass, the weight
         differences and no runtime LoRA scale); otherwise `transformer` or `unconditional_transformer` as they are."""
-        if branch not in ("conditional", "unconditional"):
+        if branch not in BRANCH_COMPONENTS:
             raise ValueError(f"`branch={branch!r}`: a pass is 'conditional' or 'unconditional'.")
         state = self._unconditional_branch()
         if state is None:
-            yield self.transformer if branch == "conditional" else self.unconditional_transformer
+            yield getattr(self, BRANCH_COMPONENTS[branch])
             return
         if branch == "conditional":
             with state.switch.without(state.adapter):
@@ -313,12 +320,8 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         attention_kwargs = getattr(self, "_attention_kwargs", None)
         self._attention_kwargs = None  # `{"scale": s}` is for the conditional pass
         try:
-            with state.switch.activated(names):
-                if state.diffs is None:
-                    yield self.transformer
-                else:
-                    with state.diffs.applied():
-                        yield self.transformer
+            with state.switch.activated(names), state.diffs.applied() if state.diffs is not None else nullcontext():
+                yield self.transformer
         finally:
             self._attention_kwargs = attention_kwargs
 
@@ -487,7 +490,7 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             if branch in (None, "both"):
                 super().set_adapters(names, adapter_weights)
                 return
-            component = "transformer" if branch == "conditional" else "unconditional_transformer"
+            component = BRANCH_COMPONENTS[branch]
             model = getattr(self, component, None)
             if model is None:
                 raise ValueError(
@@ -530,20 +533,13 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         but the unconditional adapter, which is the unconditional branch itself)."""
         state = self._unconditional_branch()
         if state is None:
-            result = {}
-            for branch, component in (("conditional", "transformer"), ("unconditional", "unconditional_transformer")):
-                model = getattr(self, component, None)
-                switch = AdapterSwitch(model) if model is not None else None
-                layers = switch.layers() if switch is not None else []
-                result[branch] = [] if not layers or switch.disabled() else list(layers[0].active_adapters)
-            return result
-        layers = state.switch.layers()
-        disabled = state.switch.disabled()
-        active = layers[0].active_adapters if layers else []
-        conditional = [] if disabled else [a for a in active if a != state.adapter]
+            models = {branch: getattr(self, component, None) for branch, component in BRANCH_COMPONENTS.items()}
+            return {
+                branch: [] if model is None else AdapterSwitch(model).running() for branch, model in models.items()
+            }
         return {
-            "conditional": conditional,
-            "unconditional": [state.adapter] if disabled else list(state.unconditional_pass),
+            "conditional": [a for a in state.switch.running() if a != state.adapter],
+            "unconditional": [state.adapter] if state.switch.disabled() else list(state.unconditional_pass),
         }
 
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, **kwargs) -> None:
