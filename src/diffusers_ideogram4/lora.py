@@ -430,7 +430,7 @@ def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> N
     wrong = []
     for key in state_dict:
         suffix = PEFT_DOWN if key.endswith(PEFT_DOWN) else PEFT_UP if key.endswith(PEFT_UP) else None
-        if suffix is None or not is_known_module(key[: -len(suffix)], layout="diffusers"):
+        if suffix is None or not is_known_module(key[: -len(suffix)], diffusers_layout_only=True):
             wrong.append(key)
     if wrong:
         raise ValueError(

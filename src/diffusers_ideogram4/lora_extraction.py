@@ -44,7 +44,7 @@ from .conversion import (
 )
 from .files import check_output_path, write_atomically
 from .fp8 import SCALE_SUFFIX, linear_weight_keys
-from .loading import fused_name, list_keys, original_key_plan, split_names
+from .loading import fused_name, list_keys, open_safetensors, original_key_plan, split_names
 from .lora_formats import ALPHA_SUFFIX, ORIGINAL_DOWN, ORIGINAL_PREFIXES, ORIGINAL_UP, parse_lora_state_dict
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .validation import finite_float, require_positive_int
@@ -55,6 +55,7 @@ NON_LINEAR_CHOICES = ("store", "refuse")
 DTYPES = WRITTEN_DTYPES  # of the LoRA factors
 # Modules only the conditional pass runs: they project the text features, which the unconditional pass never has.
 TEXT_ONLY_MODULES = ("llm_cond_norm", "llm_cond_proj")
+TEXT_ONLY_REASON = "acts on text features, which the unconditional pass never has"
 # The file's metadata key holding the report (JSON).
 METADATA_KEY = "ideogram4_unconditional_lora"
 
@@ -273,7 +274,7 @@ def extract_unconditional_lora(
         differing = {}
         for key in sorted(set(conditional) - linear_keys):
             if _module_of(key) in TEXT_ONLY_MODULES:
-                report.left_out[key] = "acts on text features, which the unconditional pass never has"
+                report.left_out[key] = TEXT_ONLY_REASON
                 continue
             difference = reader.tensor(unconditional[key]) - reader.tensor(conditional[key])
             if bool(difference.any()):
@@ -296,9 +297,7 @@ def extract_unconditional_lora(
             for module, keys in modules.items():
                 bar.update(1)
                 if module in TEXT_ONLY_MODULES:
-                    report.left_out[module + ".weight"] = (
-                        "acts on text features, which the unconditional pass never has"
-                    )
+                    report.left_out[module + ".weight"] = TEXT_ONLY_REASON
                     continue
                 weights = [
                     torch.cat([reader.tensor(recipes[key]) for key in keys]).to(device)
@@ -345,8 +344,6 @@ def _verify(data: bytes, tensors: dict[str, torch.Tensor]) -> None:
 
 def read_extraction_report(path) -> dict | None:
     """The report an extraction stored in a LoRA file's metadata, or None."""
-    from .loading import open_safetensors
-
     with open_safetensors(path) as handle:
         raw = (handle.metadata() or {}).get(METADATA_KEY)
     return None if raw is None else json.loads(raw)

@@ -126,15 +126,13 @@ class LoraFactors:
 # Parsing any format into {component: {module: LoraFactors}}
 
 
-def is_known_module(name: str, layout: str = "any") -> bool:
+def is_known_module(name: str, diffusers_layout_only: bool = False) -> bool:
     """Whether `name` is a Linear of the Ideogram 4 transformer, in the diffusers or original layout."""
     if name in GLOBAL_MODULES:
         return True
     match = _BLOCK_MODULE.match(name)
-    if match is None:
-        return False
-    allowed = {"diffusers": BLOCK_MODULES, "original": ORIGINAL_BLOCK_MODULES}.get(layout)
-    return match.group("module") in (allowed or BLOCK_MODULES + ORIGINAL_BLOCK_MODULES)
+    allowed = BLOCK_MODULES if diffusers_layout_only else BLOCK_MODULES + ORIGINAL_BLOCK_MODULES
+    return match is not None and match["module"] in allowed
 
 
 def split_prefix(key: str) -> tuple[str, str]:

@@ -410,11 +410,8 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         for layer in switch.layers():  # layers that PEFT wrapped for this adapter alone
             if adapter_name in layer.active_adapters:
                 layer._active_adapter = [a for a in common if a != adapter_name]
-        try:
-            weight_diffs = WeightDiffs(self.transformer, diffs) if diffs else None
-        except Exception:
-            self.transformer.delete_adapters(adapter_name)
-            raise
+        # check_weight_diffs found every module: registering the hooks cannot fail
+        weight_diffs = WeightDiffs(self.transformer, diffs) if diffs else None
         state = UnconditionalBranch(adapter_name, switch, weight_diffs, [adapter_name])
         setattr(self.transformer, _STATE_ATTRIBUTE, state)
 
