@@ -65,16 +65,14 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
                 f"{component}.{name} (LoRA {factors.out_features}x{factors.in_features}, model "
                 f"{layer.out_features}x{layer.in_features})"
             )
-    problems = []
-    if missing:
-        problems.append(f"modules the model does not have: {list_keys(missing)}")
-    if unsupported:
-        problems.append(f"modules PEFT cannot wrap with LoRA: {list_keys(unsupported)}")
-    if mis_shaped:
-        problems.append(f"modules of another shape: {list_keys(mis_shaped)}")
+    labelled = {
+        "modules the model does not have": missing,
+        "modules PEFT cannot wrap with LoRA": unsupported,
+        "modules of another shape": mis_shaped,
+    }
     raise_problems(
         "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.",
-        problems,
+        [f"{label}: {list_keys(names)}" for label, names in labelled.items() if names],
         ValueError,
     )
 

@@ -265,16 +265,12 @@ def group_factors(state_dict: dict[str, torch.Tensor], parts: dict[str, str], ki
             repeated.append(f"{key} (and {pieces[prefix, module][part][0]})")
         else:
             pieces[prefix, module][part] = (key, tensor)
-    problems = []
-    if not_factors:
-        problems.append(f"keys that are not {kind} factors: {list_keys(not_factors)}")
-    if unknown_module:
-        problems.append(
-            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
-        )
-    if repeated:
-        problems.append(f"factors given twice: {list_keys(repeated)}")
-    return pieces, problems
+    labelled = {
+        f"keys that are not {kind} factors": not_factors,
+        "keys for modules that are not Linear layers of an Ideogram 4 transformer": unknown_module,
+        "factors given twice": repeated,
+    }
+    return pieces, [f"{label}: {list_keys(keys)}" for label, keys in labelled.items() if keys]
 
 
 def by_component(pieces: dict, target: str | None, factors_of, kind: str) -> dict[str, dict]:
@@ -393,11 +389,11 @@ def config_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
 
 def peft_state_dict(modules: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
     """`{module}.lora_A.weight` / `.lora_B.weight`, without prefix; alpha goes with `lora_config_kwargs`."""
-    state_dict = {}
-    for name, factors in sorted(modules.items()):
-        state_dict[name + PEFT_DOWN] = factors.down.contiguous()
-        state_dict[name + PEFT_UP] = factors.up.contiguous()
-    return state_dict
+    return {
+        name + suffix: tensor.contiguous()
+        for name, factors in sorted(modules.items())
+        for suffix, tensor in ((PEFT_DOWN, factors.down), (PEFT_UP, factors.up))
+    }
 
 
 def to_diffusers_format(components: dict[str, dict[str, LoraFactors]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -464,8 +460,9 @@ def convert_lora_state_dict(
 
     Args:
         state_dict: a LoRA in any supported format.
-        to: "diffusers" (PEFT keys, `transformer.` / `unconditional_transformer.` prefixes, alpha folded, metadata)
-            or "original" (`diffusion_model.` prefix, fused attention, lora_down / lora_up / alpha).
+        to: "diffusers" (PEFT keys, `transformer.` / `unconditional_transformer.` prefixes, a kohya alpha folded, a
+            PEFT alpha in the metadata) or "original" (`diffusion_model.` prefix, fused attention, lora_down / lora_up
+            / alpha).
         metadata: diffusers' LoRA metadata of the input, if it has some.
         target: the component of unprefixed / generic keys (default "transformer").
     """
