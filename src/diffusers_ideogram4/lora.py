@@ -365,9 +365,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 "time, `set_adapters` / `attention_kwargs` scale them), or load a bf16 checkpoint to fuse."
             )
         for component in components:
-            model = getattr(self, component, None)
-            if model is not None:
-                _keep_unfused_state(model, adapter_names, exact=exact_unfuse)
+            _keep_unfused_state(getattr(self, component, None), adapter_names, exact=exact_unfuse)
         super().fuse_lora(
             components=components,
             lora_scale=lora_scale,
@@ -477,7 +475,7 @@ def _tuner_layers(model: nn.Module | None) -> dict[str, BaseTunerLayer]:
     return {} if model is None else {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
-def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact: bool) -> None:
+def _keep_unfused_state(model: nn.Module | None, adapter_names: list[str] | None, exact: bool) -> None:
     """Before fusing: every LoRA layer's scaling (diffusers' fuse rescales all of them by `lora_scale`) and, with
     `exact`, a CPU copy of each weight about to change. A layer keeps the state of the first fuse until unfused."""
     for module in _tuner_layers(model).values():

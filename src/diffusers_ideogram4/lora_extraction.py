@@ -152,10 +152,10 @@ def choose_rank(singular_values: torch.Tensor, rank: int | None, max_rel_error: 
 
 
 def lora_factors(
-    difference: torch.Tensor, rank: int | None, max_rel_error: float | None, dtype: torch.dtype
+    difference: torch.Tensor, norm: float, rank: int | None, max_rel_error: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(down (r, in), up (out, r), relative error of `up @ down` as stored in `dtype`) of a float32 difference."""
-    norm = float(torch.linalg.matrix_norm(difference))
+    """(down (r, in), up (out, r), relative error of `up @ down` as stored in `dtype`) of a float32 difference whose
+    Frobenius norm is `norm`."""
     U, S, Vh = torch.linalg.svd(difference, full_matrices=False)
     keep = choose_rank(S, rank, max_rel_error)
     root = S[:keep].sqrt()
@@ -258,14 +258,13 @@ def extract_unconditional_lora(
         raise ValueError(f"{source} has no {missing} folder; the extraction needs both transformers.")
     plan = ConversionPlan("extract", str(source), root, list(TRANSFORMER_COMPONENTS), dtype)
     conditional, unconditional = (_weight_recipes(plan, name) for name in TRANSFORMER_COMPONENTS)
-    configs = [Ideogram4Transformer2DModel.load_config(root / name) for name in TRANSFORMER_COMPONENTS]
     shapes = [{key: recipe.shape for key, recipe in recipes.items()} for recipes in (conditional, unconditional)]
     if shapes[0] != shapes[1]:
         differing = sorted(k for k in shapes[0].keys() | shapes[1].keys() if shapes[0].get(k) != shapes[1].get(k))
         raise ValueError(
             f"The two transformers of {source} are not the same architecture: {list_keys(differing)} differ."
         )
-    modules = _linear_modules(configs[0])
+    modules = _linear_modules(Ideogram4Transformer2DModel.load_config(root / TRANSFORMER_COMPONENTS[0]))
     linear_keys = {key for keys in modules.values() for key in keys}
     report = ExtractionReport(str(source), str(output), rank, max_rel_error, dtype)
     tensors = {}
@@ -310,7 +309,7 @@ def extract_unconditional_lora(
                 if norm == 0:
                     report.layers.append(LayerReport(module, shape, 0, 0.0, 0.0))
                     continue
-                down, up, error = lora_factors(difference, rank, max_rel_error, DTYPES[dtype])
+                down, up, error = lora_factors(difference, norm, rank, max_rel_error, DTYPES[dtype])
                 del difference
                 tensors[PREFIX + module + ORIGINAL_DOWN] = down.contiguous()
                 tensors[PREFIX + module + ORIGINAL_UP] = up.contiguous()
