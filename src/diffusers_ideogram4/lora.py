@@ -238,8 +238,20 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
 
     def _new_adapter_name(self, components, adapter_name: str | None, kind: str, hotswap: bool = False) -> str:
         """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
-        components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
-        _check_adapter_kinds(self, components, kind)
+        components hold adapters of another kind (PEFT holds one kind per transformer) or one of that name (unless
+        `hotswap` replaces its weights)."""
+        others = {}
+        for component in components:
+            configs = getattr(getattr(self, component, None), "peft_config", None) or {}
+            others[component] = sorted(
+                f"{n} ({_adapter_kind(c)})" for n, c in configs.items() if _adapter_kind(c) != kind
+            )
+        raise_problems(
+            f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
+            "them first (`fuse_lora`, `delete_adapters`).",
+            [f"`{component}` holds {names}" for component, names in others.items() if names],
+            ValueError,
+        )
         loaded_names = self.get_list_adapters()
         taken = {name for names in loaded_names.values() for name in names}
         adapter_name = adapter_name or next(
@@ -453,22 +465,6 @@ def _check_loaded(component: str, model: nn.Module, modules: dict, adapter_name:
 
 def _adapter_kind(config) -> str:
     return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(config.peft_type.value, config.peft_type.value)
-
-
-def _check_adapter_kinds(pipe, components, kind: str) -> None:
-    """PEFT holds one adapter kind per transformer: refuse a LoRA beside LoHa adapters and the like, by name."""
-    problems = []
-    for component in components:
-        configs = getattr(getattr(pipe, component, None), "peft_config", None) or {}
-        others = sorted(f"{name} ({_adapter_kind(c)})" for name, c in configs.items() if _adapter_kind(c) != kind)
-        if others:
-            problems.append(f"`{component}` holds {others}")
-    raise_problems(
-        f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
-        "them first (`fuse_lora`, `delete_adapters`).",
-        problems,
-        ValueError,
-    )
 
 
 def _tuner_layers(model: nn.Module | None) -> dict[str, BaseTunerLayer]:

@@ -188,15 +188,6 @@ def _resolve_components(prefixes, target: str | None) -> dict[str, str]:
     return dict.fromkeys(prefixes, target)
 
 
-def _metadata_by_prefix(metadata: dict | None) -> dict[str, dict]:
-    """diffusers' LoRA metadata (`transformer.r`, `unconditional_transformer.lora_alpha`, or unprefixed) per prefix."""
-    grouped = defaultdict(dict)
-    for key, value in (metadata or {}).items():
-        prefix, name = split_prefix(key)
-        grouped[prefix][name] = value
-    return grouped
-
-
 def _scale_from_metadata(config: dict, module: str, rank: int, source: str) -> float:
     """alpha / rank of one module under a PEFT LoraConfig dict (its rank_pattern / alpha_pattern rules)."""
     if config.get("use_dora"):
@@ -314,7 +305,10 @@ def parse_lora_state_dict(
     raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
 
     key_prefixes = {prefix for prefix, _ in pieces}
-    metadata_by_prefix = _metadata_by_prefix(metadata)
+    metadata_by_prefix = defaultdict(dict)  # `transformer.r`, `unconditional_transformer.lora_alpha`, or unprefixed
+    for key, value in (metadata or {}).items():
+        prefix, name = split_prefix(key)
+        metadata_by_prefix[prefix][name] = value
     if set(metadata_by_prefix) == {""}:  # one unprefixed PEFT config: it describes every key
         metadata_by_prefix = dict.fromkeys(key_prefixes, metadata_by_prefix[""])
     unmatched = sorted(set(metadata_by_prefix) - key_prefixes)

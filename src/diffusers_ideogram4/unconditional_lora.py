@@ -131,9 +131,7 @@ class AdapterSwitch:
 # Differences of non-Linear weights, applied in the unconditional pass
 
 
-def split_weight_diffs(
-    state_dict: dict[str, torch.Tensor],
-) -> tuple[dict, dict[str, dict[str, tuple[str, torch.Tensor]]]]:
+def split_weight_diffs(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict]]:
     """-> (the LoRA keys, {prefixed module: {"weight" | "bias": (key, tensor)}} of the `.diff` / `.diff_b` keys)."""
     lora, diffs = {}, defaultdict(dict)
     for key, tensor in state_dict.items():
