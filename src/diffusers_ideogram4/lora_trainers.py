@@ -290,17 +290,15 @@ def _lokr_layout(modules: dict[str, LokrFactors]) -> tuple[dict, list[str]]:
     `decompose_factor`, one `decompose_both` flag and each module's rank) -> (arguments, problems)."""
     shapes = {name: f.factor_shapes for name, f in modules.items()}
     candidates = [-1, *sorted({a for (a, _), _ in shapes.values()} | {c for (_, c), _ in shapes.values()})]
-    factor = next(
-        (
-            f
-            for f in candidates
-            if all(
-                factorization(m.out_features, f) == (a, b) and factorization(m.in_features, f) == (c, d)
-                for m, ((a, c), (b, d)) in ((modules[name], shape) for name, shape in shapes.items())
-            )
-        ),
-        None,
+    fitting = (
+        f
+        for f in candidates
+        if all(
+            factorization(a * b, f) == (a, b) and factorization(c * d, f) == (c, d)
+            for (a, c), (b, d) in shapes.values()
+        )
     )
+    factor = next(fitting, None)
     if factor is None:
         layouts = {name: f"{a}x{b} rows, {c}x{d} columns" for name, ((a, c), (b, d)) in shapes.items()}
         return {}, [f"no single LoKr factorization gives these Kronecker factors (PEFT needs one): {layouts}"]

@@ -389,9 +389,7 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             pretrained_model_name_or_path_or_dict, weight_name=weight_name, **kwargs
         )
         lora_keys, prefixed_diffs = split_weight_diffs(state_dict)
-        _check_unconditional_prefixes(
-            [*lora_keys, *(k for parts in prefixed_diffs.values() for k, _ in parts.values())]
-        )
+        _check_unconditional_prefixes(state_dict)
         if not lora_keys:
             raise ValueError(
                 "The unconditional LoRA holds no LoRA factors (only weight differences); nothing was loaded."
