@@ -512,14 +512,11 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
                 f"`adapter_names` names the unconditional LoRA {state.adapter!r}, which runs in the unconditional pass "
                 f"only; set its weight with `set_adapters([{state.adapter!r}, ...], weights, branch='unconditional')`."
             )
-        if branch == "unconditional":
-            with state.switch.preserved():  # only the weights change; the conditional pass keeps its adapters
-                super().set_adapters(names, adapter_weights)
-            state.unconditional_pass = names
-            return
-        super().set_adapters(names, adapter_weights)
-        if branch == "both":
-            state.unconditional_pass = [state.adapter, *names]
+        # For the unconditional pass only the weights change: the conditional pass keeps its adapters.
+        with state.switch.preserved() if branch == "unconditional" else nullcontext():
+            super().set_adapters(names, adapter_weights)
+        if branch != "conditional":
+            state.unconditional_pass = names if branch == "unconditional" else [state.adapter, *names]
 
     def get_branch_adapters(self) -> dict[str, list[str]]:
         """The adapters each pass runs: `{"conditional": [...], "unconditional": [...]}` (none after `disable_lora()`,
