@@ -1,7 +1,8 @@
 """LoRA adapters on both Ideogram 4 transformers (SPEC 8, 9), through diffusers' LoRA machinery and PEFT.
 
 Files in any format `diffusers_ideogram4.lora_formats` reads are parsed, checked against the model, and handed to
-diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank and alpha per module) as metadata.
+diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank and alpha per module) as metadata;
+LyCORIS LoHa / LoKr files (`diffusers_ideogram4.lora_trainers`) go into PEFT's own LoHa / LoKr layers.
 """
 
 import itertools
@@ -23,11 +24,10 @@ from .lora_formats import (
     PEFT_UP,
     LoraFactors,
     _peft_adapter_config,
+    convert_lora_state_dict,
     is_known_module,
     lora_config_kwargs,
-    parse_lora_state_dict,
     peft_state_dict,
-    to_diffusers_format,
 )
 from .lora_trainers import lycoris_config, parse_adapter_state_dict
 from .validation import finite_float
@@ -112,7 +112,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 the file. metadata: diffusers' LoRA metadata that goes with a state dict passed in memory.
         """
         state_dict, metadata = cls._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
-        converted, converted_metadata = to_diffusers_format(parse_lora_state_dict(state_dict, metadata, target))
+        converted, converted_metadata = convert_lora_state_dict(state_dict, "diffusers", metadata, target)
         return (converted, converted_metadata) if return_lora_metadata else converted
 
     @staticmethod
