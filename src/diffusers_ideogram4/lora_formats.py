@@ -137,15 +137,17 @@ def is_known_module(name: str, diffusers_layout_only: bool = False) -> bool:
 
 def split_prefix(key: str) -> tuple[str, str]:
     """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key).
-    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`)."""
-    from .lora_trainers import split_flat_prefix  # builds on this module
+    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`); a
+    flat name that names no module is left as it is (then reported as an unknown module)."""
+    from .lora_trainers import FLAT_PREFIXES, unflatten_module  # builds on this module
 
-    flat = split_flat_prefix(key)
-    if flat is not None:
-        return flat
-    for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES):
+    for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES, *FLAT_PREFIXES):
         if key.startswith(prefix):
-            return prefix, key[len(prefix) :]
+            rest = key[len(prefix) :]
+            if prefix in FLAT_PREFIXES:
+                flat, dot, tail = rest.partition(".")
+                rest = (unflatten_module(flat) or flat) + dot + tail
+            return prefix, rest
     return "", key
 
 

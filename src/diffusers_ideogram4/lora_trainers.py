@@ -70,17 +70,6 @@ def unflatten_module(flat: str) -> str | None:
     return f"layers.{int(match['index'])}.{FLAT_BLOCK_MODULES[match['module']]}"
 
 
-def split_flat_prefix(key: str) -> tuple[str, str] | None:
-    """`lora_unet_layers_3_attention_qkv.alpha` -> (`lora_unet_`, `layers.3.attention.qkv.alpha`). A flat part that
-    names no module is left as it is (then reported as an unknown module); None without a flat prefix."""
-    for prefix in FLAT_PREFIXES:
-        if key.startswith(prefix):
-            flat, dot, rest = key[len(prefix) :].partition(".")
-            module = unflatten_module(flat)
-            return prefix, (module or flat) + dot + rest
-    return None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # LoHa and LoKr factors
 
