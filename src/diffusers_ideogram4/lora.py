@@ -171,7 +171,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 the file. metadata: diffusers' LoRA metadata that goes with a state dict passed in memory.
 
         Raises ValueError, before touching the model, for keys that are not understood, modules the transformer does
-        not have or cannot wrap (fp8 layers), mis-shaped factors and unsupported adapter kinds.
+        not have or cannot wrap (not a Linear), mis-shaped factors and unsupported adapter kinds.
         """
         state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         components = parse_adapter_state_dict(state_dict, metadata, target)
