@@ -174,18 +174,14 @@ def parse_lycoris_state_dict(state_dict: dict[str, torch.Tensor], target: str | 
     ]
     if refused:
         problems.append(f"unsupported LyCORIS tensors: {list_keys(refused)}")
-    kind_of = {
-        module: "LoHa"
-        if any(n in LOHA_TENSORS for n in parts)
-        else "LoKr"
-        if any(n in LOKR_TENSORS for n in parts)
-        else None
+    kinds = {
+        module: {kind for kind, names in (("LoHa", LOHA_TENSORS), ("LoKr", LOKR_TENSORS)) if names & parts.keys()}
         for module, parts in pieces.items()
     }
-    bare = [f"{prefix}{module}" for (prefix, module), kind in kind_of.items() if kind is None]
+    bare = [f"{prefix}{module}" for (prefix, module), found in kinds.items() if not found]
     if bare:
         problems.append(f"modules with an alpha but no LoHa / LoKr factors: {list_keys(bare)}")
-    if len(set(kind_of.values()) - {None}) > 1:
+    if len(set().union(*kinds.values())) > 1:
         problems.append("the file mixes LoHa and LoKr modules; PEFT holds one adapter kind per adapter")
     raise_problems(
         "The LyCORIS adapter has keys this loader does not understand; nothing was loaded.", problems, ValueError
