@@ -1,19 +1,21 @@
 """LoRA adapters on both Ideogram 4 transformers (SPEC 8, 9), through diffusers' LoRA machinery and PEFT.
 
 Files in any format `diffusers_ideogram4.lora_formats` reads are parsed, checked against the model, and handed to
-diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank and alpha per module) as metadata.
+diffusers' `load_lora_adapter` as a PEFT state dict with its `LoraConfig` (rank and alpha per module) as metadata;
+LyCORIS LoHa / LoKr files (`diffusers_ideogram4.lora_trainers`) go into PEFT's own LoHa / LoKr layers.
 """
 
+import itertools
 import os
 
 import torch
 import torch.nn as nn
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
-from diffusers.utils import USE_PEFT_BACKEND
+from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .fp8 import FLOAT8_DTYPES
+from .fp8 import keeps_stored_dtype
 from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
@@ -22,13 +24,12 @@ from .lora_formats import (
     PEFT_UP,
     LoraFactors,
     _peft_adapter_config,
+    convert_lora_state_dict,
     is_known_module,
     lora_config_kwargs,
-    parse_lora_state_dict,
     peft_state_dict,
-    to_diffusers_format,
 )
-from .lora_trainers import check_adapter_kinds, is_lycoris, load_lycoris_weights
+from .lora_trainers import lycoris_config, parse_adapter_state_dict
 from .validation import finite_float
 
 
@@ -64,16 +65,14 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
                 f"{component}.{name} (LoRA {factors.out_features}x{factors.in_features}, model "
                 f"{layer.out_features}x{layer.in_features})"
             )
-    problems = []
-    if missing:
-        problems.append(f"modules the model does not have: {list_keys(missing)}")
-    if unsupported:
-        problems.append(f"modules PEFT cannot wrap with LoRA: {list_keys(unsupported)}")
-    if mis_shaped:
-        problems.append(f"modules of another shape: {list_keys(mis_shaped)}")
+    labelled = {
+        "modules the model does not have": missing,
+        "modules PEFT cannot wrap with LoRA": unsupported,
+        "modules of another shape": mis_shaped,
+    }
     raise_problems(
         "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.",
-        problems,
+        [f"{label}: {list_keys(names)}" for label, names in labelled.items() if names],
         ValueError,
     )
 
@@ -113,7 +112,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 the file. metadata: diffusers' LoRA metadata that goes with a state dict passed in memory.
         """
         state_dict, metadata = cls._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
-        converted, converted_metadata = to_diffusers_format(parse_lora_state_dict(state_dict, metadata, target))
+        converted, converted_metadata = convert_lora_state_dict(state_dict, "diffusers", metadata, target)
         return (converted, converted_metadata) if return_lora_metadata else converted
 
     @staticmethod
@@ -128,27 +127,21 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if weight_name is not None and not weight_name.endswith(".safetensors"):
             raise ValueError(f"`weight_name={weight_name!r}`: LoRA weights are read from safetensors files only.")
         path = str(pretrained_model_name_or_path_or_dict)
-        if os.path.isfile(path) and not path.endswith(".safetensors"):
-            raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
-        if not os.path.exists(path) and not REPO_ID.match(path):
-            raise FileNotFoundError(f"{path} is neither a file, a folder, nor a hub repo id (`owner/name`).")
         if os.path.isfile(path):
+            if not path.endswith(".safetensors"):
+                raise ValueError(f"{path}: LoRA weights are read from safetensors files only.")
             with open_safetensors(path):  # a damaged file is named, with what is wrong
                 pass
+        elif not os.path.exists(path) and not REPO_ID.match(path):
+            raise FileNotFoundError(f"{path} is neither a file, a folder, nor a hub repo id (`owner/name`).")
         state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
             use_safetensors=True,
-            local_files_only=kwargs.get("local_files_only"),
-            cache_dir=kwargs.get("cache_dir"),
-            force_download=kwargs.get("force_download", False),
-            proxies=kwargs.get("proxies"),
-            token=kwargs.get("token"),
-            revision=kwargs.get("revision"),
-            subfolder=kwargs.get("subfolder"),
             user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
             allow_pickle=False,
             metadata=metadata,
+            **{**dict.fromkeys(HUB_KWARGS), "force_download": False, **kwargs},
         )
         if metadata is None and any(key.startswith(PEFT_SAVE_PREFIX) for key in state_dict):
             metadata = _peft_adapter_config(path, kwargs.get("subfolder"))
@@ -178,57 +171,93 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 the file. metadata: diffusers' LoRA metadata that goes with a state dict passed in memory.
 
         Raises ValueError, before touching the model, for keys that are not understood, modules the transformer does
-        not have or cannot wrap (fp8 layers), mis-shaped factors and unsupported adapter kinds.
+        not have or cannot wrap (not a Linear), mis-shaped factors and unsupported adapter kinds.
         """
-        if not USE_PEFT_BACKEND:
-            raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         state_dict, metadata = self._read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
-        if is_lycoris(state_dict):  # LyCORIS LoHa / LoKr: through PEFT's own layers
-            return load_lycoris_weights(self, state_dict, adapter_name, target, hotswap, low_cpu_mem_usage)
-        components = parse_lora_state_dict(state_dict, metadata, target)
-        for component in components:
-            if getattr(self, component, None) is None:
-                raise ValueError(
-                    f"The LoRA has weights for `{component}`, which this pipeline does not have (a CFG-distilled "
-                    f"checkpoint, or single-transformer mode?). Load the pipeline with its `{component}`, pass "
-                    "`target=` another component, or load an unconditional LoRA with `load_unconditional_lora`."
-                )
+        components = parse_adapter_state_dict(state_dict, metadata, target)
         self._load_parsed_lora(components, adapter_name, hotswap, low_cpu_mem_usage)
 
     def _load_parsed_lora(
-        self, components: dict[str, dict[str, LoraFactors]], adapter_name, hotswap: bool, low_cpu_mem_usage: bool
+        self, components: dict[str, dict], adapter_name, hotswap: bool, low_cpu_mem_usage: bool
     ) -> str:
-        """Load parsed LoRA factors `{component: {module: LoraFactors}}` into the pipeline's components as one
-        adapter; the pipeline is left as it was when anything fails. Returns the adapter's name."""
+        """Load parsed factors `{component: {module: LoraFactors | LohaFactors | LokrFactors}}` into the pipeline's
+        components as one adapter: LoRA through diffusers' `load_lora_adapter` (rank and alpha as its metadata), LoHa
+        / LoKr through PEFT's own layers. The pipeline is left as it was when anything fails. Returns the adapter's
+        name."""
+        kind = next(iter(next(iter(components.values())).values())).kind
+        if hotswap and kind != "LoRA":
+            raise ValueError(
+                f"`hotswap=True` is for LoRA adapters; this file is a {kind}. Delete the old one and load it."
+            )
         for component, modules in components.items():
-            check_lora_fits(component, getattr(self, component), modules)
-        adapter_name = self._new_adapter_name(components, adapter_name, "LoRA", hotswap)
+            model = getattr(self, component, None)
+            if model is None:
+                raise ValueError(
+                    f"The {kind} has weights for `{component}`, which this pipeline does not have (a CFG-distilled "
+                    f"checkpoint, or single-transformer mode?). Load the pipeline with its `{component}`, pass "
+                    "`target=` another component, or load an unconditional LoRA with `load_unconditional_lora`."
+                )
+            if kind != "LoRA" and any(hasattr(m, "_hf_hook") for m in model.modules()):
+                raise ValueError(
+                    f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
+                )
+            check_lora_fits(component, model, modules)
+        adapter_name = self._new_adapter_name(components, adapter_name, kind, hotswap)
+        configs = {} if kind == "LoRA" else {c: lycoris_config(modules) for c, modules in components.items()}
         try:
             for component, modules in components.items():
                 model = getattr(self, component)
-                self.load_lora_into_transformer(
-                    peft_state_dict(modules),
-                    transformer=model,
-                    adapter_name=adapter_name,
-                    metadata=lora_config_kwargs(modules),
-                    _pipeline=self,
-                    low_cpu_mem_usage=low_cpu_mem_usage,
-                    hotswap=hotswap,
-                )
-                _check_loaded(component, model, modules, adapter_name)
+                unexpected = []
+                if kind == "LoRA":
+                    model.load_lora_adapter(
+                        peft_state_dict(modules),
+                        prefix=None,
+                        adapter_name=adapter_name,
+                        metadata=lora_config_kwargs(modules),
+                        _pipeline=self,
+                        low_cpu_mem_usage=low_cpu_mem_usage,
+                        hotswap=hotswap,
+                    )
+                else:
+                    inject_adapter_in_model(
+                        configs[component], model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                    )
+                    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.peft_tensors().items()}
+                    unexpected = set_peft_model_state_dict(
+                        model, tensors, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                    ).unexpected_keys
+                    model._hf_peft_config_loaded = True
+                _check_loaded(component, model, modules, adapter_name, kind, unexpected)
         except Exception:
             if not hotswap:  # leave the pipeline as it was, also when the failure came after PEFT's injection
-                self._delete_adapter_from(components, adapter_name)
+                for component in components:
+                    if adapter_name in getattr(getattr(self, component), "peft_config", {}):
+                        getattr(self, component).delete_adapters(adapter_name)
             raise
         return adapter_name
 
     def _new_adapter_name(self, components, adapter_name: str | None, kind: str, hotswap: bool = False) -> str:
         """The name of an adapter about to be loaded into `components` (default `default_<n>`), refused when the
-        components hold adapters of another kind or one of that name (unless `hotswap` replaces its weights)."""
-        check_adapter_kinds(self, components, kind)
-        adapter_name = adapter_name or self._unused_adapter_name()
-        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
+        components hold adapters of another kind (PEFT holds one kind per transformer) or one of that name (unless
+        `hotswap` replaces its weights)."""
+        others = {}
+        for component in components:
+            configs = getattr(getattr(self, component, None), "peft_config", None) or {}
+            others[component] = sorted(
+                f"{n} ({_adapter_kind(c)})" for n, c in configs.items() if _adapter_kind(c) != kind
+            )
+        raise_problems(
+            f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
+            "them first (`fuse_lora`, `delete_adapters`).",
+            [f"`{component}` holds {names}" for component, names in others.items() if names],
+            ValueError,
+        )
         loaded_names = self.get_list_adapters()
+        taken = {name for names in loaded_names.values() for name in names}
+        adapter_name = adapter_name or next(
+            f"default_{i}" for i in itertools.count(len(taken)) if f"default_{i}" not in taken
+        )
+        # Per component, as in diffusers: one name may cover a LoRA for each branch, loaded from two files.
         in_use = [c for c in components if adapter_name in loaded_names.get(c, [])]
         if in_use and not hotswap:
             hint = "`hotswap=True` to replace its weights, " if kind == "LoRA" else ""
@@ -237,43 +266,6 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 f"{hint}or `delete_adapters({adapter_name!r})` first."
             )
         return adapter_name
-
-    def _delete_adapter_from(self, components, adapter_name: str) -> None:
-        """Remove a partly loaded adapter: the pipeline is left as it was before the load."""
-        for component in components:
-            model = getattr(self, component)
-            if adapter_name in getattr(model, "peft_config", {}):
-                model.delete_adapters(adapter_name)
-
-    @classmethod
-    def load_lora_into_transformer(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        transformer,
-        adapter_name: str | None = None,
-        metadata: dict | None = None,
-        _pipeline=None,
-        low_cpu_mem_usage: bool = False,
-        hotswap: bool = False,
-    ) -> None:
-        """Load an unprefixed PEFT LoRA state dict (with its LoraConfig arguments as `metadata`) into one transformer,
-        through the model's `PeftAdapterMixin.load_lora_adapter`."""
-        transformer.load_lora_adapter(
-            state_dict,
-            prefix=None,
-            adapter_name=adapter_name,
-            metadata=metadata,
-            _pipeline=_pipeline,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            hotswap=hotswap,
-        )
-
-    def _unused_adapter_name(self) -> str:
-        taken = {name for names in self.get_list_adapters().values() for name in names}
-        index = len(taken)
-        while f"default_{index}" in taken:
-            index += 1
-        return f"default_{index}"
 
     @classmethod
     def save_lora_weights(
@@ -374,8 +366,9 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         quantized = [
             f"{component}.{name}"
             for component in components
-            for name, layer in _named_tuner_layers(getattr(self, component, None))
-            if _is_quantized(base_layer(layer).weight)
+            for name, layer in _tuner_layers(getattr(self, component, None)).items()
+            # stored quantized (float8, or packed bytes): a LoRA delta cannot be added to it
+            if keeps_stored_dtype(f"{name}.weight", layer.get_base_layer().weight.dtype)
         ]
         if quantized:
             raise ValueError(
@@ -384,9 +377,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 "time, `set_adapters` / `attention_kwargs` scale them), or load a bf16 checkpoint to fuse."
             )
         for component in components:
-            model = getattr(self, component, None)
-            if model is not None:
-                _keep_unfused_state(model, adapter_names, exact=exact_unfuse)
+            _keep_unfused_state(getattr(self, component, None), adapter_names, exact=exact_unfuse)
         super().fuse_lora(
             components=components,
             lora_scale=lora_scale,
@@ -422,7 +413,7 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
         if unknown:
             raise ValueError(f"`components` has {unknown}; LoRA-loadable components are {list(COMPONENTS)}.")
         # Only components with fused layers: PEFT warns for every layer that has nothing to unmerge.
-        fused = [c for c in components if any(m.merged for m in _tuner_layers(getattr(self, c, None)))]
+        fused = [c for c in components if any(m.merged for m in _tuner_layers(getattr(self, c, None)).values())]
         if fused:
             super().unfuse_lora(components=fused, **kwargs)
         for component in components:  # scaling was changed in every LoRA layer, merged or not
@@ -447,7 +438,7 @@ def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> N
     wrong = []
     for key in state_dict:
         suffix = PEFT_DOWN if key.endswith(PEFT_DOWN) else PEFT_UP if key.endswith(PEFT_UP) else None
-        if suffix is None or not is_known_module(key[: -len(suffix)], layout="diffusers"):
+        if suffix is None or not is_known_module(key[: -len(suffix)], diffusers_layout_only=True):
             wrong.append(key)
     if wrong:
         raise ValueError(
@@ -458,35 +449,32 @@ def _check_peft_layers(component: str, state_dict: dict[str, torch.Tensor]) -> N
         )
 
 
-def _check_loaded(component: str, model: nn.Module, modules: dict[str, LoraFactors], adapter_name: str) -> None:
-    """After PEFT's load: every module of the LoRA carries the adapter (diffusers only warns about leftovers)."""
-    found = dict(model.named_modules())
+def _check_loaded(component: str, model: nn.Module, modules: dict, adapter_name: str, kind: str, unexpected) -> None:
+    """After PEFT's load: every module carries the adapter and every tensor was taken (diffusers only warns)."""
     absent = [
         f"{component}.{name}"
         for name in modules
-        if not (isinstance(found.get(name), BaseTunerLayer) and adapter_name in found[name].lora_A)
+        if adapter_name not in getattr(model.get_submodule(name), "scaling", {})
     ]
-    if absent:
-        raise ValueError(f"PEFT did not load the whole LoRA: modules without the adapter: {list_keys(absent)}.")
+    if absent or unexpected:
+        raise ValueError(
+            f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not take: "
+            f"{list_keys(unexpected)}."
+        )
 
 
-def _is_quantized(weight: torch.Tensor) -> bool:
-    """A weight stored quantized (float8, or packed bytes), which a LoRA delta cannot be added to."""
-    return not weight.is_floating_point() or weight.dtype in FLOAT8_DTYPES
+def _adapter_kind(config) -> str:
+    return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(config.peft_type.value, config.peft_type.value)
 
 
-def _named_tuner_layers(model: nn.Module | None) -> list[tuple[str, BaseTunerLayer]]:
-    return [] if model is None else [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+def _tuner_layers(model: nn.Module | None) -> dict[str, BaseTunerLayer]:
+    return {} if model is None else {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
-def _tuner_layers(model: nn.Module | None) -> list[BaseTunerLayer]:
-    return [layer for _, layer in _named_tuner_layers(model)]
-
-
-def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact: bool) -> None:
+def _keep_unfused_state(model: nn.Module | None, adapter_names: list[str] | None, exact: bool) -> None:
     """Before fusing: every LoRA layer's scaling (diffusers' fuse rescales all of them by `lora_scale`) and, with
     `exact`, a CPU copy of each weight about to change. A layer keeps the state of the first fuse until unfused."""
-    for module in _tuner_layers(model):
+    for module in _tuner_layers(model).values():
         if hasattr(module, _UNFUSED_STATE):
             continue
         wanted = adapter_names if adapter_names is not None else module.active_adapters
@@ -497,7 +485,7 @@ def _keep_unfused_state(model: nn.Module, adapter_names: list[str] | None, exact
 
 
 def _restore_unfused_state(model: nn.Module | None) -> None:
-    for module in _tuner_layers(model):
+    for module in _tuner_layers(model).values():
         state = getattr(module, _UNFUSED_STATE, None)
         if state is None or module.merged:
             continue

@@ -44,7 +44,7 @@ from .conversion import (
 )
 from .files import check_output_path, write_atomically
 from .fp8 import SCALE_SUFFIX, linear_weight_keys
-from .loading import fused_name, list_keys, original_key_plan, split_names
+from .loading import fused_name, list_keys, open_safetensors, original_key_plan, split_names
 from .lora_formats import ALPHA_SUFFIX, ORIGINAL_DOWN, ORIGINAL_PREFIXES, ORIGINAL_UP, parse_lora_state_dict
 from .transformer_ideogram4 import Ideogram4Transformer2DModel
 from .validation import finite_float, require_positive_int
@@ -55,6 +55,7 @@ NON_LINEAR_CHOICES = ("store", "refuse")
 DTYPES = WRITTEN_DTYPES  # of the LoRA factors
 # Modules only the conditional pass runs: they project the text features, which the unconditional pass never has.
 TEXT_ONLY_MODULES = ("llm_cond_norm", "llm_cond_proj")
+TEXT_ONLY_REASON = "acts on text features, which the unconditional pass never has"
 # The file's metadata key holding the report (JSON).
 METADATA_KEY = "ideogram4_unconditional_lora"
 
@@ -151,10 +152,10 @@ def choose_rank(singular_values: torch.Tensor, rank: int | None, max_rel_error: 
 
 
 def lora_factors(
-    difference: torch.Tensor, rank: int | None, max_rel_error: float | None, dtype: torch.dtype
+    difference: torch.Tensor, norm: float, rank: int | None, max_rel_error: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(down (r, in), up (out, r), relative error of `up @ down` as stored in `dtype`) of a float32 difference."""
-    norm = float(torch.linalg.matrix_norm(difference))
+    """(down (r, in), up (out, r), relative error of `up @ down` as stored in `dtype`) of a float32 difference whose
+    Frobenius norm is `norm`."""
     U, S, Vh = torch.linalg.svd(difference, full_matrices=False)
     keep = choose_rank(S, rank, max_rel_error)
     root = S[:keep].sqrt()
@@ -257,14 +258,13 @@ def extract_unconditional_lora(
         raise ValueError(f"{source} has no {missing} folder; the extraction needs both transformers.")
     plan = ConversionPlan("extract", str(source), root, list(TRANSFORMER_COMPONENTS), dtype)
     conditional, unconditional = (_weight_recipes(plan, name) for name in TRANSFORMER_COMPONENTS)
-    configs = [Ideogram4Transformer2DModel.load_config(root / name) for name in TRANSFORMER_COMPONENTS]
     shapes = [{key: recipe.shape for key, recipe in recipes.items()} for recipes in (conditional, unconditional)]
     if shapes[0] != shapes[1]:
         differing = sorted(k for k in shapes[0].keys() | shapes[1].keys() if shapes[0].get(k) != shapes[1].get(k))
         raise ValueError(
             f"The two transformers of {source} are not the same architecture: {list_keys(differing)} differ."
         )
-    modules = _linear_modules(configs[0])
+    modules = _linear_modules(Ideogram4Transformer2DModel.load_config(root / TRANSFORMER_COMPONENTS[0]))
     linear_keys = {key for keys in modules.values() for key in keys}
     report = ExtractionReport(str(source), str(output), rank, max_rel_error, dtype)
     tensors = {}
@@ -273,7 +273,7 @@ def extract_unconditional_lora(
         differing = {}
         for key in sorted(set(conditional) - linear_keys):
             if _module_of(key) in TEXT_ONLY_MODULES:
-                report.left_out[key] = "acts on text features, which the unconditional pass never has"
+                report.left_out[key] = TEXT_ONLY_REASON
                 continue
             difference = reader.tensor(unconditional[key]) - reader.tensor(conditional[key])
             if bool(difference.any()):
@@ -296,9 +296,7 @@ def extract_unconditional_lora(
             for module, keys in modules.items():
                 bar.update(1)
                 if module in TEXT_ONLY_MODULES:
-                    report.left_out[module + ".weight"] = (
-                        "acts on text features, which the unconditional pass never has"
-                    )
+                    report.left_out[module + ".weight"] = TEXT_ONLY_REASON
                     continue
                 weights = [
                     torch.cat([reader.tensor(recipes[key]) for key in keys]).to(device)
@@ -311,7 +309,7 @@ def extract_unconditional_lora(
                 if norm == 0:
                     report.layers.append(LayerReport(module, shape, 0, 0.0, 0.0))
                     continue
-                down, up, error = lora_factors(difference, rank, max_rel_error, DTYPES[dtype])
+                down, up, error = lora_factors(difference, norm, rank, max_rel_error, DTYPES[dtype])
                 del difference
                 tensors[PREFIX + module + ORIGINAL_DOWN] = down.contiguous()
                 tensors[PREFIX + module + ORIGINAL_UP] = up.contiguous()
@@ -345,8 +343,6 @@ def _verify(data: bytes, tensors: dict[str, torch.Tensor]) -> None:
 
 def read_extraction_report(path) -> dict | None:
     """The report an extraction stored in a LoRA file's metadata, or None."""
-    from .loading import open_safetensors
-
     with open_safetensors(path) as handle:
         raw = (handle.metadata() or {}).get(METADATA_KEY)
     return None if raw is None else json.loads(raw)

@@ -47,11 +47,11 @@ GENERIC_PREFIXES = ("transformer.", "diffusion_model.", PEFT_SAVE_PREFIX)
 # Prefixes written by the converter's original format, per component.
 ORIGINAL_PREFIXES = {"transformer": "diffusion_model.", "unconditional_transformer": "unconditional_transformer."}
 
-DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight")
-UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight")
+PEFT_DOWN, PEFT_UP = ".lora_A.weight", ".lora_B.weight"
+ORIGINAL_DOWN, ORIGINAL_UP = ".lora_down.weight", ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
-PEFT_DOWN, PEFT_UP = DOWN_SUFFIXES[0], UP_SUFFIXES[0]
-ORIGINAL_DOWN, ORIGINAL_UP = DOWN_SUFFIXES[1], UP_SUFFIXES[1]
+# The endings of plain LoRA tensor names, and which part of a module's factors each one holds.
+LORA_PARTS = {PEFT_DOWN: "down", ORIGINAL_DOWN: "down", PEFT_UP: "up", ORIGINAL_UP: "up", ALPHA_SUFFIX: "alpha"}
 
 # The Linear layers of the model (SPEC 2.1), per block and global; the original layout fuses the attention.
 UNCHANGED_BLOCK_MODULES = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation")
@@ -92,6 +92,8 @@ class LoraFactors:
     up: torch.Tensor  # (out_features, rank)
     scale: float = 1.0  # alpha / rank
 
+    kind = "LoRA"
+
     @property
     def rank(self) -> int:
         return self.down.shape[0]
@@ -108,6 +110,11 @@ class LoraFactors:
     def out_features(self) -> int:
         return self.up.shape[0]
 
+    def rows(self, part: slice) -> "LoraFactors":
+        """The factors of rows `part` of the delta: the down factor copied (safetensors refuses to write tensors that
+        share memory), those rows of up."""
+        return LoraFactors(self.down.clone(), self.up[part].clone(), self.scale)
+
     def folded(self) -> "LoraFactors":
         """The same delta at scale 1: `up * scale` (computed in float32, stored in up's dtype)."""
         if self.scale == 1.0:
@@ -119,38 +126,29 @@ class LoraFactors:
 # Parsing any format into {component: {module: LoraFactors}}
 
 
-def is_known_module(name: str, layout: str = "any") -> bool:
+def is_known_module(name: str, diffusers_layout_only: bool = False) -> bool:
     """Whether `name` is a Linear of the Ideogram 4 transformer, in the diffusers or original layout."""
     if name in GLOBAL_MODULES:
         return True
     match = _BLOCK_MODULE.match(name)
-    if match is None:
-        return False
-    allowed = {"diffusers": BLOCK_MODULES, "original": ORIGINAL_BLOCK_MODULES}.get(layout)
-    return match.group("module") in (allowed or BLOCK_MODULES + ORIGINAL_BLOCK_MODULES)
+    allowed = BLOCK_MODULES if diffusers_layout_only else BLOCK_MODULES + ORIGINAL_BLOCK_MODULES
+    return match is not None and match["module"] in allowed
 
 
 def split_prefix(key: str) -> tuple[str, str]:
     """`unconditional_transformer.layers.0...` -> (`unconditional_transformer.`, `layers.0...`); no prefix: ("", key).
-    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`)."""
-    from .lora_trainers import split_flat_prefix  # builds on this module
+    kohya flat names come back dotted: `lora_unet_layers_0_attention_qkv.alpha` -> (`lora_unet_`, `layers.0...`); a
+    flat name that names no module is left as it is (then reported as an unknown module)."""
+    from .lora_trainers import FLAT_PREFIXES, unflatten_module  # builds on this module
 
-    flat = split_flat_prefix(key)
-    if flat is not None:
-        return flat
-    for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES):
+    for prefix in (*BRANCH_PREFIXES, *GENERIC_PREFIXES, *FLAT_PREFIXES):
         if key.startswith(prefix):
-            return prefix, key[len(prefix) :]
+            rest = key[len(prefix) :]
+            if prefix in FLAT_PREFIXES:
+                flat, dot, tail = rest.partition(".")
+                rest = (unflatten_module(flat) or flat) + dot + tail
+            return prefix, rest
     return "", key
-
-
-def _split_suffix(key: str) -> tuple[str, str] | None:
-    """`layers.0.attention.qkv.lora_down.weight` -> (`layers.0.attention.qkv`, "down"); None when not a LoRA key."""
-    for suffixes, part in ((DOWN_SUFFIXES, "down"), (UP_SUFFIXES, "up"), ((ALPHA_SUFFIX,), "alpha")):
-        for suffix in suffixes:
-            if key.endswith(suffix):
-                return key[: -len(suffix)], part
-    return None
 
 
 def refuse_unsupported(keys) -> None:
@@ -192,15 +190,6 @@ def _resolve_components(prefixes, target: str | None) -> dict[str, str]:
     return dict.fromkeys(prefixes, target)
 
 
-def _metadata_by_prefix(metadata: dict | None) -> dict[str, dict]:
-    """diffusers' LoRA metadata (`transformer.r`, `unconditional_transformer.lora_alpha`, or unprefixed) per prefix."""
-    grouped = defaultdict(dict)
-    for key, value in (metadata or {}).items():
-        prefix, name = split_prefix(key)
-        grouped[prefix][name] = value
-    return grouped
-
-
 def _scale_from_metadata(config: dict, module: str, rank: int, source: str) -> float:
     """alpha / rank of one module under a PEFT LoraConfig dict (its rank_pattern / alpha_pattern rules)."""
     if config.get("use_dora"):
@@ -237,17 +226,65 @@ def _peft_adapter_config(path: str, subfolder: str | None) -> dict:
         return json.load(handle)
 
 
-def _split_attention(name: str, factors: LoraFactors) -> dict[str, LoraFactors]:
-    """Original-layout module -> diffusers-layout module(s). qkv: the down factor copied to q, k and v, the up factor
-    cut in row thirds, same scale (copies: safetensors refuses to write tensors that share memory)."""
-    parts = split_names(name)
-    if parts is None:
-        return {name: factors}
-    rows = factors.up.shape[0] // len(parts)
-    return {
-        part: LoraFactors(factors.down.clone(), factors.up[i * rows : (i + 1) * rows].clone(), factors.scale)
-        for i, part in enumerate(parts)
+def split_fused(module: str, factors, source: str, problems: list) -> dict:
+    """Original-layout module -> diffusers-layout module(s): `attention.o` renamed, a fused q/k/v cut in row thirds
+    (`factors.rows`). LoRA, LoHa and LoKr factors alike."""
+    names = split_names(module) or (module,)
+    if len(names) == 1:
+        return {names[0]: factors}
+    if factors.out_features % len(names):
+        problems.append(f"{source}: a fused q/k/v factor needs 3 x hidden rows, got {factors.out_features}")
+        return {}
+    rows = factors.out_features // len(names)
+    return {name: factors.rows(slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
+
+
+def group_factors(state_dict: dict[str, torch.Tensor], parts: dict[str, str], kind: str) -> tuple[dict, list[str]]:
+    """An adapter's tensors -> ({(key prefix, module): {part: (key, tensor)}}, problems), `parts` mapping the endings
+    of tensor names to the part each holds. The problems name every key without such an ending, for a module that is
+    not a Linear of the model, or whose part is given twice."""
+    pieces = defaultdict(dict)
+    not_factors, unknown_module, repeated = [], [], []
+    for key, tensor in state_dict.items():
+        prefix, rest = split_prefix(key)
+        suffix = next((suffix for suffix in parts if rest.endswith(suffix)), None)
+        if suffix is None:
+            not_factors.append(key)
+            continue
+        module, part = rest[: -len(suffix)], parts[suffix]
+        if not is_known_module(module):
+            unknown_module.append(key)
+        elif part in pieces[prefix, module]:
+            repeated.append(f"{key} (and {pieces[prefix, module][part][0]})")
+        else:
+            pieces[prefix, module][part] = (key, tensor)
+    labelled = {
+        f"keys that are not {kind} factors": not_factors,
+        "keys for modules that are not Linear layers of an Ideogram 4 transformer": unknown_module,
+        "factors given twice": repeated,
     }
+    return pieces, [f"{label}: {list_keys(keys)}" for label, keys in labelled.items() if keys]
+
+
+def by_component(pieces: dict, target: str | None, factors_of, kind: str) -> dict[str, dict]:
+    """Grouped tensors (`group_factors`) -> `{component: {module (diffusers layout): factors}}`, each module's factors
+    made by `factors_of(prefix, module, {part: tensor}, source, problems)` (None when malformed) and split
+    (`split_fused`). Raises a ValueError listing every problem, a module given twice included."""
+    components = _resolve_components({prefix for prefix, _ in pieces}, target)
+    parsed, problems = defaultdict(dict), []
+    for (prefix, module), parts in pieces.items():
+        source = f"`{prefix}{module}`"
+        tensors = {part: tensor for part, (_, tensor) in parts.items()}
+        factors = factors_of(prefix, module, tensors, source, problems)
+        if factors is None:
+            continue
+        component = components[prefix]
+        for name, split in split_fused(module, factors, source, problems).items():
+            if name in parsed[component]:
+                problems.append(f"`{component}.{name}` is given twice (again by {source})")
+            parsed[component][name] = split
+    raise_problems(f"The {kind} is malformed; nothing was loaded.", problems, ValueError)
+    return dict(parsed)
 
 
 def parse_lora_state_dict(
@@ -266,35 +303,14 @@ def parse_lora_state_dict(
     if not state_dict:
         raise ValueError("The LoRA state dict is empty.")
     refuse_unsupported(state_dict)
-    pieces = defaultdict(dict)  # (prefix, module) -> {"down"|"up"|"alpha": (key, tensor)}
-    not_lora, unknown_module, repeated = [], [], []
-    for key, tensor in state_dict.items():
-        prefix, rest = split_prefix(key)
-        split = _split_suffix(rest)
-        if split is None:
-            not_lora.append(key)
-            continue
-        module, part = split
-        if not is_known_module(module):
-            unknown_module.append(key)
-        elif part in pieces[prefix, module]:
-            repeated.append(f"{key} (and {pieces[prefix, module][part][0]})")
-        else:
-            pieces[prefix, module][part] = (key, tensor)
-    problems = []
-    if not_lora:
-        problems.append(f"keys that are not LoRA factors: {list_keys(not_lora)}")
-    if unknown_module:
-        problems.append(
-            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
-        )
-    if repeated:
-        problems.append(f"factors given twice: {list_keys(repeated)}")
+    pieces, problems = group_factors(state_dict, LORA_PARTS, "LoRA")
     raise_problems("The LoRA has keys this loader does not understand; nothing was loaded.", problems, ValueError)
 
     key_prefixes = {prefix for prefix, _ in pieces}
-    components = _resolve_components(key_prefixes, target)
-    metadata_by_prefix = _metadata_by_prefix(metadata)
+    metadata_by_prefix = defaultdict(dict)  # `transformer.r`, `unconditional_transformer.lora_alpha`, or unprefixed
+    for key, value in (metadata or {}).items():
+        prefix, name = split_prefix(key)
+        metadata_by_prefix[prefix][name] = value
     if set(metadata_by_prefix) == {""}:  # one unprefixed PEFT config: it describes every key
         metadata_by_prefix = dict.fromkeys(key_prefixes, metadata_by_prefix[""])
     unmatched = sorted(set(metadata_by_prefix) - key_prefixes)
@@ -303,48 +319,37 @@ def parse_lora_state_dict(
             f"The LoRA metadata is for key prefixes {unmatched}, but the LoRA's keys have {sorted(key_prefixes)}; "
             "its alpha would be lost. Pass metadata whose prefixes match the keys (or unprefixed PEFT config)."
         )
-    parsed = defaultdict(dict)
-    for (prefix, module), parts in pieces.items():
-        source = f"`{prefix}{module}`"
+
+    def factors_of(prefix, module, parts, source, problems) -> LoraFactors | None:
         if "down" not in parts or "up" not in parts:
             absent = "up (lora_B / lora_up)" if "up" not in parts else "down (lora_A / lora_down)"
             problems.append(f"{source} has no {absent} factor")
-            continue
-        down, up = parts["down"][1], parts["up"][1]
+            return None
+        down, up = parts["down"], parts["up"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             problems.append(
                 f"{source}: down {list(down.shape)} and up {list(up.shape)} are not (rank, in), (out, rank)"
             )
-            continue
-        if module.endswith("attention.qkv") and up.shape[0] % 3:
-            problems.append(f"{source}: a fused qkv up factor needs 3 x hidden rows, got {list(up.shape)}")
-            continue
+            return None
         if not (down.is_floating_point() and up.is_floating_point()):
             problems.append(f"{source}: factors must be floating point, got {down.dtype} and {up.dtype}")
-            continue
+            return None
+        config = metadata_by_prefix.get(prefix)
         if "alpha" in parts:
-            alpha = parts["alpha"][1]
+            alpha = parts["alpha"]
             if alpha.numel() != 1 or not math.isfinite(float(alpha.flatten()[0])):
                 problems.append(f"{source}: alpha must be one finite number, got {alpha.tolist()}")
-                continue
-            if metadata_by_prefix.get(prefix):
+                return None
+            if config:
                 problems.append(f"{source} has both an `alpha` key and LoRA metadata; give alpha one way only")
-                continue
+                return None
             # kohya style: folded into the up factor, so that the file's tensors alone carry the delta
-            factors = LoraFactors(down, up, float(alpha.item()) / down.shape[0]).folded()
-        elif metadata_by_prefix.get(prefix):
-            factors = LoraFactors(
-                down, up, _scale_from_metadata(metadata_by_prefix[prefix], module, down.shape[0], source)
-            )
-        else:
-            factors = LoraFactors(down, up)
-        component = components[prefix]
-        for name, split in _split_attention(module, factors).items():
-            if name in parsed[component]:
-                problems.append(f"`{component}.{name}` is given twice (again by {source})")
-            parsed[component][name] = split
-    raise_problems("The LoRA is malformed; nothing was loaded.", problems, ValueError)
-    return dict(parsed)
+            return LoraFactors(down, up, float(alpha.item()) / down.shape[0]).folded()
+        if config:
+            return LoraFactors(down, up, _scale_from_metadata(config, module, down.shape[0], source))
+        return LoraFactors(down, up)
+
+    return by_component(pieces, target, factors_of, "LoRA")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -380,11 +385,11 @@ def config_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
 
 def peft_state_dict(modules: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
     """`{module}.lora_A.weight` / `.lora_B.weight`, without prefix; alpha goes with `lora_config_kwargs`."""
-    state_dict = {}
-    for name, factors in sorted(modules.items()):
-        state_dict[name + PEFT_DOWN] = factors.down.contiguous()
-        state_dict[name + PEFT_UP] = factors.up.contiguous()
-    return state_dict
+    return {
+        name + suffix: tensor.contiguous()
+        for name, factors in sorted(modules.items())
+        for suffix, tensor in ((PEFT_DOWN, factors.down), (PEFT_UP, factors.up))
+    }
 
 
 def to_diffusers_format(components: dict[str, dict[str, LoraFactors]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -451,8 +456,9 @@ def convert_lora_state_dict(
 
     Args:
         state_dict: a LoRA in any supported format.
-        to: "diffusers" (PEFT keys, `transformer.` / `unconditional_transformer.` prefixes, alpha folded, metadata)
-            or "original" (`diffusion_model.` prefix, fused attention, lora_down / lora_up / alpha).
+        to: "diffusers" (PEFT keys, `transformer.` / `unconditional_transformer.` prefixes, a kohya alpha folded, a
+            PEFT alpha in the metadata) or "original" (`diffusion_model.` prefix, fused attention, lora_down / lora_up
+            / alpha).
         metadata: diffusers' LoRA metadata of the input, if it has some.
         target: the component of unprefixed / generic keys (default "transformer").
     """

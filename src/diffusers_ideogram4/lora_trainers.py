@@ -19,7 +19,6 @@ layout PEFT's LoKr can hold; anything else is refused by name.
 
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +29,10 @@ from .lora_formats import (
     BLOCK_MODULES,
     GLOBAL_MODULES,
     ORIGINAL_BLOCK_MODULES,
-    _resolve_components,
+    by_component,
     config_patterns,
-    is_known_module,
-    split_prefix,
+    group_factors,
+    parse_lora_state_dict,
 )
 
 
@@ -42,7 +41,13 @@ LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 ALPHA = "alpha"
 # LyCORIS tensors this package does not load: Tucker cores (convolutions only), weight decomposition (DoRA).
-REFUSED_LYCORIS = {"hada_t1": "LoHa Tucker core", "hada_t2": "LoHa Tucker core", "lokr_t2": "LoKr Tucker core"}
+REFUSED_LYCORIS = {
+    "hada_t1": "LoHa Tucker core",
+    "hada_t2": "LoHa Tucker core",
+    "lokr_t2": "LoKr Tucker core",
+    "dora_scale": "DoRA",
+}
+LYCORIS_PARTS = {f".{name}": name for name in (*LOHA_TENSORS, *LOKR_TENSORS, ALPHA, *REFUSED_LYCORIS)}
 _FLAT_BLOCK = re.compile(r"^layers_(?P<index>\d+)_(?P<module>.+)$")
 
 
@@ -50,18 +55,9 @@ _FLAT_BLOCK = re.compile(r"^layers_(?P<index>\d+)_(?P<module>.+)$")
 # kohya flat names
 
 
-def _flat_table(names) -> dict[str, str]:
-    table = {}
-    for name in names:
-        flat = name.replace(".", "_")
-        if flat in table:
-            raise ValueError(f"`{name}` and `{table[flat]}` flatten to the same kohya name `{flat}`.")
-        table[flat] = name
-    return table
-
-
-FLAT_GLOBAL_MODULES = _flat_table(GLOBAL_MODULES)
-FLAT_BLOCK_MODULES = _flat_table(dict.fromkeys(BLOCK_MODULES + ORIGINAL_BLOCK_MODULES))
+# Distinct flat names (tests/test_lora_trainers.py counts them): the flat form maps back to exactly one module.
+FLAT_GLOBAL_MODULES = {name.replace(".", "_"): name for name in GLOBAL_MODULES}
+FLAT_BLOCK_MODULES = {name.replace(".", "_"): name for name in BLOCK_MODULES + ORIGINAL_BLOCK_MODULES}
 
 
 def unflatten_module(flat: str) -> str | None:
@@ -72,17 +68,6 @@ def unflatten_module(flat: str) -> str | None:
     if match is None or match["module"] not in FLAT_BLOCK_MODULES:
         return None
     return f"layers.{int(match['index'])}.{FLAT_BLOCK_MODULES[match['module']]}"
-
-
-def split_flat_prefix(key: str) -> tuple[str, str] | None:
-    """`lora_unet_layers_3_attention_qkv.alpha` -> (`lora_unet_`, `layers.3.attention.qkv.alpha`). A flat part that
-    names no module is left as it is (then reported as an unknown module); None without a flat prefix."""
-    for prefix in FLAT_PREFIXES:
-        if key.startswith(prefix):
-            flat, dot, rest = key[len(prefix) :].partition(".")
-            module = unflatten_module(flat)
-            return prefix, (module or flat) + dot + rest
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -174,75 +159,40 @@ def is_lycoris(keys) -> bool:
     return any(f".{name}" in key for key in keys for name in (*LOHA_TENSORS, *LOKR_TENSORS))
 
 
-def _lycoris_key(key: str) -> tuple[str, str, str] | None:
-    """-> (prefix, module, tensor name) of a LyCORIS key, or None when it is not one."""
-    prefix, rest = split_prefix(key)
-    module, _, name = rest.rpartition(".")
-    if name in (*LOHA_TENSORS, *LOKR_TENSORS, ALPHA, *REFUSED_LYCORIS, "dora_scale"):
-        return prefix, module, name
-    return None
-
-
 def parse_lycoris_state_dict(state_dict: dict[str, torch.Tensor], target: str | None = None) -> dict[str, dict]:
     """A LyCORIS LoHa or LoKr state dict -> `{component: {module (diffusers layout): LohaFactors | LokrFactors}}`.
 
     Raises ValueError naming every key that is not a LoHa / LoKr factor of a Linear of the model, unsupported
     tensors (Tucker cores, DoRA), incomplete or mis-shaped factors, a file mixing LoHa and LoKr, and a fused q/k/v LoKr
     that does not split."""
-    pieces = defaultdict(dict)
-    not_lycoris, unknown_module, refused = [], [], []
-    for key, tensor in state_dict.items():
-        parsed = _lycoris_key(key)
-        if parsed is None:
-            not_lycoris.append(key)
-            continue
-        prefix, module, name = parsed
-        if name in REFUSED_LYCORIS or name == "dora_scale":
-            refused.append(f"{key} ({REFUSED_LYCORIS.get(name, 'DoRA')})")
-        elif not is_known_module(module):
-            unknown_module.append(key)
-        else:
-            pieces[prefix, module][name] = tensor
-    problems = []
-    if not_lycoris:
-        problems.append(f"keys that are not LoHa / LoKr factors: {list_keys(not_lycoris)}")
-    if unknown_module:
-        problems.append(
-            f"keys for modules that are not Linear layers of an Ideogram 4 transformer: {list_keys(unknown_module)}"
-        )
+    pieces, problems = group_factors(state_dict, LYCORIS_PARTS, "LoHa / LoKr")
+    refused = [
+        f"{key} ({REFUSED_LYCORIS[part]})"
+        for parts in pieces.values()
+        for part, (key, _) in parts.items()
+        if part in REFUSED_LYCORIS
+    ]
     if refused:
         problems.append(f"unsupported LyCORIS tensors: {list_keys(refused)}")
-    kind_of = {
-        module: "LoHa"
-        if any(n in LOHA_TENSORS for n in parts)
-        else "LoKr"
-        if any(n in LOKR_TENSORS for n in parts)
-        else None
+    kinds = {
+        module: {kind for kind, names in (("LoHa", LOHA_TENSORS), ("LoKr", LOKR_TENSORS)) if names & parts.keys()}
         for module, parts in pieces.items()
     }
-    bare = [f"{prefix}{module}" for (prefix, module), kind in kind_of.items() if kind is None]
+    bare = [f"{prefix}{module}" for (prefix, module), found in kinds.items() if not found]
     if bare:
         problems.append(f"modules with an alpha but no LoHa / LoKr factors: {list_keys(bare)}")
-    kinds = set(kind_of.values()) - {None}
-    if len(kinds) > 1:
+    if len(set().union(*kinds.values())) > 1:
         problems.append("the file mixes LoHa and LoKr modules; PEFT holds one adapter kind per adapter")
     raise_problems(
         "The LyCORIS adapter has keys this loader does not understand; nothing was loaded.", problems, ValueError
     )
+    return by_component(dict(sorted(pieces.items())), target, _lycoris_factors, "LyCORIS adapter")
 
-    components = _resolve_components({prefix for prefix, _ in pieces}, target)
-    parsed = defaultdict(dict)
-    for (prefix, module), parts in sorted(pieces.items()):
-        source = f"`{prefix}{module}`"
-        factors = _loha(parts, source, problems) if kinds == {"LoHa"} else _lokr(parts, source, problems)
-        if factors is None:
-            continue
-        for name, part in _split_fused(module, factors, source, problems).items():
-            if name in parsed[components[prefix]]:
-                problems.append(f"`{components[prefix]}.{name}` is given twice (again by {source})")
-            parsed[components[prefix]][name] = part
-    raise_problems("The LyCORIS adapter is malformed; nothing was loaded.", problems, ValueError)
-    return dict(parsed)
+
+def _lycoris_factors(prefix: str, module: str, parts: dict, source: str, problems: list):
+    if any(name in parts for name in LOHA_TENSORS):
+        return _loha(parts, source, problems)
+    return _lokr(module, parts, source, problems)
 
 
 def _alpha(parts: dict, source: str, problems: list, required: bool) -> float | None:
@@ -282,7 +232,7 @@ def _loha(parts: dict, source: str, problems: list) -> LohaFactors | None:
     return LohaFactors(w1_a, w1_b, w2_a, w2_b, float(w1_b.shape[0]) if alpha is None else alpha)
 
 
-def _lokr(parts: dict, source: str, problems: list) -> LokrFactors | None:
+def _lokr(module: str, parts: dict, source: str, problems: list) -> LokrFactors | None:
     factors = []
     for name in ("lokr_w1", "lokr_w2"):
         full, down, up = parts.get(name), parts.get(f"{name}_a"), parts.get(f"{name}_b")
@@ -304,28 +254,16 @@ def _lokr(parts: dict, source: str, problems: list) -> LokrFactors | None:
     alpha = _alpha(parts, source, problems, required=decomposed)
     if decomposed and ALPHA in parts and alpha is None:
         return None
-    # LyCORIS: without alpha the scale is 1 (alpha = rank); with both factors full alpha is not used.
-    lokr.alpha = (alpha if alpha is not None else float(lokr.rank)) if decomposed else None
-    return lokr
-
-
-def _split_fused(module: str, factors, source: str, problems: list) -> dict:
-    """Original-layout module -> diffusers-layout module(s); a fused q/k/v splits by row thirds."""
-    names = split_names(module)
-    if names is None or len(names) == 1:
-        return {(names or (module,))[0]: factors}
-    rows = factors.out_features // len(names)
-    if factors.out_features % len(names):
-        problems.append(f"{source}: a fused q/k/v factor needs 3 x hidden rows, got {factors.out_features}")
-        return {}
-    if isinstance(factors, LokrFactors) and factors.factor_shapes[0][0] % len(names):
-        (a, _), (b, _) = factors.factor_shapes
+    (a, _), (b, _) = lokr.factor_shapes
+    if a % len(split_names(module) or (module,)):
         problems.append(
             f"{source}: a LoKr on the fused q/k/v whose Kronecker rows ({a} blocks of {b}) do not split in thirds; "
             "it cannot be split into the q/k/v projections"
         )
-        return {}
-    return {name: factors.rows(slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
+        return None
+    # LyCORIS: without alpha the scale is 1 (alpha = rank); with both factors full alpha is not used.
+    lokr.alpha = (alpha if alpha is not None else float(lokr.rank)) if decomposed else None
+    return lokr
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,17 +275,15 @@ def _lokr_layout(modules: dict[str, LokrFactors]) -> tuple[dict, list[str]]:
     `decompose_factor`, one `decompose_both` flag and each module's rank) -> (arguments, problems)."""
     shapes = {name: f.factor_shapes for name, f in modules.items()}
     candidates = [-1, *sorted({a for (a, _), _ in shapes.values()} | {c for (_, c), _ in shapes.values()})]
-    factor = next(
-        (
-            f
-            for f in candidates
-            if all(
-                factorization(m.out_features, f) == (a, b) and factorization(m.in_features, f) == (c, d)
-                for m, ((a, c), (b, d)) in ((modules[name], shape) for name, shape in shapes.items())
-            )
-        ),
-        None,
+    fitting = (
+        f
+        for f in candidates
+        if all(
+            factorization(a * b, f) == (a, b) and factorization(c * d, f) == (c, d)
+            for (a, c), (b, d) in shapes.values()
+        )
     )
+    factor = next(fitting, None)
     if factor is None:
         layouts = {name: f"{a}x{b} rows, {c}x{d} columns" for name, ((a, c), (b, d)) in shapes.items()}
         return {}, [f"no single LoKr factorization gives these Kronecker factors (PEFT needs one): {layouts}"]
@@ -385,83 +321,11 @@ def lycoris_config(modules: dict):
     return config_class(**kwargs, **extra)
 
 
-def _adapter_kind(config) -> str:
-    return {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(
-        str(getattr(config.peft_type, "value", "")), str(config.peft_type)
-    )
-
-
-def check_adapter_kinds(pipe, components, kind: str) -> None:
-    """PEFT holds one adapter kind per transformer: refuse a LoRA beside LoHa adapters and the like, by name."""
-    problems = []
-    for component in components:
-        configs = getattr(getattr(pipe, component, None), "peft_config", None) or {}
-        others = sorted(f"{name} ({_adapter_kind(c)})" for name, c in configs.items() if _adapter_kind(c) != kind)
-        if others:
-            problems.append(f"`{component}` holds {others}")
-    raise_problems(
-        f"A transformer holds adapters of one kind at a time; this {kind} adapter cannot join them. Fuse or delete "
-        "them first (`fuse_lora`, `delete_adapters`).",
-        problems,
-        ValueError,
-    )
-
-
-def load_lycoris_weights(pipe, state_dict, adapter_name, target, hotswap: bool, low_cpu_mem_usage: bool) -> None:
-    """`Ideogram4Pipeline.load_lora_weights` for LoHa / LoKr files (module docstring)."""
-    load_lycoris_components(
-        pipe, parse_lycoris_state_dict(state_dict, target), adapter_name, hotswap, low_cpu_mem_usage
-    )
-
-
-def load_lycoris_components(pipe, components: dict, adapter_name, hotswap: bool, low_cpu_mem_usage: bool) -> str:
-    """Load parsed LoHa / LoKr factors `{component: {module: factors}}` into the pipeline's components as one adapter
-    (PEFT's own layers); the pipeline is left as it was when anything fails. Returns the adapter's name."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    from .lora import check_lora_fits
-
-    kind = next(iter(next(iter(components.values())).values())).kind
-    if hotswap:
-        raise ValueError(
-            f"`hotswap=True` is for LoRA adapters; this file is a {kind}. Delete the old one and load it."
-        )
-    for component, modules in components.items():
-        model = getattr(pipe, component, None)
-        if model is None:
-            raise ValueError(
-                f"The {kind} has weights for `{component}`, which this pipeline does not have. Load the pipeline with "
-                f"its `{component}`, or pass `target=` another component."
-            )
-        if any(hasattr(m, "_hf_hook") for m in model.modules()):
-            raise ValueError(
-                f"`{component}` is offloaded; load {kind} adapters before `enable_model_cpu_offload()` and friends."
-            )
-        check_lora_fits(component, model, modules)
-    adapter_name = pipe._new_adapter_name(components, adapter_name, kind)
-    configs = {component: lycoris_config(modules) for component, modules in components.items()}
-    try:
-        for component, modules in components.items():
-            model = getattr(pipe, component)
-            inject_adapter_in_model(
-                configs[component], model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-            )
-            tensors = {
-                f"{name}.{key}": value for name, m in modules.items() for key, value in m.peft_tensors().items()
-            }
-            result = set_peft_model_state_dict(
-                model, tensors, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-            )
-            absent = [
-                f"{component}.{name}" for name in modules if adapter_name not in model.get_submodule(name).scaling
-            ]
-            if result.unexpected_keys or absent:
-                raise ValueError(
-                    f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not "
-                    f"take: {list_keys(result.unexpected_keys)}."
-                )
-            model._hf_peft_config_loaded = True
-    except Exception:
-        pipe._delete_adapter_from(components, adapter_name)
-        raise
-    return adapter_name
+def parse_adapter_state_dict(
+    state_dict: dict[str, torch.Tensor], metadata: dict | None = None, target: str | None = None
+) -> dict[str, dict]:
+    """Any adapter file this package reads -> `{component: {module: LoraFactors | LohaFactors | LokrFactors}}`:
+    LyCORIS LoHa / LoKr (`parse_lycoris_state_dict`) or LoRA (`lora_formats.parse_lora_state_dict`)."""
+    if is_lycoris(state_dict):
+        return parse_lycoris_state_dict(state_dict, target)
+    return parse_lora_state_dict(state_dict, metadata, target)

@@ -26,23 +26,24 @@ under every offload mode (model, group, per-module), whatever moves the weights.
 
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.utils import USE_PEFT_BACKEND
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .loading import list_keys, raise_problems
 from .lora import Ideogram4LoraLoaderMixin, base_layer, check_adapter_weights
-from .lora_formats import BRANCH_PREFIXES, parse_lora_state_dict, split_prefix
-from .lora_trainers import is_lycoris, load_lycoris_components, parse_lycoris_state_dict
+from .lora_formats import BRANCH_PREFIXES, split_prefix
+from .lora_trainers import parse_adapter_state_dict
 from .transformer_ideogram4 import Ideogram4RMSNorm
 
 
 BRANCHES = ("conditional", "unconditional", "both")
+# The component that computes each pass when the pipeline has both transformers.
+BRANCH_COMPONENTS = {"conditional": "transformer", "unconditional": "unconditional_transformer"}
 DEFAULT_UNCONDITIONAL_ADAPTER = "unconditional"
 # Full-precision differences of non-Linear weights in a LoRA file (ComfyUI's names), and what each one patches.
 DIFF_SUFFIXES = {".diff": "weight", ".diff_b": "bias"}
@@ -79,6 +80,11 @@ class AdapterSwitch:
     def disabled(self) -> bool:
         """Whether `disable_lora()` turned the adapters off."""
         return any(layer.disable_adapters for layer in self.layers())
+
+    def running(self) -> list[str]:
+        """The adapters the layers run now (none after `disable_lora()`)."""
+        layers = self.layers()
+        return [] if not layers or self.disabled() else list(layers[0].active_adapters)
 
     def merged(self) -> bool:
         return any(layer.merged for layer in self.layers())
@@ -125,9 +131,7 @@ class AdapterSwitch:
 # Differences of non-Linear weights, applied in the unconditional pass
 
 
-def split_weight_diffs(
-    state_dict: dict[str, torch.Tensor],
-) -> tuple[dict, dict[str, dict[str, tuple[str, torch.Tensor]]]]:
+def split_weight_diffs(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict]]:
     """-> (the LoRA keys, {prefixed module: {"weight" | "bias": (key, tensor)}} of the `.diff` / `.diff_b` keys)."""
     lora, diffs = {}, defaultdict(dict)
     for key, tensor in state_dict.items():
@@ -300,11 +304,11 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         """The model that computes `branch`'s velocity ("conditional" or "unconditional"), set up for that pass: in
         single-transformer mode `transformer` with the pass's adapters (and, for the unconditional pass, the weight
         differences and no runtime LoRA scale); otherwise `transformer` or `unconditional_transformer` as they are."""
-        if branch not in ("conditional", "unconditional"):
+        if branch not in BRANCH_COMPONENTS:
             raise ValueError(f"`branch={branch!r}`: a pass is 'conditional' or 'unconditional'.")
         state = self._unconditional_branch()
         if state is None:
-            yield self.transformer if branch == "conditional" else self.unconditional_transformer
+            yield getattr(self, BRANCH_COMPONENTS[branch])
             return
         if branch == "conditional":
             with state.switch.without(state.adapter):
@@ -314,12 +318,8 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         attention_kwargs = getattr(self, "_attention_kwargs", None)
         self._attention_kwargs = None  # `{"scale": s}` is for the conditional pass
         try:
-            with state.switch.activated(names):
-                if state.diffs is None:
-                    yield self.transformer
-                else:
-                    with state.diffs.applied():
-                        yield self.transformer
+            with state.switch.activated(names), state.diffs.applied() if state.diffs is not None else nullcontext():
+                yield self.transformer
         finally:
             self._attention_kwargs = attention_kwargs
 
@@ -356,8 +356,6 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         out of the unconditional pass unless `set_adapters(..., branch="both" | "unconditional")` puts them there.
         Every problem raises a ValueError before the model is touched.
         """
-        if not USE_PEFT_BACKEND:
-            raise ValueError("LoRA loading needs the PEFT backend: `pip install peft`.")
         if getattr(self, "transformer", None) is None:
             raise ValueError("This pipeline has no `transformer` to load the unconditional LoRA into.")
         if getattr(self, "unconditional_transformer", None) is not None:
@@ -391,9 +389,7 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             pretrained_model_name_or_path_or_dict, weight_name=weight_name, **kwargs
         )
         lora_keys, prefixed_diffs = split_weight_diffs(state_dict)
-        _check_unconditional_prefixes(
-            [*lora_keys, *(k for parts in prefixed_diffs.values() for k, _ in parts.values())]
-        )
+        _check_unconditional_prefixes(state_dict)
         if not lora_keys:
             raise ValueError(
                 "The unconditional LoRA holds no LoRA factors (only weight differences); nothing was loaded."
@@ -402,27 +398,16 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             self.transformer, {split_prefix(name)[1]: parts for name, parts in prefixed_diffs.items()}
         )
         target = "unconditional_transformer"
-        lycoris = is_lycoris(lora_keys)
-        if lycoris:
-            parsed = parse_lycoris_state_dict(lora_keys, target)
-        else:
-            parsed = parse_lora_state_dict(lora_keys, metadata, target)
-        components = {"transformer": parsed[target]}  # the unconditional branch, loaded into the one transformer
-
+        # the unconditional branch, loaded into the one transformer
+        components = {"transformer": parse_adapter_state_dict(lora_keys, metadata, target)[target]}
         with switch.preserved() as before:  # the conditional pass keeps the adapters it had
             common = list(before[0].active_adapters) if before else []
-            if lycoris:
-                load_lycoris_components(self, components, adapter_name, False, low_cpu_mem_usage)
-            else:
-                self._load_parsed_lora(components, adapter_name, False, low_cpu_mem_usage)
+            self._load_parsed_lora(components, adapter_name, False, low_cpu_mem_usage)
         for layer in switch.layers():  # layers that PEFT wrapped for this adapter alone
             if adapter_name in layer.active_adapters:
                 layer._active_adapter = [a for a in common if a != adapter_name]
-        try:
-            weight_diffs = WeightDiffs(self.transformer, diffs) if diffs else None
-        except Exception:
-            self.transformer.delete_adapters(adapter_name)
-            raise
+        # check_weight_diffs found every module: registering the hooks cannot fail
+        weight_diffs = WeightDiffs(self.transformer, diffs) if diffs else None
         state = UnconditionalBranch(adapter_name, switch, weight_diffs, [adapter_name])
         setattr(self.transformer, _STATE_ATTRIBUTE, state)
 
@@ -498,7 +483,7 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
             if branch in (None, "both"):
                 super().set_adapters(names, adapter_weights)
                 return
-            component = "transformer" if branch == "conditional" else "unconditional_transformer"
+            component = BRANCH_COMPONENTS[branch]
             model = getattr(self, component, None)
             if model is None:
                 raise ValueError(
@@ -527,34 +512,24 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
                 f"`adapter_names` names the unconditional LoRA {state.adapter!r}, which runs in the unconditional pass "
                 f"only; set its weight with `set_adapters([{state.adapter!r}, ...], weights, branch='unconditional')`."
             )
-        if branch == "unconditional":
-            with state.switch.preserved():  # only the weights change; the conditional pass keeps its adapters
-                super().set_adapters(names, adapter_weights)
-            state.unconditional_pass = names
-            return
-        super().set_adapters(names, adapter_weights)
-        if branch == "both":
-            state.unconditional_pass = [state.adapter, *names]
+        # For the unconditional pass only the weights change: the conditional pass keeps its adapters.
+        with state.switch.preserved() if branch == "unconditional" else nullcontext():
+            super().set_adapters(names, adapter_weights)
+        if branch != "conditional":
+            state.unconditional_pass = names if branch == "unconditional" else [state.adapter, *names]
 
     def get_branch_adapters(self) -> dict[str, list[str]]:
         """The adapters each pass runs: `{"conditional": [...], "unconditional": [...]}` (none after `disable_lora()`,
         but the unconditional adapter, which is the unconditional branch itself)."""
         state = self._unconditional_branch()
         if state is None:
-            result = {}
-            for branch, component in (("conditional", "transformer"), ("unconditional", "unconditional_transformer")):
-                model = getattr(self, component, None)
-                switch = AdapterSwitch(model) if model is not None else None
-                layers = switch.layers() if switch is not None else []
-                result[branch] = [] if not layers or switch.disabled() else list(layers[0].active_adapters)
-            return result
-        layers = state.switch.layers()
-        disabled = state.switch.disabled()
-        active = layers[0].active_adapters if layers else []
-        conditional = [] if disabled else [a for a in active if a != state.adapter]
+            models = {branch: getattr(self, component, None) for branch, component in BRANCH_COMPONENTS.items()}
+            return {
+                branch: [] if model is None else AdapterSwitch(model).running() for branch, model in models.items()
+            }
         return {
-            "conditional": conditional,
-            "unconditional": [state.adapter] if disabled else list(state.unconditional_pass),
+            "conditional": [a for a in state.switch.running() if a != state.adapter],
+            "unconditional": [state.adapter] if state.switch.disabled() else list(state.unconditional_pass),
         }
 
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, **kwargs) -> None:
