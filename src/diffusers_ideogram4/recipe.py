@@ -113,9 +113,6 @@ class LoraSpec:
             raise ValueError(f"{option} {path!r}: LoRA weights are read from .safetensors files only.")
         return cls(os.path.abspath(path), float(scale), file_sha256(path))
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
-
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -140,9 +137,6 @@ class HeadSpec:
         if os.path.isdir(head):
             return cls(os.path.abspath(head))
         return cls(head, resolve_revision(head, None, "config.json"))
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "revision": self.revision}
 
     def load(self, torch_dtype):
         """The head, strictly loaded (a hub head at the recorded commit)."""
@@ -214,9 +208,9 @@ class ModelSpec:
             "revision": self.revision,
             "dtype": self.dtype,
             "seed": self.seed,
-            "loras": [lora.to_dict() for lora in self.loras],
+            "loras": [asdict(lora) for lora in self.loras],
             # Only when set, so that the recipes of two-transformer images stay what they were.
-            **({"unconditional_lora": self.unconditional_lora.to_dict()} if self.unconditional_lora else {}),
+            **({"unconditional_lora": asdict(self.unconditional_lora)} if self.unconditional_lora else {}),
         }
 
     @classmethod
@@ -380,7 +374,7 @@ def expansion_record(idea: str, head: HeadSpec, temperature: float, limits=None)
 
     return {
         "idea": idea,
-        "head": head.to_dict(),
+        "head": asdict(head),
         "instruction": INSTRUCTION_VERSION,
         "temperature": float(temperature),
         "limits": asdict(limits or CaptionLimits()),
@@ -404,14 +398,7 @@ def recipe_differences(found: dict, wanted: dict) -> list[str]:
 
 def pipeline_arguments(recipe: dict) -> dict:
     """The pipeline call's keyword arguments shared by every image of the recipe's size and schedule."""
-    return {
-        "height": recipe["height"],
-        "width": recipe["width"],
-        "num_inference_steps": recipe["num_inference_steps"],
-        "guidance_schedule": recipe["guidance_schedule"],
-        "mu": recipe["mu"],
-        "std": recipe["std"],
-    }
+    return {key: recipe[key] for key in ("height", "width", "num_inference_steps", "guidance_schedule", "mu", "std")}
 
 
 def seeded_generator(seed: int):
@@ -419,6 +406,13 @@ def seeded_generator(seed: int):
     import torch
 
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def expand_idea(pipe, idea: str, seed: int, height: int, width: int, expansion: dict) -> str:
+    """The caption of an idea's image: `expand_prompt` (with `expansion`, its options) seeded by a generator of its
+    own in the state the image's noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so
+    that the image equals the one made from the caption with the same seed."""
+    return pipe.expand_prompt(idea, height=height, width=width, generator=seeded_generator(seed), **expansion)
 
 
 def reproduce_image(recipe: dict, device, offload: bool = False):
