@@ -33,7 +33,6 @@ import contextlib
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+from tqdm.auto import tqdm
 
 from .captions import CaptionWarning, check_caption
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
@@ -55,6 +55,7 @@ from .recipe import (
     ModelSpec,
     RecipeError,
     build_recipe,
+    expand_idea,
     expansion_record,
     pipeline_arguments,
     read_recipe,
@@ -65,7 +66,7 @@ from .recipe import (
     write_png,
 )
 from .sampler import PRESETS
-from .validation import check_image_size, require_positive_int
+from .validation import check_image_size, finite_float, require_positive_int
 
 
 JOB_FIELDS = (
@@ -146,9 +147,6 @@ class JobFileError(ValueError):
             "\n".join([header, *(f"  {problem}" for problem in self.problems), *([hint] if hint else [])])
         )
 
-    def __reduce__(self):
-        return type(self), (self.problems, self.source, self.hint)
-
 
 @dataclass
 class JobList:
@@ -191,17 +189,6 @@ def _show(value) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite_number(value) -> float | None:
-    """A JSON number as a finite float; None for bools, strings, NaN and ints beyond the float range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _refuse_constant(name: str):
@@ -252,22 +239,19 @@ class _LineChecker:
 
     def prompt(self) -> dict:
         """`{"caption": text}` or `{"idea": text}` when the line's prompt is valid, else {}."""
-        has_caption, has_idea = "caption" in self.job, "idea" in self.job
-        if has_caption and has_idea:
+        given = [name for name in ("caption", "idea") if name in self.job]
+        if len(given) == 2:
             self.problem("idea", "give `caption` (a structured caption) or `idea` (plain text to expand), not both")
-            return {}
-        if has_idea:
-            idea = self.idea()
-            return {} if idea is None else {"idea": idea}
-        if not has_caption:
+        elif not given:
             self.problem(
                 "caption",
                 "missing; every job needs a `caption` (a caption object or its JSON text) or an `idea` (plain text "
                 "to expand into one)",
             )
-            return {}
-        caption = self.caption()
-        return {} if caption is None else {"caption": caption}
+        else:
+            text = self.caption() if given == ["caption"] else self.idea()
+            return {} if text is None else {given[0]: text}
+        return {}
 
     def is_text(self, name: str, text: str) -> bool:
         """False (and a problem) when `text` holds half of a surrogate pair, which JSON can escape but is no text."""
@@ -309,31 +293,26 @@ class _LineChecker:
         return text
 
     def seeds(self) -> tuple[int, ...]:
-        given = [name for name in ("seed", "seeds", "num_images") if name in self.job]
-        if "seeds" in self.job and len(given) > 1:
-            other = next(name for name in given if name != "seeds")
+        if "seeds" not in self.job:
+            first = self.integer("seed", DEFAULT_SEED, 0, MAX_SEED, "the initial noise's seed")
+            count = self.integer("num_images", 1, 1, MAX_IMAGES_PER_JOB, "images made with seed, seed + 1, ...")
+            if first + count - 1 > MAX_SEED:
+                self.problem("num_images", f"{count} images from seed {first} pass the largest seed, {MAX_SEED}")
+                return ()
+            return tuple(range(first, first + count))
+        seeds = self.job["seeds"]
+        other = next((name for name in ("seed", "num_images") if name in self.job), None)
+        if other is not None:
             self.problem(other, f"give `seeds` (a list) or `{other}`, not both")
-            return ()
-        if "seeds" in self.job:
-            seeds = self.job["seeds"]
-            if not isinstance(seeds, list) or not seeds or len(seeds) > MAX_IMAGES_PER_JOB:
-                self.problem("seeds", f"must be a list of 1 to {MAX_IMAGES_PER_JOB} ints, got {_show(seeds)}")
-                return ()
-            bad = [seed for seed in seeds if not _is_int(seed) or not 0 <= seed <= MAX_SEED]
-            if bad:
-                self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
-                return ()
-            repeated = sorted(seed for seed, count in Counter(seeds).items() if count > 1)
-            if repeated:
-                self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
-                return ()
+        elif not isinstance(seeds, list) or not seeds or len(seeds) > MAX_IMAGES_PER_JOB:
+            self.problem("seeds", f"must be a list of 1 to {MAX_IMAGES_PER_JOB} ints, got {_show(seeds)}")
+        elif bad := [seed for seed in seeds if not _is_int(seed) or not 0 <= seed <= MAX_SEED]:
+            self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
+        elif repeated := sorted(seed for seed, count in Counter(seeds).items() if count > 1):
+            self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
+        else:
             return tuple(seeds)
-        first = self.integer("seed", DEFAULT_SEED, 0, MAX_SEED, "the initial noise's seed")
-        count = self.integer("num_images", 1, 1, MAX_IMAGES_PER_JOB, "images made with seed, seed + 1, ...")
-        if first + count - 1 > MAX_SEED:
-            self.problem("num_images", f"{count} images from seed {first} pass the largest seed, {MAX_SEED}")
-            return ()
-        return tuple(range(first, first + count))
+        return ()
 
     def size(self, name: str) -> int:
         value = self.job.get(name, DEFAULT_IMAGE_SIDE)
@@ -353,8 +332,9 @@ class _LineChecker:
         steps = self.integer("steps", None, 1, MAX_STEPS, "denoising steps")
         guidance = None
         if "guidance_scale" in self.job:
-            guidance = _finite_number(self.job["guidance_scale"])
-            if guidance is None:
+            try:
+                guidance = finite_float("guidance_scale", self.job["guidance_scale"])
+            except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
                 self.problem("guidance_scale", f"must be a finite number, got {_show(self.job['guidance_scale'])}")
         return preset, steps, guidance
 
@@ -368,7 +348,7 @@ class _LineChecker:
                 f"must be 1 to 100 letters, digits, `_`, `-` or `.`, not starting with `.` or `-`, got {_show(name)} "
                 "(it names the files `{name}-{seed}.png`)",
             )
-        return name if isinstance(name, str) else ""
+        return name
 
 
 def check_job(line: int, job) -> tuple[Job | None, list[JobProblem], list[JobProblem]]:
@@ -418,12 +398,9 @@ def _job_objects(source) -> tuple[str, list[tuple[int, object, list[JobProblem]]
                 continue
             try:
                 parsed, repeated = _parse_object(line)
-            except json.JSONDecodeError as error:
-                found = JobProblem(number, "", f"not valid JSON ({error.msg} at column {error.colno})")
-                entries.append((number, None, [found]))
-                continue
-            except (ValueError, RecursionError) as error:  # NaN / Infinity, or nesting too deep to parse
-                entries.append((number, None, [JobProblem(number, "", f"not valid JSON ({error})")]))
+            except (ValueError, RecursionError) as error:  # also NaN / Infinity, or nesting too deep to parse
+                reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+                entries.append((number, None, [JobProblem(number, "", f"not valid JSON ({reason})")]))
                 continue
             problems = [JobProblem(number, key, "given twice in one object; keep one") for key in repeated]
             entries.append((number, parsed, problems))
@@ -442,35 +419,25 @@ def read_jobs(source) -> JobList:
     `.problems`, with their line numbers.
     """
     name, entries = _job_objects(source)
-    jobs, problems, notes = [], [], []
-    for number, parsed, line_problems in entries:
-        job = None
-        if parsed is not None or not line_problems:
-            job, found, line_notes = check_job(number, parsed)
-            line_problems = line_problems + found
-            notes += line_notes
-        if line_problems:
-            problems += line_problems
+    job_list = JobList(name, [])
+    makers: dict[str, int] = {}  # file -> the line that makes it: two jobs may not make the same file
+    for number, parsed, problems in entries:
+        if parsed is not None or not problems:  # a line that is not JSON has nothing more to check
+            job, found, notes = check_job(number, parsed)
+            problems, job_list.notes = problems + found, job_list.notes + notes
+        clash = (
+            None
+            if problems
+            else next((job.file_name(seed) for seed in job.seeds if job.file_name(seed) in makers), None)
+        )
+        if clash is not None:
+            message = f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed"
+            problems = [JobProblem(number, "name", message)]
+        if problems:
+            job_list.problems += problems
         else:
-            jobs.append(job)
-    job_list = JobList(name, [], problems, notes)
-    # Two jobs may not make the same file.
-    makers: dict[str, int] = {}
-    clashes = []
-    for job in jobs:
-        clash = next((job.file_name(seed) for seed in job.seeds if job.file_name(seed) in makers), None)
-        if clash is None:
             job_list.jobs.append(job)
-            makers.update((job.file_name(seed), job.line) for seed in job.seeds)
-        else:
-            clashes.append(
-                JobProblem(
-                    job.line,
-                    "name",
-                    f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed",
-                )
-            )
-    job_list.reject(clashes)
+            makers.update((job.file_name(seed), number) for seed in job.seeds)
     return job_list
 
 
@@ -483,14 +450,10 @@ def check_token_limits(job_list: JobList, tokenizer) -> None:
         job.line: len(tokenize_prompt(tokenizer, job.caption)) for job in job_list.jobs if job.caption is not None
     }
     job_list.token_counts = counts
+    over = f"over the limit of {MAX_TEXT_TOKENS} (chat template included); shorten it, it is never truncated"
     job_list.reject(
         [
-            JobProblem(
-                line,
-                "caption",
-                f"has {count} tokens, over the limit of {MAX_TEXT_TOKENS} (chat template included); shorten it, it "
-                "is never truncated",
-            )
+            JobProblem(line, "caption", f"has {count} tokens, {over}")
             for line, count in counts.items()
             if count > MAX_TEXT_TOKENS
         ]
@@ -526,15 +489,13 @@ def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> 
         raise ValueError(
             f"`expansion_kwargs` applies to jobs with an `idea`, and {job_list.source} has none; drop it."
         )
-    unknown = sorted(set(expansion_kwargs) - set(EXPANSION_OPTIONS)) if isinstance(expansion_kwargs, dict) else None
-    if unknown is None or unknown:
+    if not isinstance(expansion_kwargs, dict) or set(expansion_kwargs) - set(EXPANSION_OPTIONS):
         raise ValueError(
             f"`expansion_kwargs` must be a dict with keys among {list(EXPANSION_OPTIONS)} (the options of "
             f"`expand_prompt`), got {expansion_kwargs!r}."
         )
     options = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None, **expansion_kwargs}
-    temperature, max_new_tokens, limits = options["temperature"], options["max_new_tokens"], options["limits"]
-    check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, temperature, max_new_tokens, limits)
+    check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, **options)
     return options
 
 
@@ -867,19 +828,6 @@ def _record(task: ImageTask, status: str, caption: str | None = None, **fields) 
     return {**record, **fields, **({} if caption is None else {"caption": caption})}
 
 
-def expand_idea(pipe, task: ImageTask, expansion: dict) -> str:
-    """The caption of an idea's image: `expand_prompt` seeded by a generator of its own in the state the image's
-    noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so that the image equals the one
-    made from the caption with the same seed."""
-    return pipe.expand_prompt(
-        task.job.idea,
-        height=task.job.height,
-        width=task.job.width,
-        generator=seeded_generator(task.seed),
-        **expansion,
-    )
-
-
 def run_batch(
     pipe, batch: list[ImageTask], out_dir: Path, rank: int, replaced: dict[int, str], expansion: dict | None = None
 ) -> list[dict]:
@@ -889,7 +837,10 @@ def run_batch(
     recipes = [task.recipe for task in batch]
     try:
         if batch[0].job.idea is not None:
-            recipes = [{**batch[0].recipe, "caption": expand_idea(pipe, batch[0], expansion)}]
+            job, seed = batch[0].job, batch[0].seed
+            recipes = [
+                {**batch[0].recipe, "caption": expand_idea(pipe, job.idea, seed, job.height, job.width, expansion)}
+            ]
         images = pipe(
             [recipe["caption"] for recipe in recipes],
             generator=[seeded_generator(task.seed) for task in batch],
@@ -910,10 +861,6 @@ def run_batch(
             record["replaced"] = replaced[task.index]
         records.append(record)
     return records
-
-
-def _run_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{secrets.token_hex(3)}"
 
 
 def generate_batch(
@@ -974,7 +921,8 @@ def generate_batch(
         if state.is_main_process:
             try:
                 stack.enter_context(RunLock(out_dir))
-                manifest = stack.enter_context(contextlib.closing(Manifest(out_dir / MANIFEST_NAME, _run_id())))
+                run = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{secrets.token_hex(3)}"
+                manifest = stack.enter_context(contextlib.closing(Manifest(out_dir / MANIFEST_NAME, run)))
                 plan = [*_start(job_list, tasks, out_dir, force, manifest), None]
             except (ValueError, OSError) as error:
                 plan = [None, None, f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)]
@@ -1029,7 +977,14 @@ def _generate(
         mine = list(mine)
     rounds = -(-len(batches) // state.num_processes)  # process 0 gets the most batches
     restore = _quiet_pipeline(pipe)
-    bar = _progress_bar(len(tasks), skipped, enabled=progress and main)
+    bar = tqdm(
+        total=len(tasks),
+        initial=skipped,
+        desc="images",
+        unit="img",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     busy, records = 0.0, []
     try:
@@ -1082,12 +1037,6 @@ def _quiet_pipeline(pipe):
         pipe.vae.use_slicing = saved_slicing
 
     return restore
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="images", unit="img", disable=not enabled, dynamic_ncols=True)
 
 
 __all__ = [
