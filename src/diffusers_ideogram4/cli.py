@@ -4,6 +4,7 @@ an image from the recipe it carries, and the `caption` tools."""
 import argparse
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
@@ -11,7 +12,7 @@ from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
-from .recipe import DTYPES, TINY_RANDOM
+from .recipe import DTYPES, TINY_RANDOM, ModelSpec
 from .sampler import PRESETS
 
 
@@ -38,8 +39,6 @@ def read_caption(value: str) -> str:
     return read_text(value).rstrip("\n")
 
 
-# The options of `add_expansion_options`, as argparse names them.
-EXPANSION_ARGUMENTS = ("temperature", "max_elements", "max_chars")
 # torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -162,19 +161,18 @@ def add_sampling_options(parser) -> None:
     parser.add_argument("--caption-check", choices=CAPTION_CHECK_MODES, default="error")
 
 
-def checked_caption(args, caption: str) -> str:
+def checked_caption(args, caption: str) -> None:
     """The caption checked as `--caption-check` says, with the command line's opt-out hint on an error."""
     try:
         check_prompts([caption], mode=args.caption_check)
     except CaptionError as error:
         raise CaptionError(error.issues, error.num_prompts, CLI_OPT_OUT_HINT) from None
-    return caption
 
 
 def run_generate(args) -> int:
-
     from .recipe import (
         build_recipe,
+        expand_idea,
         expansion_record,
         pipeline_arguments,
         resolve_sampling,
@@ -201,9 +199,7 @@ def run_generate(args) -> int:
     sampling = resolve_sampling(pipe, args.preset, args.steps, args.guidance_scale)
     record = None
     if args.idea:  # seeded as `pipe(idea, prompt_upsampling=True)` seeds it: the image is that of the caption
-        caption = pipe.expand_prompt(
-            idea, height=args.height, width=args.width, generator=seeded_generator(args.seed), **expansion
-        )
+        caption = expand_idea(pipe, idea, args.seed, args.height, args.width, expansion)
         record = expansion_record(idea, model.head, expansion["temperature"], expansion["limits"])
     recipe = build_recipe(
         caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type, record
@@ -291,7 +287,7 @@ def run_edit(args) -> int:
         strength = DEFAULT_INPAINT_STRENGTH if inpainting else DEFAULT_IMG2IMG_STRENGTH
     shape = {"strength": strength, "height": args.height, "width": args.width, "resize_mode": args.resize}
     region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
-    check_edit_inputs(image, mask, **shape, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop)
+    check_edit_inputs(image, **region, **shape)
     check_generate_arguments(args)
     device = resolve_device(args.device)
     checked_caption(args, caption)
@@ -351,17 +347,9 @@ def add_model_options(parser, tiny_seed: str) -> None:
     add_device_options(parser)
 
 
-def model_spec(args, tiny_seed: int, head: str | None = None):
-    from .recipe import ModelSpec
-
+def model_spec(args, tiny_seed: int, head: str | None = None) -> ModelSpec:
     return ModelSpec.from_options(
-        args.model,
-        args.revision,
-        args.dtype,
-        args.lora,
-        tiny_seed=tiny_seed,
-        unconditional_lora=args.unconditional_lora,
-        head=head,
+        args.model, args.revision, args.dtype, args.lora, tiny_seed, args.unconditional_lora, head
     )
 
 
@@ -383,17 +371,21 @@ def add_idea_options(parser, when: str) -> None:
 
 
 def idea_options(args, needed: bool, unused: str) -> dict:
-    """`--temperature`, `--max-elements`, `--max-chars` as `expand_prompt` keywords (its defaults filled in);
-    refused, like `--head`, when nothing is expanded (`unused` says why)."""
+    """`--temperature`, `--max-elements`, `--max-chars` (every `*_chars` limit) as `expand_prompt` keywords (its
+    defaults filled in; `limits` None when neither is given); refused, like `--head`, when nothing is expanded
+    (`unused` says why)."""
+    from .captions.grammar import CaptionLimits
     from .prompt_expansion import DEFAULT_TEMPERATURE
 
-    given = [
-        f"--{name.replace('_', '-')}" for name in ("head", *EXPANSION_ARGUMENTS) if getattr(args, name) is not None
-    ]
+    options = ("head", "temperature", "max_elements", "max_chars")  # `--head` and `add_expansion_options`'
+    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) is not None]
     if given and not needed:
         raise ValueError(f"{' and '.join(given)}: {unused}; drop {'it' if len(given) == 1 else 'them'}.")
+    limits = {} if args.max_elements is None else {"max_elements": args.max_elements}
+    if args.max_chars is not None:
+        limits |= {field.name: args.max_chars for field in fields(CaptionLimits) if field.name.endswith("_chars")}
     temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    return {"temperature": temperature, "limits": expansion_limits(args)}
+    return {"temperature": temperature, "limits": CaptionLimits(**limits) if limits else None}
 
 
 def head_argument(args) -> str:
@@ -429,7 +421,7 @@ def check_idea(idea: str, args, expansion: dict) -> None:
         raise ValueError(
             f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
         )
-    check_expansion_arguments(idea, args.height, args.width, None, expansion["temperature"], None, expansion["limits"])
+    check_expansion_arguments(idea, args.height, args.width, None, max_new_tokens=None, **expansion)
     require_expansion("--idea")
 
 
@@ -570,41 +562,19 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def expansion_limits(args):
-    """`--max-elements` and `--max-chars` as `CaptionLimits` (None when neither is given)."""
-    from .captions.grammar import CaptionLimits
-
-    if args.max_elements is None and args.max_chars is None:
-        return None
-    changes = {} if args.max_elements is None else {"max_elements": args.max_elements}
-    if args.max_chars is not None:
-        changes.update(
-            dict.fromkeys(("description_chars", "style_chars", "element_chars", "text_chars"), args.max_chars)
-        )
-    return CaptionLimits(**changes)
-
-
 def run_caption_expand(args) -> int:
     """`ideogram4 caption expand IDEA`: load only what decoding needs (text encoder, tokenizer, LM head)."""
     import torch
 
-    from .captions.grammar import require_llguidance
-    from .prompt_expansion import (
-        DEFAULT_TEMPERATURE,
-        HEAD_REPO,
-        Ideogram4PromptEnhancerHead,
-        check_expansion_arguments,
-    )
-    from .recipe import seeded_generator
+    from .prompt_expansion import Ideogram4PromptEnhancerHead, check_expansion_arguments
+    from .recipe import expand_idea
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
-    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    limits = expansion_limits(args)
-    check_expansion_arguments(idea, args.height, args.width, None, temperature, args.max_new_tokens, limits)
-    require_llguidance()
-    if args.model == TINY_RANDOM and args.head is not None:
-        raise ValueError("--head does nothing with --model tiny-random (it builds its own random head); drop it.")
+    expansion = {**idea_options(args, needed=True, unused=""), "max_new_tokens": args.max_new_tokens}
+    check_expansion_arguments(idea, args.height, args.width, None, **expansion)
+    require_expansion("caption expand")
+    head = head_argument(args)
     device = resolve_device(args.device)
     if args.output is not None:
         check_output_path(args.output, example=None)
@@ -619,28 +589,19 @@ def run_caption_expand(args) -> int:
         from .pipeline_ideogram4 import Ideogram4Pipeline
 
         dtype = getattr(torch, DTYPES[args.dtype])
-        head = Ideogram4PromptEnhancerHead.from_pretrained(args.head or HEAD_REPO, dtype=dtype)
         pipe = Ideogram4Pipeline.from_pretrained(
             args.model or DEFAULT_MODEL,
             dtype=dtype,
             transformer=None,
             unconditional_transformer=None,
             vae=None,
-            prompt_enhancer_head=head,
+            prompt_enhancer_head=Ideogram4PromptEnhancerHead.from_pretrained(head, dtype=dtype),
         )
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    caption = pipe.expand_prompt(
-        idea,
-        height=args.height,
-        width=args.width,
-        generator=seeded_generator(args.seed),
-        temperature=temperature,
-        max_new_tokens=args.max_new_tokens,
-        limits=limits,
-    )
+    caption = expand_idea(pipe, idea, args.seed, args.height, args.width, expansion)
     if args.output is None:
         print(caption)
     else:
