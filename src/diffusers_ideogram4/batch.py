@@ -425,19 +425,16 @@ def read_jobs(source) -> JobList:
         if parsed is not None or not problems:  # a line that is not JSON has nothing more to check
             job, found, notes = check_job(number, parsed)
             problems, job_list.notes = problems + found, job_list.notes + notes
-        clash = (
-            None
-            if problems
-            else next((job.file_name(seed) for seed in job.seeds if job.file_name(seed) in makers), None)
-        )
-        if clash is not None:
+        if not problems:
+            files = [job.file_name(seed) for seed in job.seeds]
+            clash = next((file for file in files if file in makers), None)
+            if clash is None:
+                job_list.jobs.append(job)
+                makers.update(dict.fromkeys(files, number))
+                continue
             message = f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed"
             problems = [JobProblem(number, "name", message)]
-        if problems:
-            job_list.problems += problems
-        else:
-            job_list.jobs.append(job)
-            makers.update((job.file_name(seed), number) for seed in job.seeds)
+        job_list.problems += problems
     return job_list
 
 
@@ -460,27 +457,11 @@ def check_token_limits(job_list: JobList, tokenizer) -> None:
     )
 
 
-def check_expansion_available(job_list: JobList) -> None:
-    """Jobs with an `idea` need llguidance (the `expand` extra): refused before any model is loaded when it is
-    missing, naming the lines."""
-    from .captions.grammar import require_llguidance
-
-    lines = job_list.idea_lines
-    if not lines:
-        return
-    try:
-        require_llguidance()
-    except ImportError as error:
-        one = len(lines) == 1
-        raise ValueError(
-            f"{job_list.source}: {_line_list(lines)} {'has' if one else 'have'} an `idea` to expand into a caption. "
-            f"{error} (or give {'that line' if one else 'those lines'} a `caption` instead)"
-        ) from None
-
-
 def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> dict:
     """`generate_batch`'s `expansion_kwargs` (keys among `temperature`, `max_new_tokens`, `limits`, as the
-    pipeline's `prompt_upsampling_kwargs`) checked, with the defaults filled in; refused when no job has an idea."""
+    pipeline's `prompt_upsampling_kwargs`) checked, with the defaults filled in; refused when no job has an idea.
+    Jobs with an `idea` also need llguidance (the `expand` extra): refused when it is missing, naming the lines."""
+    from .captions.grammar import require_llguidance
     from .prompt_expansion import DEFAULT_TEMPERATURE, EXPANSION_OPTIONS, check_expansion_arguments
 
     if expansion_kwargs is None:
@@ -496,6 +477,16 @@ def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> 
         )
     options = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None, **expansion_kwargs}
     check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, **options)
+    lines = job_list.idea_lines
+    try:
+        if lines:
+            require_llguidance()
+    except ImportError as error:
+        one = len(lines) == 1
+        raise ValueError(
+            f"{job_list.source}: {_line_list(lines)} {'has' if one else 'have'} an `idea` to expand into a caption. "
+            f"{error} (or give {'that line' if one else 'those lines'} a `caption` instead)"
+        ) from None
     return options
 
 
@@ -904,7 +895,6 @@ def generate_batch(
     out_dir = check_out_dir(out_dir)
     job_list = jobs if isinstance(jobs, JobList) else read_jobs(jobs)
     expansion = check_expansion_kwargs(job_list, expansion_kwargs)
-    check_expansion_available(job_list)
     model = _model_of(pipe, model, ideas=bool(job_list.idea_lines))
     if job_list.token_counts is None:
         check_token_limits(job_list, pipe.tokenizer)
@@ -977,14 +967,8 @@ def _generate(
         mine = list(mine)
     rounds = -(-len(batches) // state.num_processes)  # process 0 gets the most batches
     restore = _quiet_pipeline(pipe)
-    bar = tqdm(
-        total=len(tasks),
-        initial=skipped,
-        desc="images",
-        unit="img",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
+    quiet = not (progress and main)  # one bar, process 0's
+    bar = tqdm(total=len(tasks), initial=skipped, desc="images", unit="img", disable=quiet, dynamic_ncols=True)
     started = time.perf_counter()
     busy, records = 0.0, []
     try:
@@ -1048,7 +1032,6 @@ __all__ = [
     "JobProblem",
     "MANIFEST_NAME",
     "Manifest",
-    "check_expansion_available",
     "check_expansion_kwargs",
     "check_job",
     "check_out_dir",

@@ -454,7 +454,6 @@ def add_batch_command(subparsers) -> None:
 def run_batch(args) -> int:
     from .batch import (
         CLI_SKIP_HINT,
-        check_expansion_available,
         check_expansion_kwargs,
         check_no_other_run,
         check_out_dir,
@@ -483,7 +482,6 @@ def run_batch(args) -> int:
         ideas = bool(jobs.idea_lines)
         expansion = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
         expansion = check_expansion_kwargs(jobs, expansion if ideas else None)
-        check_expansion_available(jobs)
         model = model_spec(args, tiny_seed=0, head=head_argument(args) if ideas else None)
         check_token_limits(jobs, model.load_tokenizer())  # before the weights
         if jobs.problems and not args.skip_invalid:
@@ -534,6 +532,7 @@ def run_reproduce(args) -> int:
         raise ValueError(f"-o {str(output)!r}: the output is a PNG (it carries the recipe); name it *.png.")
     if output.exists() and output.resolve() == source.resolve():
         raise ValueError(f"-o {str(output)!r} is the image itself; write the reproduction to another file.")
+    check_image_path(output)  # a folder that is missing or read-only, before the model is loaded
     device = resolve_device(args.device)
     threads = recipe["made_with"].get("cpu_threads")
     if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
