@@ -62,7 +62,7 @@ from .recipe import (
     recipe_differences,
     remove_stale_temporaries,
     resolve_sampling,
-    seeded_generator,
+    run_recipes,
     write_png,
 )
 from .sampler import PRESETS
@@ -146,6 +146,9 @@ class JobFileError(ValueError):
         super().__init__(
             "\n".join([header, *(f"  {problem}" for problem in self.problems), *([hint] if hint else [])])
         )
+
+    def __reduce__(self):  # pickled as its arguments (a process pool sends a worker's exception back pickled)
+        return type(self), (self.problems, self.source, self.hint)
 
 
 @dataclass
@@ -753,7 +756,7 @@ def plan_images(
     guidance on a CFG-distilled checkpoint) are moved to the invalid ones."""
     expansion = check_expansion_kwargs(job_list, None) if expansion is None else expansion
     tasks, refused = [], []
-    for job in list(job_list.jobs):
+    for job in job_list.jobs:
         try:
             sampling = resolve_sampling(pipe, job.preset, job.steps, job.guidance_scale)
         except ValueError as error:
@@ -770,9 +773,8 @@ def plan_images(
             else:
                 group = ("idea", len(tasks))  # alone: its caption's token count is known only once expanded
             tasks.append(ImageTask(len(tasks), job, seed, job.file_name(seed), recipe, group))
-    job_list.reject(refused)
-    lines = {job.line for job in job_list.jobs}
-    return [task for task in tasks if task.job.line in lines]
+    job_list.reject(refused)  # a refused job has no tasks
+    return tasks
 
 
 def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[int], dict[int, str], dict[int, str]]:
@@ -829,16 +831,9 @@ def run_batch(
     try:
         if batch[0].job.idea is not None:
             job, seed = batch[0].job, batch[0].seed
-            recipes = [
-                {**batch[0].recipe, "caption": expand_idea(pipe, job.idea, seed, job.height, job.width, expansion)}
-            ]
-        images = pipe(
-            [recipe["caption"] for recipe in recipes],
-            generator=[seeded_generator(task.seed) for task in batch],
-            caption_check="off",  # checked with the job file, or valid by construction (an expanded idea)
-            **pipeline_arguments(recipes[0]),
-        ).images
-        for task, image, recipe in zip(batch, images, recipes):
+            caption = expand_idea(pipe, job.idea, seed, job.height, job.width, expansion)
+            recipes = [{**batch[0].recipe, "caption": caption}]
+        for task, image, recipe in zip(batch, run_recipes(pipe, recipes), recipes):
             write_png(image, out_dir / task.file, recipe)
     except Exception as error:
         message = f"{type(error).__name__}: {error}"

@@ -12,7 +12,7 @@ from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
-from .recipe import DTYPES, TINY_RANDOM, ModelSpec
+from .recipe import DTYPES, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
 from .sampler import PRESETS
 
 
@@ -24,12 +24,9 @@ CLI_OPT_OUT_HINT = (
 
 def read_caption(value: str) -> str:
     """A caption given as a file path, `-` for stdin, or the JSON text itself (anything starting with `{`)."""
-    if value == STDIN:
-        return read_text(STDIN).rstrip("\n")
     if value.lstrip().startswith("{"):
         return value
-    path = Path(value)
-    if not path.is_file():
+    if value != STDIN and not Path(value).is_file():
         raise ValueError(
             f"caption {value!r} is neither a file nor JSON text: pass a caption file, '-' for stdin, or the JSON "
             "caption itself (starting with '{'). To turn an idea into a caption, run "
@@ -170,15 +167,7 @@ def checked_caption(args, caption: str) -> None:
 
 
 def run_generate(args) -> int:
-    from .recipe import (
-        build_recipe,
-        expand_idea,
-        expansion_record,
-        pipeline_arguments,
-        resolve_sampling,
-        seeded_generator,
-        write_png,
-    )
+    from .recipe import build_recipe, expansion_record, resolve_sampling, run_recipes, write_png
     from .validation import check_image_size
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
@@ -198,18 +187,13 @@ def run_generate(args) -> int:
     model, pipe = load_image_model(args, device, head=head_argument(args) if args.idea else None)
     sampling = resolve_sampling(pipe, args.preset, args.steps, args.guidance_scale)
     record = None
-    if args.idea:  # seeded as `pipe(idea, prompt_upsampling=True)` seeds it: the image is that of the caption
+    if args.idea:
         caption = expand_idea(pipe, idea, args.seed, args.height, args.width, expansion)
         record = expansion_record(idea, model.head, expansion["temperature"], expansion["limits"])
     recipe = build_recipe(
         caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type, record
     )
-    image = pipe(
-        caption,
-        generator=seeded_generator(args.seed),
-        caption_check="off",  # checked above
-        **pipeline_arguments(recipe),
-    ).images[0]
+    image = run_recipes(pipe, [recipe])[0]
     if args.output.lower().endswith(".png"):
         write_png(image, args.output, recipe)  # with its recipe, for `ideogram4 reproduce`; complete or not at all
     else:
@@ -269,7 +253,6 @@ def run_edit(args) -> int:
         Ideogram4InpaintPipeline,
         check_edit_inputs,
     )
-    from .recipe import seeded_generator
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
     caption = read_caption(args.caption)
@@ -480,8 +463,8 @@ def run_batch(args) -> int:
         if jobs.problems and not args.skip_invalid:
             raise jobs.error(CLI_SKIP_HINT)
         ideas = bool(jobs.idea_lines)
-        expansion = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
-        expansion = check_expansion_kwargs(jobs, expansion if ideas else None)
+        options = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
+        expansion = check_expansion_kwargs(jobs, options) if ideas else None
         model = model_spec(args, tiny_seed=0, head=head_argument(args) if ideas else None)
         check_token_limits(jobs, model.load_tokenizer())  # before the weights
         if jobs.problems and not args.skip_invalid:
@@ -497,7 +480,7 @@ def run_batch(args) -> int:
             batch_size=args.batch_size,
             skip_invalid=args.skip_invalid,
             force=args.force,
-            expansion_kwargs=expansion if ideas else None,
+            expansion_kwargs=expansion,
         )
     except ValueError:
         if not state.is_main_process:  # every process finds the same error; one prints it
@@ -566,7 +549,6 @@ def run_caption_expand(args) -> int:
     import torch
 
     from .prompt_expansion import Ideogram4PromptEnhancerHead, check_expansion_arguments
-    from .recipe import expand_idea
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea

@@ -408,6 +408,18 @@ def seeded_generator(seed: int):
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def run_recipes(pipe, recipes: list[dict]) -> list:
+    """The images of `recipes` of one size and schedule, in one pipeline call, each seeded by its own generator. The
+    caption check is off: a recipe's caption was checked before (or made by the caption grammar, or is what made
+    the image it was read from)."""
+    return pipe(
+        [recipe["caption"] for recipe in recipes],
+        generator=[seeded_generator(recipe["seed"]) for recipe in recipes],
+        caption_check="off",
+        **pipeline_arguments(recipes[0]),
+    ).images
+
+
 def expand_idea(pipe, idea: str, seed: int, height: int, width: int, expansion: dict) -> str:
     """The caption of an idea's image: `expand_prompt` (with `expansion`, its options) seeded by a generator of its
     own in the state the image's noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so
@@ -423,13 +435,7 @@ def reproduce_image(recipe: dict, device, offload: bool = False):
     model = ModelSpec.from_dict(recipe["model"])
     model.check_loras_unchanged()
     pipe = model.load_pipeline(device, offload)
-    image = pipe(
-        recipe["caption"],
-        generator=seeded_generator(recipe["seed"]),
-        caption_check="off",  # the recipe's caption is what made the image, checked or not
-        **pipeline_arguments(recipe),
-    ).images[0]
-    return image, {**recipe, PROVENANCE_KEY: made_with(pipe._execution_device.type)}
+    return run_recipes(pipe, [recipe])[0], {**recipe, PROVENANCE_KEY: made_with(pipe._execution_device.type)}
 
 
 def check_recipe(recipe, source: str) -> dict:
