@@ -51,6 +51,7 @@ from .captions import CaptionWarning, check_caption
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
 from .recipe import (
     DTYPES,
+    SEED_RANGE,
     HeadSpec,
     ModelSpec,
     RecipeError,
@@ -86,7 +87,7 @@ MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".ideogram4-batch.lock"
 MAX_RECORD_BYTES = 1 << 20
 DEFAULT_SEED = 0
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_SEED = SEED_RANGE[1]  # a job's seeds are not negative
 MAX_IMAGES_PER_JOB = 10_000
 MAX_STEPS = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")

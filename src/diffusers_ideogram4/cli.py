@@ -12,7 +12,7 @@ from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
-from .recipe import DTYPES, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
+from .recipe import DTYPES, SEED_RANGE, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
 from .sampler import PRESETS
 
 
@@ -34,10 +34,6 @@ def read_caption(value: str) -> str:
         )
     # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
     return read_text(value).rstrip("\n")
-
-
-# torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
-SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def check_generate_arguments(args) -> None:
@@ -570,14 +566,18 @@ def run_caption_expand(args) -> int:
         from .pipeline_ideogram4 import Ideogram4Pipeline
 
         dtype = getattr(torch, DTYPES[args.dtype])
-        pipe = Ideogram4Pipeline.from_pretrained(
-            args.model or DEFAULT_MODEL,
-            dtype=dtype,
-            transformer=None,
-            unconditional_transformer=None,
-            vae=None,
-            prompt_enhancer_head=Ideogram4PromptEnhancerHead.from_pretrained(head, dtype=dtype),
-        )
+        try:  # a repo that does not exist or is not cached offline, a folder without the files: one line
+            pipe = Ideogram4Pipeline.from_pretrained(
+                args.model or DEFAULT_MODEL,
+                dtype=dtype,
+                transformer=None,
+                unconditional_transformer=None,
+                vae=None,
+                prompt_enhancer_head=Ideogram4PromptEnhancerHead.from_pretrained(head, dtype=dtype),
+            )
+        except OSError as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(f"cannot load --model {args.model or DEFAULT_MODEL} or --head {head}: {reason}") from None
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -42,6 +42,8 @@ RECIPE_KEY = "ideogram4-recipe"
 RECIPE_FORMAT = 1
 TINY_RANDOM = "tiny-random"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 DEFAULT_DTYPE = "bf16"
 TINY_DTYPE = "fp32"  # the tiny random model is built in float32
 RECIPE_KEYS = (
@@ -291,7 +293,13 @@ def resolve_revision(model: str, revision: str | None, filename: str = "model_in
     `filename` (`.../snapshots/<commit>/`); works offline from the cache. None when it cannot be told."""
     from huggingface_hub import hf_hub_download
 
-    path = Path(hf_hub_download(model, filename, revision=revision))
+    try:
+        path = Path(hf_hub_download(model, filename, revision=revision))
+    except OSError as error:  # not on the hub, or not cached while offline: one line, not a traceback
+        reason = str(error).splitlines()[0]
+        raise ValueError(
+            f"{model!r}: cannot read its {filename} at revision {revision or 'main'} ({reason})"
+        ) from None
     commit = path.parent.name
     if path.parent.parent.name == "snapshots" and _COMMIT.fullmatch(commit):
         return commit
