@@ -175,8 +175,12 @@ def run_generate(args) -> int:
     check_image_size(args.height, args.width)
     check_generate_arguments(args)
     expansion = idea_options(args, needed=args.idea, unused="without --idea, nothing is expanded")
+    if args.idea and args.caption_check != "error":
+        raise ValueError(
+            f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
+        )
     if args.idea:
-        check_idea(idea, args, expansion)
+        check_idea(idea, args, expansion, "--idea")
     device = resolve_device(args.device)
     if not args.idea:
         checked_caption(args, caption)
@@ -382,26 +386,17 @@ def head_argument(args) -> str:
     return args.head or HEAD_REPO
 
 
-def require_expansion(what: str) -> None:
-    """llguidance, or a ValueError (one line on the command line) saying how to install it."""
+def check_idea(idea: str, args, expansion: dict, what: str) -> None:
+    """The idea and the expansion settings as `expand_prompt` checks them, and llguidance (else a ValueError, one
+    line on the command line, that starts with `what` and says how to install it)."""
     from .captions.grammar import require_llguidance
+    from .prompt_expansion import check_expansion_arguments
 
+    check_expansion_arguments(idea, args.height, args.width, None, **{"max_new_tokens": None, **expansion})
     try:
         require_llguidance()
     except ImportError as error:
         raise ValueError(f"{what}: {error}") from None
-
-
-def check_idea(idea: str, args, expansion: dict) -> None:
-    """`generate --idea`: the idea and the expansion settings as `expand_prompt` checks them, and llguidance."""
-    from .prompt_expansion import check_expansion_arguments
-
-    if args.caption_check != "error":
-        raise ValueError(
-            f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
-        )
-    check_expansion_arguments(idea, args.height, args.width, None, max_new_tokens=None, **expansion)
-    require_expansion("--idea")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -544,13 +539,12 @@ def run_caption_expand(args) -> int:
     """`ideogram4 caption expand IDEA`: load only what decoding needs (text encoder, tokenizer, LM head)."""
     import torch
 
-    from .prompt_expansion import Ideogram4PromptEnhancerHead, check_expansion_arguments
+    from .prompt_expansion import Ideogram4PromptEnhancerHead
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
     expansion = {**idea_options(args, needed=True, unused=""), "max_new_tokens": args.max_new_tokens}
-    check_expansion_arguments(idea, args.height, args.width, None, **expansion)
-    require_expansion("caption expand")
+    check_idea(idea, args, expansion, "caption expand")
     head = head_argument(args)
     device = resolve_device(args.device)
     if args.output is not None:
