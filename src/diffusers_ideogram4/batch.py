@@ -33,7 +33,6 @@ import contextlib
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -46,26 +45,29 @@ from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+from tqdm.auto import tqdm
 
 from .captions import CaptionWarning, check_caption
 from .constants import DEFAULT_IMAGE_SIDE, MAX_TEXT_TOKENS
 from .recipe import (
     DTYPES,
+    SEED_RANGE,
     HeadSpec,
     ModelSpec,
     RecipeError,
     build_recipe,
+    expand_idea,
     expansion_record,
     pipeline_arguments,
     read_recipe,
     recipe_differences,
     remove_stale_temporaries,
     resolve_sampling,
-    seeded_generator,
+    run_recipes,
     write_png,
 )
 from .sampler import PRESETS
-from .validation import check_image_size, require_positive_int
+from .validation import check_image_size, finite_float, require_positive_int
 
 
 JOB_FIELDS = (
@@ -85,7 +87,7 @@ MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".ideogram4-batch.lock"
 MAX_RECORD_BYTES = 1 << 20
 DEFAULT_SEED = 0
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_SEED = SEED_RANGE[1]  # a job's seeds are not negative
 MAX_IMAGES_PER_JOB = 10_000
 MAX_STEPS = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
@@ -146,7 +148,7 @@ class JobFileError(ValueError):
             "\n".join([header, *(f"  {problem}" for problem in self.problems), *([hint] if hint else [])])
         )
 
-    def __reduce__(self):
+    def __reduce__(self):  # pickled as its arguments (a process pool sends a worker's exception back pickled)
         return type(self), (self.problems, self.source, self.hint)
 
 
@@ -191,17 +193,6 @@ def _show(value) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite_number(value) -> float | None:
-    """A JSON number as a finite float; None for bools, strings, NaN and ints beyond the float range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _refuse_constant(name: str):
@@ -252,22 +243,19 @@ class _LineChecker:
 
     def prompt(self) -> dict:
         """`{"caption": text}` or `{"idea": text}` when the line's prompt is valid, else {}."""
-        has_caption, has_idea = "caption" in self.job, "idea" in self.job
-        if has_caption and has_idea:
+        given = [name for name in ("caption", "idea") if name in self.job]
+        if len(given) == 2:
             self.problem("idea", "give `caption` (a structured caption) or `idea` (plain text to expand), not both")
-            return {}
-        if has_idea:
-            idea = self.idea()
-            return {} if idea is None else {"idea": idea}
-        if not has_caption:
+        elif not given:
             self.problem(
                 "caption",
                 "missing; every job needs a `caption` (a caption object or its JSON text) or an `idea` (plain text "
                 "to expand into one)",
             )
-            return {}
-        caption = self.caption()
-        return {} if caption is None else {"caption": caption}
+        else:
+            text = self.caption() if given == ["caption"] else self.idea()
+            return {} if text is None else {given[0]: text}
+        return {}
 
     def is_text(self, name: str, text: str) -> bool:
         """False (and a problem) when `text` holds half of a surrogate pair, which JSON can escape but is no text."""
@@ -309,31 +297,26 @@ class _LineChecker:
         return text
 
     def seeds(self) -> tuple[int, ...]:
-        given = [name for name in ("seed", "seeds", "num_images") if name in self.job]
-        if "seeds" in self.job and len(given) > 1:
-            other = next(name for name in given if name != "seeds")
+        if "seeds" not in self.job:
+            first = self.integer("seed", DEFAULT_SEED, 0, MAX_SEED, "the initial noise's seed")
+            count = self.integer("num_images", 1, 1, MAX_IMAGES_PER_JOB, "images made with seed, seed + 1, ...")
+            if first + count - 1 > MAX_SEED:
+                self.problem("num_images", f"{count} images from seed {first} pass the largest seed, {MAX_SEED}")
+                return ()
+            return tuple(range(first, first + count))
+        seeds = self.job["seeds"]
+        other = next((name for name in ("seed", "num_images") if name in self.job), None)
+        if other is not None:
             self.problem(other, f"give `seeds` (a list) or `{other}`, not both")
-            return ()
-        if "seeds" in self.job:
-            seeds = self.job["seeds"]
-            if not isinstance(seeds, list) or not seeds or len(seeds) > MAX_IMAGES_PER_JOB:
-                self.problem("seeds", f"must be a list of 1 to {MAX_IMAGES_PER_JOB} ints, got {_show(seeds)}")
-                return ()
-            bad = [seed for seed in seeds if not _is_int(seed) or not 0 <= seed <= MAX_SEED]
-            if bad:
-                self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
-                return ()
-            repeated = sorted(seed for seed, count in Counter(seeds).items() if count > 1)
-            if repeated:
-                self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
-                return ()
+        elif not isinstance(seeds, list) or not seeds or len(seeds) > MAX_IMAGES_PER_JOB:
+            self.problem("seeds", f"must be a list of 1 to {MAX_IMAGES_PER_JOB} ints, got {_show(seeds)}")
+        elif bad := [seed for seed in seeds if not _is_int(seed) or not 0 <= seed <= MAX_SEED]:
+            self.problem("seeds", f"must hold ints from 0 to {MAX_SEED}, got {_show(bad[0])}")
+        elif repeated := sorted(seed for seed, count in Counter(seeds).items() if count > 1):
+            self.problem("seeds", f"lists {_show(repeated[0])} twice; each seed makes one image")
+        else:
             return tuple(seeds)
-        first = self.integer("seed", DEFAULT_SEED, 0, MAX_SEED, "the initial noise's seed")
-        count = self.integer("num_images", 1, 1, MAX_IMAGES_PER_JOB, "images made with seed, seed + 1, ...")
-        if first + count - 1 > MAX_SEED:
-            self.problem("num_images", f"{count} images from seed {first} pass the largest seed, {MAX_SEED}")
-            return ()
-        return tuple(range(first, first + count))
+        return ()
 
     def size(self, name: str) -> int:
         value = self.job.get(name, DEFAULT_IMAGE_SIDE)
@@ -353,8 +336,9 @@ class _LineChecker:
         steps = self.integer("steps", None, 1, MAX_STEPS, "denoising steps")
         guidance = None
         if "guidance_scale" in self.job:
-            guidance = _finite_number(self.job["guidance_scale"])
-            if guidance is None:
+            try:
+                guidance = finite_float("guidance_scale", self.job["guidance_scale"])
+            except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
                 self.problem("guidance_scale", f"must be a finite number, got {_show(self.job['guidance_scale'])}")
         return preset, steps, guidance
 
@@ -368,7 +352,7 @@ class _LineChecker:
                 f"must be 1 to 100 letters, digits, `_`, `-` or `.`, not starting with `.` or `-`, got {_show(name)} "
                 "(it names the files `{name}-{seed}.png`)",
             )
-        return name if isinstance(name, str) else ""
+        return name
 
 
 def check_job(line: int, job) -> tuple[Job | None, list[JobProblem], list[JobProblem]]:
@@ -418,12 +402,9 @@ def _job_objects(source) -> tuple[str, list[tuple[int, object, list[JobProblem]]
                 continue
             try:
                 parsed, repeated = _parse_object(line)
-            except json.JSONDecodeError as error:
-                found = JobProblem(number, "", f"not valid JSON ({error.msg} at column {error.colno})")
-                entries.append((number, None, [found]))
-                continue
-            except (ValueError, RecursionError) as error:  # NaN / Infinity, or nesting too deep to parse
-                entries.append((number, None, [JobProblem(number, "", f"not valid JSON ({error})")]))
+            except (ValueError, RecursionError) as error:  # also NaN / Infinity, or nesting too deep to parse
+                reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+                entries.append((number, None, [JobProblem(number, "", f"not valid JSON ({reason})")]))
                 continue
             problems = [JobProblem(number, key, "given twice in one object; keep one") for key in repeated]
             entries.append((number, parsed, problems))
@@ -442,35 +423,22 @@ def read_jobs(source) -> JobList:
     `.problems`, with their line numbers.
     """
     name, entries = _job_objects(source)
-    jobs, problems, notes = [], [], []
-    for number, parsed, line_problems in entries:
-        job = None
-        if parsed is not None or not line_problems:
-            job, found, line_notes = check_job(number, parsed)
-            line_problems = line_problems + found
-            notes += line_notes
-        if line_problems:
-            problems += line_problems
-        else:
-            jobs.append(job)
-    job_list = JobList(name, [], problems, notes)
-    # Two jobs may not make the same file.
-    makers: dict[str, int] = {}
-    clashes = []
-    for job in jobs:
-        clash = next((job.file_name(seed) for seed in job.seeds if job.file_name(seed) in makers), None)
-        if clash is None:
-            job_list.jobs.append(job)
-            makers.update((job.file_name(seed), job.line) for seed in job.seeds)
-        else:
-            clashes.append(
-                JobProblem(
-                    job.line,
-                    "name",
-                    f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed",
-                )
-            )
-    job_list.reject(clashes)
+    job_list = JobList(name, [])
+    makers: dict[str, int] = {}  # file -> the line that makes it: two jobs may not make the same file
+    for number, parsed, problems in entries:
+        if parsed is not None or not problems:  # a line that is not JSON has nothing more to check
+            job, found, notes = check_job(number, parsed)
+            problems, job_list.notes = problems + found, job_list.notes + notes
+        if not problems:
+            files = [job.file_name(seed) for seed in job.seeds]
+            clash = next((file for file in files if file in makers), None)
+            if clash is None:
+                job_list.jobs.append(job)
+                makers.update(dict.fromkeys(files, number))
+                continue
+            message = f"makes {clash}, which line {makers[clash]} makes too; give one of them another `name` or seed"
+            problems = [JobProblem(number, "name", message)]
+        job_list.problems += problems
     return job_list
 
 
@@ -483,41 +451,21 @@ def check_token_limits(job_list: JobList, tokenizer) -> None:
         job.line: len(tokenize_prompt(tokenizer, job.caption)) for job in job_list.jobs if job.caption is not None
     }
     job_list.token_counts = counts
+    over = f"over the limit of {MAX_TEXT_TOKENS} (chat template included); shorten it, it is never truncated"
     job_list.reject(
         [
-            JobProblem(
-                line,
-                "caption",
-                f"has {count} tokens, over the limit of {MAX_TEXT_TOKENS} (chat template included); shorten it, it "
-                "is never truncated",
-            )
+            JobProblem(line, "caption", f"has {count} tokens, {over}")
             for line, count in counts.items()
             if count > MAX_TEXT_TOKENS
         ]
     )
 
 
-def check_expansion_available(job_list: JobList) -> None:
-    """Jobs with an `idea` need llguidance (the `expand` extra): refused before any model is loaded when it is
-    missing, naming the lines."""
-    from .captions.grammar import require_llguidance
-
-    lines = job_list.idea_lines
-    if not lines:
-        return
-    try:
-        require_llguidance()
-    except ImportError as error:
-        one = len(lines) == 1
-        raise ValueError(
-            f"{job_list.source}: {_line_list(lines)} {'has' if one else 'have'} an `idea` to expand into a caption. "
-            f"{error} (or give {'that line' if one else 'those lines'} a `caption` instead)"
-        ) from None
-
-
 def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> dict:
     """`generate_batch`'s `expansion_kwargs` (keys among `temperature`, `max_new_tokens`, `limits`, as the
-    pipeline's `prompt_upsampling_kwargs`) checked, with the defaults filled in; refused when no job has an idea."""
+    pipeline's `prompt_upsampling_kwargs`) checked, with the defaults filled in; refused when no job has an idea.
+    Jobs with an `idea` also need llguidance (the `expand` extra): refused when it is missing, naming the lines."""
+    from .captions.grammar import require_llguidance
     from .prompt_expansion import DEFAULT_TEMPERATURE, EXPANSION_OPTIONS, check_expansion_arguments
 
     if expansion_kwargs is None:
@@ -526,15 +474,23 @@ def check_expansion_kwargs(job_list: JobList, expansion_kwargs: dict | None) -> 
         raise ValueError(
             f"`expansion_kwargs` applies to jobs with an `idea`, and {job_list.source} has none; drop it."
         )
-    unknown = sorted(set(expansion_kwargs) - set(EXPANSION_OPTIONS)) if isinstance(expansion_kwargs, dict) else None
-    if unknown is None or unknown:
+    if not isinstance(expansion_kwargs, dict) or set(expansion_kwargs) - set(EXPANSION_OPTIONS):
         raise ValueError(
             f"`expansion_kwargs` must be a dict with keys among {list(EXPANSION_OPTIONS)} (the options of "
             f"`expand_prompt`), got {expansion_kwargs!r}."
         )
     options = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None, **expansion_kwargs}
-    temperature, max_new_tokens, limits = options["temperature"], options["max_new_tokens"], options["limits"]
-    check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, temperature, max_new_tokens, limits)
+    check_expansion_arguments("", DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE, None, **options)
+    lines = job_list.idea_lines
+    try:
+        if lines:
+            require_llguidance()
+    except ImportError as error:
+        one = len(lines) == 1
+        raise ValueError(
+            f"{job_list.source}: {_line_list(lines)} {'has' if one else 'have'} an `idea` to expand into a caption. "
+            f"{error} (or give {'that line' if one else 'those lines'} a `caption` instead)"
+        ) from None
     return options
 
 
@@ -801,7 +757,7 @@ def plan_images(
     guidance on a CFG-distilled checkpoint) are moved to the invalid ones."""
     expansion = check_expansion_kwargs(job_list, None) if expansion is None else expansion
     tasks, refused = [], []
-    for job in list(job_list.jobs):
+    for job in job_list.jobs:
         try:
             sampling = resolve_sampling(pipe, job.preset, job.steps, job.guidance_scale)
         except ValueError as error:
@@ -818,9 +774,8 @@ def plan_images(
             else:
                 group = ("idea", len(tasks))  # alone: its caption's token count is known only once expanded
             tasks.append(ImageTask(len(tasks), job, seed, job.file_name(seed), recipe, group))
-    job_list.reject(refused)
-    lines = {job.line for job in job_list.jobs}
-    return [task for task in tasks if task.job.line in lines]
+    job_list.reject(refused)  # a refused job has no tasks
+    return tasks
 
 
 def scan_done(tasks: list[ImageTask], out_dir: Path, force: bool) -> tuple[list[int], dict[int, str], dict[int, str]]:
@@ -867,19 +822,6 @@ def _record(task: ImageTask, status: str, caption: str | None = None, **fields) 
     return {**record, **fields, **({} if caption is None else {"caption": caption})}
 
 
-def expand_idea(pipe, task: ImageTask, expansion: dict) -> str:
-    """The caption of an idea's image: `expand_prompt` seeded by a generator of its own in the state the image's
-    noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so that the image equals the one
-    made from the caption with the same seed."""
-    return pipe.expand_prompt(
-        task.job.idea,
-        height=task.job.height,
-        width=task.job.width,
-        generator=seeded_generator(task.seed),
-        **expansion,
-    )
-
-
 def run_batch(
     pipe, batch: list[ImageTask], out_dir: Path, rank: int, replaced: dict[int, str], expansion: dict | None = None
 ) -> list[dict]:
@@ -889,14 +831,10 @@ def run_batch(
     recipes = [task.recipe for task in batch]
     try:
         if batch[0].job.idea is not None:
-            recipes = [{**batch[0].recipe, "caption": expand_idea(pipe, batch[0], expansion)}]
-        images = pipe(
-            [recipe["caption"] for recipe in recipes],
-            generator=[seeded_generator(task.seed) for task in batch],
-            caption_check="off",  # checked with the job file, or valid by construction (an expanded idea)
-            **pipeline_arguments(recipes[0]),
-        ).images
-        for task, image, recipe in zip(batch, images, recipes):
+            job, seed = batch[0].job, batch[0].seed
+            caption = expand_idea(pipe, job.idea, seed, job.height, job.width, expansion)
+            recipes = [{**batch[0].recipe, "caption": caption}]
+        for task, image, recipe in zip(batch, run_recipes(pipe, recipes), recipes):
             write_png(image, out_dir / task.file, recipe)
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
@@ -910,10 +848,6 @@ def run_batch(
             record["replaced"] = replaced[task.index]
         records.append(record)
     return records
-
-
-def _run_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{secrets.token_hex(3)}"
 
 
 def generate_batch(
@@ -957,7 +891,6 @@ def generate_batch(
     out_dir = check_out_dir(out_dir)
     job_list = jobs if isinstance(jobs, JobList) else read_jobs(jobs)
     expansion = check_expansion_kwargs(job_list, expansion_kwargs)
-    check_expansion_available(job_list)
     model = _model_of(pipe, model, ideas=bool(job_list.idea_lines))
     if job_list.token_counts is None:
         check_token_limits(job_list, pipe.tokenizer)
@@ -974,7 +907,8 @@ def generate_batch(
         if state.is_main_process:
             try:
                 stack.enter_context(RunLock(out_dir))
-                manifest = stack.enter_context(contextlib.closing(Manifest(out_dir / MANIFEST_NAME, _run_id())))
+                run = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{secrets.token_hex(3)}"
+                manifest = stack.enter_context(contextlib.closing(Manifest(out_dir / MANIFEST_NAME, run)))
                 plan = [*_start(job_list, tasks, out_dir, force, manifest), None]
             except (ValueError, OSError) as error:
                 plan = [None, None, f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)]
@@ -1029,7 +963,8 @@ def _generate(
         mine = list(mine)
     rounds = -(-len(batches) // state.num_processes)  # process 0 gets the most batches
     restore = _quiet_pipeline(pipe)
-    bar = _progress_bar(len(tasks), skipped, enabled=progress and main)
+    quiet = not (progress and main)  # one bar, process 0's
+    bar = tqdm(total=len(tasks), initial=skipped, desc="images", unit="img", disable=quiet, dynamic_ncols=True)
     started = time.perf_counter()
     busy, records = 0.0, []
     try:
@@ -1084,12 +1019,6 @@ def _quiet_pipeline(pipe):
     return restore
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="images", unit="img", disable=not enabled, dynamic_ncols=True)
-
-
 __all__ = [
     "BatchResult",
     "ImageTask",
@@ -1099,7 +1028,6 @@ __all__ = [
     "JobProblem",
     "MANIFEST_NAME",
     "Manifest",
-    "check_expansion_available",
     "check_expansion_kwargs",
     "check_job",
     "check_out_dir",

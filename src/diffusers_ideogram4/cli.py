@@ -4,6 +4,7 @@ an image from the recipe it carries, and the `caption` tools."""
 import argparse
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .captions import CAPTION_CHECK_MODES, CaptionError, check_prompts
@@ -11,7 +12,7 @@ from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
-from .recipe import DTYPES, TINY_RANDOM
+from .recipe import DTYPES, SEED_RANGE, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
 from .sampler import PRESETS
 
 
@@ -23,12 +24,9 @@ CLI_OPT_OUT_HINT = (
 
 def read_caption(value: str) -> str:
     """A caption given as a file path, `-` for stdin, or the JSON text itself (anything starting with `{`)."""
-    if value == STDIN:
-        return read_text(STDIN).rstrip("\n")
     if value.lstrip().startswith("{"):
         return value
-    path = Path(value)
-    if not path.is_file():
+    if value != STDIN and not Path(value).is_file():
         raise ValueError(
             f"caption {value!r} is neither a file nor JSON text: pass a caption file, '-' for stdin, or the JSON "
             "caption itself (starting with '{'). To turn an idea into a caption, run "
@@ -36,12 +34,6 @@ def read_caption(value: str) -> str:
         )
     # A file's closing newline is not part of the caption (the prompt is tokenized verbatim).
     return read_text(value).rstrip("\n")
-
-
-# The options of `add_expansion_options`, as argparse names them.
-EXPANSION_ARGUMENTS = ("temperature", "max_elements", "max_chars")
-# torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
-SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def check_generate_arguments(args) -> None:
@@ -162,25 +154,16 @@ def add_sampling_options(parser) -> None:
     parser.add_argument("--caption-check", choices=CAPTION_CHECK_MODES, default="error")
 
 
-def checked_caption(args, caption: str) -> str:
+def checked_caption(args, caption: str) -> None:
     """The caption checked as `--caption-check` says, with the command line's opt-out hint on an error."""
     try:
         check_prompts([caption], mode=args.caption_check)
     except CaptionError as error:
         raise CaptionError(error.issues, error.num_prompts, CLI_OPT_OUT_HINT) from None
-    return caption
 
 
 def run_generate(args) -> int:
-
-    from .recipe import (
-        build_recipe,
-        expansion_record,
-        pipeline_arguments,
-        resolve_sampling,
-        seeded_generator,
-        write_png,
-    )
+    from .recipe import build_recipe, expansion_record, resolve_sampling, run_recipes, write_png
     from .validation import check_image_size
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
@@ -192,28 +175,25 @@ def run_generate(args) -> int:
     check_image_size(args.height, args.width)
     check_generate_arguments(args)
     expansion = idea_options(args, needed=args.idea, unused="without --idea, nothing is expanded")
+    if args.idea and args.caption_check != "error":
+        raise ValueError(
+            f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
+        )
     if args.idea:
-        check_idea(idea, args, expansion)
+        check_idea(idea, args, expansion, "--idea")
     device = resolve_device(args.device)
     if not args.idea:
         checked_caption(args, caption)
     model, pipe = load_image_model(args, device, head=head_argument(args) if args.idea else None)
     sampling = resolve_sampling(pipe, args.preset, args.steps, args.guidance_scale)
     record = None
-    if args.idea:  # seeded as `pipe(idea, prompt_upsampling=True)` seeds it: the image is that of the caption
-        caption = pipe.expand_prompt(
-            idea, height=args.height, width=args.width, generator=seeded_generator(args.seed), **expansion
-        )
+    if args.idea:
+        caption = expand_idea(pipe, idea, args.seed, args.height, args.width, expansion)
         record = expansion_record(idea, model.head, expansion["temperature"], expansion["limits"])
     recipe = build_recipe(
         caption, args.seed, args.height, args.width, sampling, model, pipe._execution_device.type, record
     )
-    image = pipe(
-        caption,
-        generator=seeded_generator(args.seed),
-        caption_check="off",  # checked above
-        **pipeline_arguments(recipe),
-    ).images[0]
+    image = run_recipes(pipe, [recipe])[0]
     if args.output.lower().endswith(".png"):
         write_png(image, args.output, recipe)  # with its recipe, for `ideogram4 reproduce`; complete or not at all
     else:
@@ -273,7 +253,6 @@ def run_edit(args) -> int:
         Ideogram4InpaintPipeline,
         check_edit_inputs,
     )
-    from .recipe import seeded_generator
 
     # Everything that needs no model is checked before a (possibly 16 GB) model is loaded.
     caption = read_caption(args.caption)
@@ -291,7 +270,7 @@ def run_edit(args) -> int:
         strength = DEFAULT_INPAINT_STRENGTH if inpainting else DEFAULT_IMG2IMG_STRENGTH
     shape = {"strength": strength, "height": args.height, "width": args.width, "resize_mode": args.resize}
     region = {"mask_image": mask, "mask_blur": args.mask_blur, "padding_mask_crop": args.padding_mask_crop}
-    check_edit_inputs(image, mask, **shape, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop)
+    check_edit_inputs(image, **region, **shape)
     check_generate_arguments(args)
     device = resolve_device(args.device)
     checked_caption(args, caption)
@@ -351,17 +330,9 @@ def add_model_options(parser, tiny_seed: str) -> None:
     add_device_options(parser)
 
 
-def model_spec(args, tiny_seed: int, head: str | None = None):
-    from .recipe import ModelSpec
-
+def model_spec(args, tiny_seed: int, head: str | None = None) -> ModelSpec:
     return ModelSpec.from_options(
-        args.model,
-        args.revision,
-        args.dtype,
-        args.lora,
-        tiny_seed=tiny_seed,
-        unconditional_lora=args.unconditional_lora,
-        head=head,
+        args.model, args.revision, args.dtype, args.lora, tiny_seed, args.unconditional_lora, head
     )
 
 
@@ -383,17 +354,21 @@ def add_idea_options(parser, when: str) -> None:
 
 
 def idea_options(args, needed: bool, unused: str) -> dict:
-    """`--temperature`, `--max-elements`, `--max-chars` as `expand_prompt` keywords (its defaults filled in);
-    refused, like `--head`, when nothing is expanded (`unused` says why)."""
+    """`--temperature`, `--max-elements`, `--max-chars` (every `*_chars` limit) as `expand_prompt` keywords (its
+    defaults filled in; `limits` None when neither is given); refused, like `--head`, when nothing is expanded
+    (`unused` says why)."""
+    from .captions.grammar import CaptionLimits
     from .prompt_expansion import DEFAULT_TEMPERATURE
 
-    given = [
-        f"--{name.replace('_', '-')}" for name in ("head", *EXPANSION_ARGUMENTS) if getattr(args, name) is not None
-    ]
+    options = ("head", "temperature", "max_elements", "max_chars")  # `--head` and `add_expansion_options`'
+    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) is not None]
     if given and not needed:
         raise ValueError(f"{' and '.join(given)}: {unused}; drop {'it' if len(given) == 1 else 'them'}.")
+    limits = {} if args.max_elements is None else {"max_elements": args.max_elements}
+    if args.max_chars is not None:
+        limits |= {field.name: args.max_chars for field in fields(CaptionLimits) if field.name.endswith("_chars")}
     temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    return {"temperature": temperature, "limits": expansion_limits(args)}
+    return {"temperature": temperature, "limits": CaptionLimits(**limits) if limits else None}
 
 
 def head_argument(args) -> str:
@@ -411,26 +386,17 @@ def head_argument(args) -> str:
     return args.head or HEAD_REPO
 
 
-def require_expansion(what: str) -> None:
-    """llguidance, or a ValueError (one line on the command line) saying how to install it."""
+def check_idea(idea: str, args, expansion: dict, what: str) -> None:
+    """The idea and the expansion settings as `expand_prompt` checks them, and llguidance (else a ValueError, one
+    line on the command line, that starts with `what` and says how to install it)."""
     from .captions.grammar import require_llguidance
+    from .prompt_expansion import check_expansion_arguments
 
+    check_expansion_arguments(idea, args.height, args.width, None, **{"max_new_tokens": None, **expansion})
     try:
         require_llguidance()
     except ImportError as error:
         raise ValueError(f"{what}: {error}") from None
-
-
-def check_idea(idea: str, args, expansion: dict) -> None:
-    """`generate --idea`: the idea and the expansion settings as `expand_prompt` checks them, and llguidance."""
-    from .prompt_expansion import check_expansion_arguments
-
-    if args.caption_check != "error":
-        raise ValueError(
-            f"--caption-check {args.caption_check}: an expanded idea always passes the caption check; drop it."
-        )
-    check_expansion_arguments(idea, args.height, args.width, None, expansion["temperature"], None, expansion["limits"])
-    require_expansion("--idea")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,7 +428,6 @@ def add_batch_command(subparsers) -> None:
 def run_batch(args) -> int:
     from .batch import (
         CLI_SKIP_HINT,
-        check_expansion_available,
         check_expansion_kwargs,
         check_no_other_run,
         check_out_dir,
@@ -489,9 +454,8 @@ def run_batch(args) -> int:
         if jobs.problems and not args.skip_invalid:
             raise jobs.error(CLI_SKIP_HINT)
         ideas = bool(jobs.idea_lines)
-        expansion = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
-        expansion = check_expansion_kwargs(jobs, expansion if ideas else None)
-        check_expansion_available(jobs)
+        options = idea_options(args, ideas, f"no valid line of {jobs.source} has an `idea`, so nothing is expanded")
+        expansion = check_expansion_kwargs(jobs, options) if ideas else None
         model = model_spec(args, tiny_seed=0, head=head_argument(args) if ideas else None)
         check_token_limits(jobs, model.load_tokenizer())  # before the weights
         if jobs.problems and not args.skip_invalid:
@@ -507,7 +471,7 @@ def run_batch(args) -> int:
             batch_size=args.batch_size,
             skip_invalid=args.skip_invalid,
             force=args.force,
-            expansion_kwargs=expansion if ideas else None,
+            expansion_kwargs=expansion,
         )
     except ValueError:
         if not state.is_main_process:  # every process finds the same error; one prints it
@@ -542,6 +506,7 @@ def run_reproduce(args) -> int:
         raise ValueError(f"-o {str(output)!r}: the output is a PNG (it carries the recipe); name it *.png.")
     if output.exists() and output.resolve() == source.resolve():
         raise ValueError(f"-o {str(output)!r} is the image itself; write the reproduction to another file.")
+    check_image_path(output)  # a folder that is missing or read-only, before the model is loaded
     device = resolve_device(args.device)
     threads = recipe["made_with"].get("cpu_threads")
     if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
@@ -570,41 +535,17 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def expansion_limits(args):
-    """`--max-elements` and `--max-chars` as `CaptionLimits` (None when neither is given)."""
-    from .captions.grammar import CaptionLimits
-
-    if args.max_elements is None and args.max_chars is None:
-        return None
-    changes = {} if args.max_elements is None else {"max_elements": args.max_elements}
-    if args.max_chars is not None:
-        changes.update(
-            dict.fromkeys(("description_chars", "style_chars", "element_chars", "text_chars"), args.max_chars)
-        )
-    return CaptionLimits(**changes)
-
-
 def run_caption_expand(args) -> int:
     """`ideogram4 caption expand IDEA`: load only what decoding needs (text encoder, tokenizer, LM head)."""
     import torch
 
-    from .captions.grammar import require_llguidance
-    from .prompt_expansion import (
-        DEFAULT_TEMPERATURE,
-        HEAD_REPO,
-        Ideogram4PromptEnhancerHead,
-        check_expansion_arguments,
-    )
-    from .recipe import seeded_generator
+    from .prompt_expansion import Ideogram4PromptEnhancerHead
 
     # Everything that needs no model is checked before a (16 GB) text encoder is loaded.
     idea = read_text(STDIN).rstrip("\n") if args.idea == STDIN else args.idea
-    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    limits = expansion_limits(args)
-    check_expansion_arguments(idea, args.height, args.width, None, temperature, args.max_new_tokens, limits)
-    require_llguidance()
-    if args.model == TINY_RANDOM and args.head is not None:
-        raise ValueError("--head does nothing with --model tiny-random (it builds its own random head); drop it.")
+    expansion = {**idea_options(args, needed=True, unused=""), "max_new_tokens": args.max_new_tokens}
+    check_idea(idea, args, expansion, "caption expand")
+    head = head_argument(args)
     device = resolve_device(args.device)
     if args.output is not None:
         check_output_path(args.output, example=None)
@@ -619,28 +560,23 @@ def run_caption_expand(args) -> int:
         from .pipeline_ideogram4 import Ideogram4Pipeline
 
         dtype = getattr(torch, DTYPES[args.dtype])
-        head = Ideogram4PromptEnhancerHead.from_pretrained(args.head or HEAD_REPO, dtype=dtype)
-        pipe = Ideogram4Pipeline.from_pretrained(
-            args.model or DEFAULT_MODEL,
-            dtype=dtype,
-            transformer=None,
-            unconditional_transformer=None,
-            vae=None,
-            prompt_enhancer_head=head,
-        )
+        try:  # a repo that does not exist or is not cached offline, a folder without the files: one line
+            pipe = Ideogram4Pipeline.from_pretrained(
+                args.model or DEFAULT_MODEL,
+                dtype=dtype,
+                transformer=None,
+                unconditional_transformer=None,
+                vae=None,
+                prompt_enhancer_head=Ideogram4PromptEnhancerHead.from_pretrained(head, dtype=dtype),
+            )
+        except OSError as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(f"cannot load --model {args.model or DEFAULT_MODEL} or --head {head}: {reason}") from None
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    caption = pipe.expand_prompt(
-        idea,
-        height=args.height,
-        width=args.width,
-        generator=seeded_generator(args.seed),
-        temperature=temperature,
-        max_new_tokens=args.max_new_tokens,
-        limits=limits,
-    )
+    caption = expand_idea(pipe, idea, args.seed, args.height, args.width, expansion)
     if args.output is None:
         print(caption)
     else:

@@ -42,6 +42,8 @@ RECIPE_KEY = "ideogram4-recipe"
 RECIPE_FORMAT = 1
 TINY_RANDOM = "tiny-random"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# torch.Generator.manual_seed takes what fits a signed or an unsigned 64-bit integer.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 DEFAULT_DTYPE = "bf16"
 TINY_DTYPE = "fp32"  # the tiny random model is built in float32
 RECIPE_KEYS = (
@@ -113,9 +115,6 @@ class LoraSpec:
             raise ValueError(f"{option} {path!r}: LoRA weights are read from .safetensors files only.")
         return cls(os.path.abspath(path), float(scale), file_sha256(path))
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
-
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -140,9 +139,6 @@ class HeadSpec:
         if os.path.isdir(head):
             return cls(os.path.abspath(head))
         return cls(head, resolve_revision(head, None, "config.json"))
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "revision": self.revision}
 
     def load(self, torch_dtype):
         """The head, strictly loaded (a hub head at the recorded commit)."""
@@ -214,9 +210,9 @@ class ModelSpec:
             "revision": self.revision,
             "dtype": self.dtype,
             "seed": self.seed,
-            "loras": [lora.to_dict() for lora in self.loras],
+            "loras": [asdict(lora) for lora in self.loras],
             # Only when set, so that the recipes of two-transformer images stay what they were.
-            **({"unconditional_lora": self.unconditional_lora.to_dict()} if self.unconditional_lora else {}),
+            **({"unconditional_lora": asdict(self.unconditional_lora)} if self.unconditional_lora else {}),
         }
 
     @classmethod
@@ -297,7 +293,13 @@ def resolve_revision(model: str, revision: str | None, filename: str = "model_in
     `filename` (`.../snapshots/<commit>/`); works offline from the cache. None when it cannot be told."""
     from huggingface_hub import hf_hub_download
 
-    path = Path(hf_hub_download(model, filename, revision=revision))
+    try:
+        path = Path(hf_hub_download(model, filename, revision=revision))
+    except OSError as error:  # not on the hub, or not cached while offline: one line, not a traceback
+        reason = str(error).splitlines()[0]
+        raise ValueError(
+            f"{model!r}: cannot read its {filename} at revision {revision or 'main'} ({reason})"
+        ) from None
     commit = path.parent.name
     if path.parent.parent.name == "snapshots" and _COMMIT.fullmatch(commit):
         return commit
@@ -380,7 +382,7 @@ def expansion_record(idea: str, head: HeadSpec, temperature: float, limits=None)
 
     return {
         "idea": idea,
-        "head": head.to_dict(),
+        "head": asdict(head),
         "instruction": INSTRUCTION_VERSION,
         "temperature": float(temperature),
         "limits": asdict(limits or CaptionLimits()),
@@ -404,14 +406,7 @@ def recipe_differences(found: dict, wanted: dict) -> list[str]:
 
 def pipeline_arguments(recipe: dict) -> dict:
     """The pipeline call's keyword arguments shared by every image of the recipe's size and schedule."""
-    return {
-        "height": recipe["height"],
-        "width": recipe["width"],
-        "num_inference_steps": recipe["num_inference_steps"],
-        "guidance_schedule": recipe["guidance_schedule"],
-        "mu": recipe["mu"],
-        "std": recipe["std"],
-    }
+    return {key: recipe[key] for key in ("height", "width", "num_inference_steps", "guidance_schedule", "mu", "std")}
 
 
 def seeded_generator(seed: int):
@@ -419,6 +414,25 @@ def seeded_generator(seed: int):
     import torch
 
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def run_recipes(pipe, recipes: list[dict]) -> list:
+    """The images of `recipes` of one size and schedule, in one pipeline call, each seeded by its own generator. The
+    caption check is off: a recipe's caption was checked before (or made by the caption grammar, or is what made
+    the image it was read from)."""
+    return pipe(
+        [recipe["caption"] for recipe in recipes],
+        generator=[seeded_generator(recipe["seed"]) for recipe in recipes],
+        caption_check="off",
+        **pipeline_arguments(recipes[0]),
+    ).images
+
+
+def expand_idea(pipe, idea: str, seed: int, height: int, width: int, expansion: dict) -> str:
+    """The caption of an idea's image: `expand_prompt` (with `expansion`, its options) seeded by a generator of its
+    own in the state the image's noise generator starts from, as `pipe(idea, prompt_upsampling=True)` seeds it, so
+    that the image equals the one made from the caption with the same seed."""
+    return pipe.expand_prompt(idea, height=height, width=width, generator=seeded_generator(seed), **expansion)
 
 
 def reproduce_image(recipe: dict, device, offload: bool = False):
@@ -429,13 +443,7 @@ def reproduce_image(recipe: dict, device, offload: bool = False):
     model = ModelSpec.from_dict(recipe["model"])
     model.check_loras_unchanged()
     pipe = model.load_pipeline(device, offload)
-    image = pipe(
-        recipe["caption"],
-        generator=seeded_generator(recipe["seed"]),
-        caption_check="off",  # the recipe's caption is what made the image, checked or not
-        **pipeline_arguments(recipe),
-    ).images[0]
-    return image, {**recipe, PROVENANCE_KEY: made_with(pipe._execution_device.type)}
+    return run_recipes(pipe, [recipe])[0], {**recipe, PROVENANCE_KEY: made_with(pipe._execution_device.type)}
 
 
 def check_recipe(recipe, source: str) -> dict:

@@ -7,13 +7,14 @@ import argparse
 import json
 import sys
 
+from ..constants import DEFAULT_IMAGE_SIDE as DEFAULT_SIDE
 from ..files import STDIN, UserFileError, check_image_path, read_text, save_image, write_atomically
+from ..recipe import DEFAULT_DTYPE, DTYPES
 from .builder import to_json
 from .checker import CaptionIssue, check_caption
 from .preview import render_layout
 
 
-DEFAULT_SIDE = 1024
 # Exit codes: 0 success, 1 a caption has errors, 2 a usage error: a bad argument, or a file that cannot be read
 # (missing, not UTF-8) or written (one `error: ...` line on stderr; nothing was written).
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -89,7 +90,7 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
         "'tiny-random' builds a tiny random model offline (a valid but meaningless caption)",
     )
     expand.add_argument("--head", default=None, help="hub id or folder of the LM head (default: the published one)")
-    expand.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    expand.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE)
     expand.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     expand.add_argument("--offload", action="store_true", help="enable_model_cpu_offload")
     expand.set_defaults(func=run_expand)
