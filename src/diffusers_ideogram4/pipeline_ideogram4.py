@@ -514,10 +514,6 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 )
         return outputs
 
-    def check_captions(self, prompts: list[str], caption_check: str) -> None:
-        """Structured-caption check of every prompt (SPEC 7): raise, warn or skip."""
-        check_prompts(prompts, mode=caption_check)
-
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         """Chat-template token ids of every prompt; raises when one is over the 2048-token limit."""
         token_ids = [tokenize_prompt(self.tokenizer, prompt) for prompt in prompts]
@@ -572,7 +568,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             )[0]
         return layout.unpack(velocity).float()
 
-    def prepare_call(
+    def check_call(
         self,
         prompt,
         height,
@@ -595,9 +591,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         prompt_upsampling=False,
         prompt_upsampling_kwargs=None,
     ):
-        """Step 1 of every call: check all arguments, the captions and the token counts (no model work but the
-        expansion of ideas with `prompt_upsampling`), and set the call's attention kwargs.
-        -> (prompts, token grid, guidance per step, mu, std, token ids per prompt, expanded captions or None)."""
+        """Step 1 of every call, no model work: check all arguments and set the call's attention kwargs.
+        -> (prompts, token grid, guidance per step, mu, std)."""
         prompts, grid = self.check_inputs(**arguments_for(self.check_inputs, locals()))
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
@@ -608,17 +603,39 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         check_scheduler(self.scheduler)
         if prompt_upsampling_kwargs is not None and not prompt_upsampling:
             raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
-        captions = None
-        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
-            prompts = captions = self.upsample_prompts(
-                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
-            )
-        self.check_captions(prompts, caption_check)
-        token_ids = self.tokenize(prompts)
         self._attention_kwargs = attention_kwargs
         self._generator = generator  # seeds a stochastic scheduler's noise too
         self._interrupt = False
-        return prompts, grid, guidance, mu, std, token_ids, captions
+        return prompts, grid, guidance, mu, std
+
+    def prepare_prompts(
+        self,
+        prompts,
+        grid,
+        height,
+        width,
+        generator,
+        num_images_per_prompt,
+        caption_check,
+        prompt_upsampling=False,
+        prompt_upsampling_kwargs=None,
+    ) -> tuple[list[list[int]], list[str] | None]:
+        """The end of step 1, after `check_call` and `check_denoise`: with `prompt_upsampling` the ideas are expanded
+        into captions (the one model work of the step), then the captions and token counts are checked, and whether
+        the attention backend can mask the conditional branch's padding (that needs the token counts).
+        -> (token ids per prompt, expanded captions or None)."""
+        captions = None
+        if prompt_upsampling:
+            prompts = captions = self.upsample_prompts(
+                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
+            )
+        check_prompts(prompts, mode=caption_check)
+        token_ids = self.tokenize(prompts)
+        text_lengths = [len(ids) for ids in token_ids]
+        text_positions = padded_text_length(text_lengths, grid[0] * grid[1], self.transformer.context_parallel_size)
+        if needs_attention_mask(text_lengths, text_positions):
+            self.transformer.check_attention_mask_support()
+        return token_ids, captions
 
     def encode_prompts(
         self, token_ids: list[list[int]], num_images_per_prompt: int, device: torch.device
@@ -641,10 +658,10 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         taus[k + 1]."""
         return model_times(num_inference_steps, mu, std, height, width).tolist()
 
-    def check_denoise(self, guidance: list[float], text_lengths: list[int] | None = None, grid=None) -> None:
+    def check_denoise(self, guidance: list[float], grid: tuple[int, int] | None = None) -> None:
         """Checks of the denoising loop made before any model work: a MagCache must count as many calls of its branch
-        as the steps run (`guidance`, one per step); with the prompts' token counts and the token grid, the attention
-        backends must apply the segment mask where a branch's sequence holds padding."""
+        as the steps run (`guidance`, one per step); with the token grid, the attention backends must apply the
+        segment mask where the unconditional branch's sequence holds padding."""
         unconditional_steps = sum(scale != 1.0 for scale in guidance)
         unconditional = self.unconditional_model
         check_cache_steps(
@@ -661,13 +678,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 "(FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig keep each branch apart), or "
                 "`pipe.transformer.disable_cache()`."
             )
-        if text_lengths is None:
-            return
-        num_image = grid[0] * grid[1]
-        multiple = self.transformer.context_parallel_size
-        if needs_attention_mask(text_lengths, padded_text_length(text_lengths, num_image, multiple)):
-            self.transformer.check_attention_mask_support()
-        if unconditional_steps and num_image % unconditional.context_parallel_size:
+        if grid is not None and unconditional_steps and (grid[0] * grid[1]) % unconditional.context_parallel_size:
             unconditional.check_attention_mask_support()
 
     def denoise(
@@ -786,13 +797,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             prompt_upsampling_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens` and `limits` for the
                 expansion, as in `expand_prompt`.
         """
-        # 1. Check inputs, captions and token counts: every error is raised before any model work.
+        # 1. Check inputs, then captions and token counts: every error is raised before any model work (but the
+        # expansion of ideas with `prompt_upsampling`, before which every check that needs no caption is made).
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        _, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            **arguments_for(self.prepare_call, locals())
-        )
-        self.check_denoise(guidance, [len(ids) for ids in token_ids], grid)
+        prompts, grid, guidance, mu, std = self.check_call(**arguments_for(self.check_call, locals()))
+        self.check_denoise(guidance, grid)
+        token_ids, captions = self.prepare_prompts(**arguments_for(self.prepare_prompts, locals()))
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.

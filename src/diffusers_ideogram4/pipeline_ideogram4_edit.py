@@ -388,11 +388,10 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         height, width = edit.height, edit.width
         if isinstance(prompt, (str, list)):  # other types are refused by prepare_call's checks
             self._check_counts([prompt] if isinstance(prompt, str) else prompt, edit)
-        prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            **arguments_for(self.prepare_call, locals())
-        )
+        prompts, grid, guidance, mu, std = self.check_call(**arguments_for(self.check_call, locals()))
         num_steps = steps_for_strength(edit.strength, len(guidance))
-        self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
+        self.check_denoise(guidance[len(guidance) - num_steps :], grid)
+        token_ids, captions = self.prepare_prompts(**arguments_for(self.prepare_prompts, locals()))
 
         # 2. Image and mask at the size edited: cropped around the mask and resized only when asked.
         crop = None
