@@ -5,9 +5,9 @@ A `PackedLayout` is built once per pipeline call and passed to every step: it de
 attention mask (only rows with padding do), packs the image tokens behind the text positions and unpacks the velocity.
 """
 
+import dataclasses
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,7 +127,7 @@ def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
 
 
-@dataclass
+@dataclasses.dataclass
 class PackedLayout:
     """Per-token roles of one branch's sequence, `[text, right-padded | image]` or image tokens only.
 
@@ -143,16 +143,8 @@ class PackedLayout:
     num_text: int = 0
 
     def to(self, device) -> "PackedLayout":
-        def move(tensor):
-            return None if tensor is None else tensor.to(device)
-
-        return PackedLayout(
-            move(self.position_ids),
-            move(self.indicator),
-            move(self.segment_ids),
-            move(self.attention_mask),
-            self.num_text,
-        )
+        tensors = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
 
     def pack(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N_img, C) -> (B, L, C): zeros at the text positions, the image tokens after them."""

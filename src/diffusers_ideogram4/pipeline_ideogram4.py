@@ -368,9 +368,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                     "non-empty list, tuple or 1-D tensor, first step first (a set has no order)."
                 )
         if num_inference_steps is None:
-            num_inference_steps = (
-                len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
-            )
+            num_inference_steps = settings.num_inference_steps if guidance_schedule is None else len(guidance_schedule)
         require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
             schedule = [finite_float(f"guidance_schedule[{i}]", g) for i, g in enumerate(guidance_schedule)]
@@ -404,15 +402,26 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         prompt,
         height,
         width,
+        *,
+        num_inference_steps,
+        guidance_scale,
+        guidance_schedule,
+        mu,
+        std,
+        preset,
         num_images_per_prompt,
+        generator,
         latents,
         output_type,
-        caption_check,
+        attention_kwargs,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-        generator=None,
-        callback_on_step_end=None,
-    ) -> tuple[list[str], tuple[int, int]]:
-        """Validate every argument before any model work; return the prompts as a list and the image token grid."""
+        caption_check,
+        prompt_upsampling=False,
+        prompt_upsampling_kwargs=None,
+    ) -> tuple[list[str], tuple[int, int], list[float], float, float]:
+        """Step 1 of every call: validate every argument before any model work.
+        -> (prompts as a list, image token grid, guidance per step, mu, std)."""
         prompts = string_list(
             "prompt",
             prompt,
@@ -468,7 +477,16 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; the callback can receive {self._callback_tensor_inputs}."
             )
-        return prompts, grid
+        guidance, mu, std = self.resolve_sampling(
+            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
+        )
+        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
+        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
+        check_scheduler(self.scheduler)
+        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
+            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
+        return prompts, grid, guidance, mu, std
 
     def check_latents(self, latents) -> None:
         """Initial noise given by the user: a finite float32 tensor on the CPU or the execution device."""
@@ -568,47 +586,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             )[0]
         return layout.unpack(velocity).float()
 
-    def check_call(
-        self,
-        prompt,
-        height,
-        width,
-        *,
-        num_inference_steps,
-        guidance_scale,
-        guidance_schedule,
-        mu,
-        std,
-        preset,
-        num_images_per_prompt,
-        generator,
-        latents,
-        output_type,
-        attention_kwargs,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        caption_check,
-        prompt_upsampling=False,
-        prompt_upsampling_kwargs=None,
-    ):
-        """Step 1 of every call, no model work: check all arguments and set the call's attention kwargs.
-        -> (prompts, token grid, guidance per step, mu, std)."""
-        prompts, grid = self.check_inputs(**arguments_for(self.check_inputs, locals()))
-        guidance, mu, std = self.resolve_sampling(
-            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
-        )
-        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
-        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
-        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
-        check_scheduler(self.scheduler)
-        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
-            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
-        self._attention_kwargs = attention_kwargs
-        self._generator = generator  # seeds a stochastic scheduler's noise too
-        self._interrupt = False
-        return prompts, grid, guidance, mu, std
-
-    def prepare_prompts(
+    def prepare_call(
         self,
         prompts,
         grid,
@@ -616,14 +594,18 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         width,
         generator,
         num_images_per_prompt,
+        attention_kwargs,
         caption_check,
         prompt_upsampling=False,
         prompt_upsampling_kwargs=None,
     ) -> tuple[list[list[int]], list[str] | None]:
-        """The end of step 1, after `check_call` and `check_denoise`: with `prompt_upsampling` the ideas are expanded
-        into captions (the one model work of the step), then the captions and token counts are checked, and whether
-        the attention backend can mask the conditional branch's padding (that needs the token counts).
-        -> (token ids per prompt, expanded captions or None)."""
+        """The end of step 1, after `check_inputs` and `check_denoise`: set the call's attention kwargs; with
+        `prompt_upsampling` expand the ideas into captions (the one model work of the step); check the captions, the
+        token counts and whether the attention backend can mask the conditional branch's padding (which needs the
+        token counts). -> (token ids per prompt, expanded captions or None)."""
+        self._attention_kwargs = attention_kwargs
+        self._generator = generator  # seeds a stochastic scheduler's noise too
+        self._interrupt = False
         captions = None
         if prompt_upsampling:
             prompts = captions = self.upsample_prompts(
@@ -801,9 +783,9 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         # expansion of ideas with `prompt_upsampling`, before which every check that needs no caption is made).
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        prompts, grid, guidance, mu, std = self.check_call(**arguments_for(self.check_call, locals()))
+        prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))
         self.check_denoise(guidance, grid)
-        token_ids, captions = self.prepare_prompts(**arguments_for(self.prepare_prompts, locals()))
+        token_ids, captions = self.prepare_call(**arguments_for(self.prepare_call, locals()))
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.

@@ -388,10 +388,10 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
         height, width = edit.height, edit.width
         if isinstance(prompt, (str, list)):  # other types are refused by prepare_call's checks
             self._check_counts([prompt] if isinstance(prompt, str) else prompt, edit)
-        prompts, grid, guidance, mu, std = self.check_call(**arguments_for(self.check_call, locals()))
+        prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))
         num_steps = steps_for_strength(edit.strength, len(guidance))
         self.check_denoise(guidance[len(guidance) - num_steps :], grid)
-        token_ids, captions = self.prepare_prompts(**arguments_for(self.prepare_prompts, locals()))
+        token_ids, captions = self.prepare_call(**arguments_for(self.prepare_call, locals()))
 
         # 2. Image and mask at the size edited: cropped around the mask and resized only when asked.
         crop = None

@@ -183,13 +183,6 @@ class GrammarSampler(LogitsProcessor):
         return chosen
 
 
-def _generator_copy(generator: torch.Generator) -> torch.Generator:
-    """A generator in the same state, so that drawing from it leaves the original untouched."""
-    twin = torch.Generator(device=generator.device)
-    twin.set_state(generator.get_state())
-    return twin
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The pipeline side
 
@@ -374,9 +367,9 @@ class Ideogram4PromptExpansionMixin:
                 f"`expand_prompt`), got {options!r}."
             )
         if isinstance(generator, list):
-            generator = [_generator_copy(generator[i * num_images_per_prompt]) for i in range(len(prompts))]
+            generator = [generator[i * num_images_per_prompt].clone_state() for i in range(len(prompts))]
         elif generator is not None:
-            generator = _generator_copy(generator)
+            generator = generator.clone_state()
         arguments = (
             options.get("temperature", DEFAULT_TEMPERATURE),
             options.get("max_new_tokens"),
