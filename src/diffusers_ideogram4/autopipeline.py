@@ -35,20 +35,17 @@ def register_auto_pipelines(auto_pipeline=None) -> None:
         getattr(auto_pipeline, table)[MODEL_NAME] = getattr(importlib.import_module(module, __package__), name)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
+class _RegisteringLoader:
     """diffusers' own loader of the AutoPipeline module, registering this package's pipelines once it has run."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
         register_auto_pipelines(module)
 
-    def __getattr__(self, name):  # get_source, get_filename, ... as the wrapped loader has them
+    def __getattr__(self, name):  # create_module, get_source, get_filename, ... as the wrapped loader has them
         return getattr(self.loader, name)
 
 

@@ -141,28 +141,27 @@ def check_components_fit(vae, text_encoder, transformer, unconditional_transform
             "An Ideogram 4 pipeline cannot run these components: " + "; ".join(wrong) + ". Load them with "
             "diffusers_ideogram4's classes (`Ideogram4Pipeline.from_pretrained` does)."
         )
-    problems = []
-    if text_encoder is not None and transformer is not None:
-        features, expected = text_encoder.feature_dim, transformer.config.llm_features_dim
-        if features != expected:
-            hidden = text_encoder.config.text_config.hidden_size
-            problems.append(
-                f"`text_encoder` gives {features} features per token (13 taps x hidden {hidden}), `transformer` "
-                f"expects llm_features_dim={expected}"
-            )
-    if vae is not None and transformer is not None:
+    if transformer is None:  # what follows compares each component with it
+        return
+    config, problems = transformer.config, []
+    if text_encoder is not None and text_encoder.feature_dim != config.llm_features_dim:
+        hidden = text_encoder.config.text_config.hidden_size
+        problems.append(
+            f"`text_encoder` gives {text_encoder.feature_dim} features per token (13 taps x hidden {hidden}), "
+            f"`transformer` expects llm_features_dim={config.llm_features_dim}"
+        )
+    if vae is not None:
         channels = vae.config.latent_channels * PATCH_SIZE * PATCH_SIZE
-        if channels != transformer.config.in_channels:
+        if channels != config.in_channels:
             problems.append(
                 f"`vae` has {vae.config.latent_channels} latent channels ({channels} per 2x2 token), `transformer` "
-                f"expects in_channels={transformer.config.in_channels}"
+                f"expects in_channels={config.in_channels}"
             )
-    if unconditional_transformer is not None and transformer is not None:
-        if unconditional_transformer.config.in_channels != transformer.config.in_channels:
-            problems.append(
-                f"`unconditional_transformer` has in_channels={unconditional_transformer.config.in_channels}, "
-                f"`transformer` {transformer.config.in_channels}"
-            )
+    if unconditional_transformer is not None and unconditional_transformer.config.in_channels != config.in_channels:
+        problems.append(
+            f"`unconditional_transformer` has in_channels={unconditional_transformer.config.in_channels}, "
+            f"`transformer` {config.in_channels}"
+        )
     if problems:
         raise ValueError(
             "The pipeline's components do not belong to one Ideogram 4 model: " + "; ".join(problems) + ". Load "

@@ -302,10 +302,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
     def _check_counts(prompts: list[str], edit: EditInputs) -> None:
         """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt (the prompts
         before any expansion: an idea becomes one caption)."""
-        for name, count in (
-            ("image", edit.num_images),
-            ("mask_image", None if edit.masks is None else len(edit.masks)),
-        ):
+        counts = {"image": edit.num_images, "mask_image": None if edit.masks is None else len(edit.masks)}
+        for name, count in counts.items():
             if count is not None and count not in (1, len(prompts)):
                 raise ValueError(
                     f"`{name}` holds {count} images for {len(prompts)} prompt(s); give one for all prompts or one "
@@ -375,22 +373,12 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 "`mask_image` is None: inpainting needs a mask (white = repaint, black = keep). To change the whole "
                 "image, use `Ideogram4Img2ImgPipeline.from_pipe(pipe)`, or pass an all-white mask."
             )
-        edit = check_edit_inputs(
-            image,
-            mask_image,
-            strength=strength,
-            height=height,
-            width=width,
-            resize_mode=resize_mode,
-            mask_blur=mask_blur,
-            padding_mask_crop=padding_mask_crop,
-        )
+        edit = check_edit_inputs(**arguments_for(check_edit_inputs, locals()))
         height, width = edit.height, edit.width
-        if isinstance(prompt, (str, list)):  # other types are refused by prepare_call's checks
-            self._check_counts([prompt] if isinstance(prompt, str) else prompt, edit)
         prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))
-        num_steps = steps_for_strength(edit.strength, len(guidance))
-        self.check_denoise(guidance[len(guidance) - num_steps :], grid)
+        self._check_counts(prompts, edit)
+        skipped = len(guidance) - steps_for_strength(edit.strength, len(guidance))  # the first steps, left out
+        self.check_denoise(guidance[skipped:], grid)
         token_ids, captions = self.prepare_call(**arguments_for(self.prepare_call, locals()))
 
         # 2. Image and mask at the size edited: cropped around the mask and resized only when asked.
@@ -413,9 +401,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 return tensor.expand(batch_size, *tensor.shape[1:])
             return tensor.repeat_interleave(num_images_per_prompt, dim=0)
 
-        # 4. Schedule: the last `num_steps` of the N steps, with their guidance, from the noised image; over the
+        # 4. Schedule: the last N - `skipped` of the N steps, with their guidance, from the noised image; over the
         # whole schedule from the noise itself, text-to-image's start (image-to-image then never reads the image).
-        skipped = len(guidance) - num_steps
         x0 = per_image(self.encode_image(pixels, device)) if skipped or weights is not None else None
         taus = self.schedule(len(guidance), mu, std, height, width)[skipped:]
         guidance = guidance[skipped:]
@@ -431,16 +418,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 return self.blend(latents, x0 if last else self.noised(x0, noise, taus[step + 1]), weights)
 
         # 5. Denoising loop.
-        latents = self.denoise(
-            latents,
-            taus,
-            guidance,
-            text_features,
-            self.prepare_layouts(text_lengths, grid, device),
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            step_hook=step_hook,
-        )
+        layouts = self.prepare_layouts(text_lengths, grid, device)
+        latents = self.denoise(**arguments_for(self.denoise, locals()))
 
         # 6. Decode; with padding_mask_crop, paste the repainted crop into the original image.
         if output_type == "latent":
