@@ -138,9 +138,6 @@ class CaptionDecoder(Qwen3VLPreTrainedModel, GenerationMixin):
         self.model = language_model
         self.lm_head = lm_head
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (1, T) -> logits (1, 1, vocab_size) float32 of the last position, and the updated cache."""
         kwargs.pop("logits_to_keep", None)
