@@ -646,10 +646,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         unconditional_steps = sum(scale != 1.0 for scale in guidance)
         unconditional = self.unconditional_model
         check_cache_steps(
-            {
-                "transformer": (self.transformer, len(guidance)),
-                "the unconditional pass's transformer": (unconditional, unconditional_steps),
-            }
+            ("transformer", self.transformer, len(guidance)),
+            ("the unconditional pass's transformer", unconditional, unconditional_steps),
         )
         config = type(getattr(self.transformer, "_cache_config", None)).__name__
         if unconditional is self.transformer and config == "PyramidAttentionBroadcastConfig":
