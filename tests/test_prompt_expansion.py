@@ -539,7 +539,7 @@ def refused_before_expanding(pipe, monkeypatch, message, **kwargs):
     """The call raises `message` before `prompt_upsampling` expands the idea: the expansion (an LM decode, stubbed
     here with valid captions so that a check left after it would still raise, too late) never runs."""
     expanded = []
-    monkeypatch.setattr(type(pipe), "expand_ideas", lambda self, ideas, *a: expanded.append(ideas) or [CAPTION])
+    monkeypatch.setattr(type(pipe), "expand_ideas", lambda self, ideas, *a, **kw: expanded.append(ideas) or [CAPTION])
     with pytest.raises(ValueError, match=message):
         pipe("a cat", height=256, width=256, prompt_upsampling=True, output_type="latent", **kwargs)
     assert expanded == []

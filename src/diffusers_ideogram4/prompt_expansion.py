@@ -367,13 +367,9 @@ class Ideogram4PromptExpansionMixin:
             generator = [generator[i * num_images_per_prompt].clone_state() for i in range(len(prompts))]
         elif generator is not None:
             generator = generator.clone_state()
-        arguments = (
-            options.get("temperature", DEFAULT_TEMPERATURE),
-            options.get("max_new_tokens"),
-            options.get("limits"),
-        )
-        self.check_expansion_inputs(prompts, height, width, generator, *arguments)
-        return self.expand_ideas(prompts, height, width, generator, *arguments)
+        arguments = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None} | options
+        self.check_expansion_inputs(prompts, height, width, generator, **arguments)
+        return self.expand_ideas(prompts, height, width, generator, **arguments)
 
     def _onload_decoder(self) -> torch.device:
         """Put the text encoder and the head where decoding runs, and return that device.
