@@ -156,15 +156,7 @@ def pixel_masks(mask_image, name: str = "mask_image") -> np.ndarray:
 
 
 def check_edit_inputs(
-    image,
-    mask_image=None,
-    *,
-    strength,
-    height=None,
-    width=None,
-    resize_mode=None,
-    mask_blur=0,
-    padding_mask_crop=None,
+    image, mask_image=None, *, strength, height=None, width=None, resize_mode=None, mask_blur=0, padding_mask_crop=None
 ) -> EditInputs:
     """Every check of an edit's image, mask, size and mask options that needs no model. `height` and `width` default
     to the image's size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must
