@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .captions.builder import JSON_SEPARATORS, BBox, Caption, caption_dict
-from .captions.preview import _valid_bbox, bbox_to_pixels
+from .captions.preview import _elements, _valid_bbox, bbox_to_pixels
 from .captions.schema import BBOX_MAX
 from .constants import PIXELS_PER_TOKEN
 
@@ -33,12 +33,6 @@ def _require_ints(caller: str, minimum: int, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{caller}: `{name}` must be an int >= {minimum} (pixels), got {value!r}.")
-
-
-def _elements(caption: dict) -> list:
-    composition = caption.get("compositional_deconstruction")
-    elements = composition.get("elements") if isinstance(composition, dict) else None
-    return elements if isinstance(elements, list) else []
 
 
 def _element_path(index: int) -> str:
