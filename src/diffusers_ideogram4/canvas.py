@@ -212,13 +212,8 @@ def expand_caption(caption, *, width: int, height: int, left: int = 0, right: in
     new_width, new_height = width + left + right, height + top + bottom
 
     def moved(bbox: list[int]) -> list[int]:
-        y_min, x_min, y_max, x_max = bbox
-        return [
-            _moved(y_min, top, height, new_height),
-            _moved(x_min, left, width, new_width),
-            _moved(y_max, top, height, new_height),
-            _moved(x_max, left, width, new_width),
-        ]
+        axes = [(top, height, new_height), (left, width, new_width)] * 2  # [y_min, x_min, y_max, x_max]
+        return [_moved(value, *axis) for value, axis in zip(bbox, axes)]
 
     if isinstance(caption, Caption):
         elements = [
