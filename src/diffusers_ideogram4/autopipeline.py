@@ -14,6 +14,7 @@ tables are updated right away when it already is, else the moment it gets import
 
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 
 
@@ -56,13 +57,10 @@ class _AutoPipelineWatcher(importlib.abc.MetaPathFinder):
         if fullname != AUTO_PIPELINE_MODULE:
             return None
         sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _RegisteringLoader(spec.loader)
-                return spec
-        return None
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
 
 
 def install_auto_pipelines() -> None:
