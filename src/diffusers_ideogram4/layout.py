@@ -194,9 +194,5 @@ def pack_layout(text_lengths: list[int], grid_h: int, grid_w: int, multiple: int
 
 def image_only_layout(batch: int, grid_h: int, grid_w: int, multiple: int = 1) -> PackedLayout:
     """Layout of the unconditional branch: image tokens only, one segment (behind padding tokens when the image
-    token count is not divisible by `multiple`)."""
-    if (grid_h * grid_w) % multiple:
-        return pack_layout([0] * batch, grid_h, grid_w, multiple)
-    image = image_position_ids(grid_h, grid_w)
-    indicator = torch.full((batch, image.shape[0]), IMAGE_INDICATOR, dtype=torch.long)
-    return PackedLayout(image.expand(batch, -1, -1).clone(), indicator)
+    token count is not divisible by `multiple`): rows of no text."""
+    return pack_layout([0] * batch, grid_h, grid_w, multiple)
