@@ -569,6 +569,18 @@ def test_an_unconditional_branch_that_cannot_mask_is_refused_before_expanding(mo
     refused_before_expanding(pipe, monkeypatch, message, num_inference_steps=2)
 
 
+def test_a_long_idea_is_not_held_to_the_caption_length_bound(pipe, monkeypatch):
+    """With `prompt_upsampling` the prompt is an idea, the user turn of the expansion (bounded by the language model's
+    context, `expand_prompt`), not a caption: the caption's 2048-token length bound does not refuse it (it did)."""
+    idea = ("a quiet harbour at dawn, fishing boats, gulls; " * 1300)[:60000]  # over the tiny tokenizer's 57,344 bound
+    expanded = []
+    monkeypatch.setattr(type(pipe), "expand_ideas", lambda self, ideas, *a, **kw: expanded.append(ideas) or [CAPTION])
+    output = pipe(idea, prompt_upsampling=True, generator=seeded(0), **CALL)
+    assert expanded == [[idea]] and output.captions == [CAPTION]
+    with pytest.raises(ValueError, match=r"^`prompt` is too long: prompt\[0\] has 60,000 characters"):
+        pipe(idea, **CALL)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # In the pipeline
 

@@ -479,7 +479,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         guidance, mu, std = self.resolve_sampling(
             preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
         )
-        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
+        if not prompt_upsampling:  # ideas are bounded by the language model's context instead (`expand_prompt`)
+            check_prompt_lengths(prompts, self.tokenizer)  # a length alone proving it too long: before any walk
         # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
         Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
         check_scheduler(self.scheduler)
