@@ -777,8 +777,8 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             prompt_upsampling_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens` and `limits` for the
                 expansion, as in `expand_prompt`.
         """
-        # 1. Check inputs, then captions and token counts: every error is raised before any model work (but the
-        # expansion of ideas with `prompt_upsampling`, before which every check that needs no caption is made).
+        # 1. Check inputs, then captions and token counts: every error is raised before any model work; with
+        # `prompt_upsampling`, every check that needs no caption is made before the ideas are expanded.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))

@@ -357,7 +357,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 image-to-image (`strength` picks how much of the schedule runs, `generator` draws only the noise,
                 callback steps count from 0 at the first step that runs).
         """
-        # 1. Check inputs: the image, mask and strength, then all text-to-image checks; no model work before step 3.
+        # 1. Check inputs: the image, mask and strength, then all text-to-image checks, as in text-to-image (no model
+        # work before step 3 but the expansion of ideas, after every check that needs no caption).
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         if mask_image is None and isinstance(self, Ideogram4InpaintPipeline):
