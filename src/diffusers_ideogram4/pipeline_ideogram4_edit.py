@@ -38,12 +38,11 @@ RGB_CHANNELS = 3
 
 
 class EditInputs(NamedTuple):
-    """What `check_edit_inputs` found: the number of images, their size, the size to edit at, and the pixel masks
+    """What `check_edit_inputs` found: the strength, the number of images, the size to edit at, and the pixel masks
     (n, H, W) float32 in [0, 1] at the image's size (None without a mask)."""
 
     strength: float
     num_images: int
-    image_size: tuple[int, int]  # (width, height)
     height: int
     width: int
     masks: np.ndarray | None
@@ -235,7 +234,7 @@ def check_edit_inputs(
             raise ValueError(
                 "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
             )
-    return EditInputs(strength, count, (image_width, image_height), height, width, masks)
+    return EditInputs(strength, count, height, width, masks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
