@@ -736,6 +736,17 @@ def test_mask_options_are_refused_before_expanding_an_idea(monkeypatch, kwargs, 
     assert expansions == []
 
 
+@pytest.mark.parametrize("pipeline", [Ideogram4Img2ImgPipeline, Ideogram4InpaintPipeline])
+def test_a_strength_that_runs_no_step_is_refused_before_expanding_an_idea(monkeypatch, pipeline):
+    edit = pipeline.from_pipe(tiny_pipeline(prompt_enhancer_head=True))
+    expansions = []
+    monkeypatch.setattr(pipeline, "expand_ideas", lambda self, ideas, *a, **kw: expansions.append(ideas) or [CAPTION])
+    masks = {} if pipeline is Ideogram4Img2ImgPipeline else dict(mask_image=headline_mask())
+    with pytest.raises(ValueError, match=r"^`strength=0.2` with `num_inference_steps=2` runs round\(0.2 x 2\) = 0"):
+        edit("an idea", image=picture(), strength=0.2, num_inference_steps=2, prompt_upsampling=True, **masks)
+    assert expansions == []
+
+
 @pytest.mark.parametrize(
     "element, message",
     [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import seeded
+from conftest import CAPTION, seeded
 from diffusers_ideogram4 import CheckpointMismatchError, Ideogram4Pipeline, Ideogram4TextEncoder, check_caption
 from diffusers_ideogram4.captions import to_json
 from diffusers_ideogram4.captions.grammar import (
@@ -533,6 +533,52 @@ def test_bad_upsampling_arguments_are_refused_before_decoding(pipe, kwargs, mess
             pipe("a cat", height=256, width=256, num_inference_steps=2, **kwargs)
     finally:
         hook.remove()
+
+
+def refused_before_expanding(pipe, monkeypatch, message, **kwargs):
+    """The call raises `message` before `prompt_upsampling` expands the idea: the expansion (an LM decode, stubbed
+    here with valid captions so that a check left after it would still raise, too late) never runs."""
+    expanded = []
+    monkeypatch.setattr(type(pipe), "expand_ideas", lambda self, ideas, *a, **kw: expanded.append(ideas) or [CAPTION])
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", height=256, width=256, prompt_upsampling=True, output_type="latent", **kwargs)
+    assert expanded == []
+
+
+def test_a_mag_cache_of_another_step_count_is_refused_before_expanding(monkeypatch):
+    from diffusers import MagCacheConfig
+
+    pipe = tiny_pipeline(prompt_enhancer_head=True)
+    pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4))
+    message = r"^`transformer` has a MagCacheConfig\(num_inference_steps=4\), but this call runs that branch 2 times"
+    refused_before_expanding(pipe, monkeypatch, message, num_inference_steps=2)
+
+
+def test_an_unconditional_branch_that_cannot_mask_is_refused_before_expanding(monkeypatch):
+    """The unconditional branch needs the mask whenever context parallelism pads its image-only sequence (256 image
+    tokens over 3 processes); ring attention cannot apply it. (The conditional branch's need depends on the token
+    counts of the expanded captions, so that check stays after the expansion.)"""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    pipe = tiny_pipeline(prompt_enhancer_head=True)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=3))
+    pipe.unconditional_transformer._parallel_config = config
+    for processor in pipe.unconditional_transformer.attn_processors.values():
+        processor._parallel_config = config
+    message = r"^Ring attention \(`ContextParallelConfig\(ring_degree=3\)`\) cannot apply Ideogram 4's segment mask"
+    refused_before_expanding(pipe, monkeypatch, message, num_inference_steps=2)
+
+
+def test_a_long_idea_is_not_held_to_the_caption_length_bound(pipe, monkeypatch):
+    """With `prompt_upsampling` the prompt is an idea, the user turn of the expansion (bounded by the language model's
+    context, `expand_prompt`), not a caption: the caption's 2048-token length bound does not refuse it (it did)."""
+    idea = ("a quiet harbour at dawn, fishing boats, gulls; " * 1300)[:60000]  # over the tiny tokenizer's 57,344 bound
+    expanded = []
+    monkeypatch.setattr(type(pipe), "expand_ideas", lambda self, ideas, *a, **kw: expanded.append(ideas) or [CAPTION])
+    output = pipe(idea, prompt_upsampling=True, generator=seeded(0), **CALL)
+    assert expanded == [[idea]] and output.captions == [CAPTION]
+    with pytest.raises(ValueError, match=r"^`prompt` is too long: prompt\[0\] has 60,000 characters"):
+        pipe(idea, **CALL)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ tables are updated right away when it already is, else the moment it gets import
 
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 
 
@@ -35,20 +36,17 @@ def register_auto_pipelines(auto_pipeline=None) -> None:
         getattr(auto_pipeline, table)[MODEL_NAME] = getattr(importlib.import_module(module, __package__), name)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
+class _RegisteringLoader:
     """diffusers' own loader of the AutoPipeline module, registering this package's pipelines once it has run."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
         register_auto_pipelines(module)
 
-    def __getattr__(self, name):  # get_source, get_filename, ... as the wrapped loader has them
+    def __getattr__(self, name):  # create_module, get_source, get_filename, ... as the wrapped loader has them
         return getattr(self.loader, name)
 
 
@@ -59,13 +57,10 @@ class _AutoPipelineWatcher(importlib.abc.MetaPathFinder):
         if fullname != AUTO_PIPELINE_MODULE:
             return None
         sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _RegisteringLoader(spec.loader)
-                return spec
-        return None
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
 
 
 def install_auto_pipelines() -> None:

@@ -101,10 +101,10 @@ def forget_hooked_submodules(model: nn.Module) -> None:
             registry._child_registries_cache = None
 
 
-def check_cache_steps(branches: dict[str, tuple[nn.Module | None, int]]) -> None:
+def check_cache_steps(*branches: tuple[str, nn.Module | None, int]) -> None:
     """A MagCache counts the calls of its transformer and restarts its schedule after `num_inference_steps` of them:
-    refuse a call whose branch runs another number of steps. `branches`: {name: (transformer, steps it runs)}."""
-    for name, (transformer, steps) in branches.items():
+    refuse a call whose branch runs another number of steps. `branches`: (name, transformer, steps it runs) each."""
+    for name, transformer, steps in branches:
         config = getattr(transformer, "_cache_config", None)
         if type(config).__name__ == "MagCacheConfig" and steps and config.num_inference_steps != steps:
             raise ValueError(

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .captions.builder import JSON_SEPARATORS, BBox, Caption, caption_dict
-from .captions.preview import _valid_bbox, bbox_to_pixels
+from .captions.preview import _elements, _valid_bbox, bbox_to_pixels
 from .captions.schema import BBOX_MAX
 from .constants import PIXELS_PER_TOKEN
 
@@ -29,19 +29,22 @@ DEFAULT_FILL = (127, 127, 127)
 OVERLAY_COLOR = (255, 0, 96)
 
 
-def _require_int(caller: str, name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{caller}: `{name}` must be an int >= {minimum} (pixels), got {value!r}.")
-
-
-def _elements(caption: dict) -> list:
-    composition = caption.get("compositional_deconstruction")
-    elements = composition.get("elements") if isinstance(composition, dict) else None
-    return elements if isinstance(elements, list) else []
+def _require_ints(caller: str, minimum: int, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{caller}: `{name}` must be an int >= {minimum} (pixels), got {value!r}.")
 
 
 def _element_path(index: int) -> str:
     return f"compositional_deconstruction.elements[{index}]"
+
+
+def _check_bbox(caller: str, index: int, bbox) -> None:
+    if not _valid_bbox(bbox):
+        raise ValueError(
+            f"{caller}: {_element_path(index)}.bbox={bbox!r} is not 4 ints [y_min, x_min, y_max, x_max] in "
+            f"0..{BBOX_MAX} with min <= max; fix the caption (`check_caption` lists the problems)."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -66,9 +69,8 @@ def mask_from_caption(caption, element: int | Sequence[int], *, height: int, wid
         A mode "L" image of `width` x `height`: 255 inside the box (repaint), 0 elsewhere (keep).
     """
     caller = "mask_from_caption"
-    _require_int(caller, "height", height, 1)
-    _require_int(caller, "width", width, 1)
-    _require_int(caller, "pad", pad, 0)
+    _require_ints(caller, 1, height=height, width=width)
+    _require_ints(caller, 0, pad=pad)
     indices = [element] if isinstance(element, int) and not isinstance(element, bool) else element
     if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not indices:
         raise ValueError(f"{caller}: `element` must be an element index or a non-empty list of them, got {element!r}.")
@@ -88,11 +90,7 @@ def mask_from_caption(caption, element: int | Sequence[int], *, height: int, wid
                 f"{caller}: {_element_path(index)} has no `bbox`, so there is no region to mask; give it a bbox or "
                 "pass a mask drawn by hand."
             )
-        if not _valid_bbox(bbox):
-            raise ValueError(
-                f"{caller}: {_element_path(index)}.bbox={bbox!r} is not 4 ints [y_min, x_min, y_max, x_max] in "
-                f"0..{BBOX_MAX} with min <= max; fix the caption (`check_caption` lists the problems)."
-            )
+        _check_bbox(caller, index, bbox)
         left, top, right, bottom = bbox_to_pixels(bbox, width, height)  # inclusive
         mask[max(0, top - pad) : bottom + 1 + pad, max(0, left - pad) : right + 1 + pad] = REPAINT
     return Image.fromarray(mask, mode="L")
@@ -178,8 +176,7 @@ def expand_canvas(
     caller = "expand_canvas"
     if not isinstance(image, Image.Image):
         raise ValueError(f"{caller}: `image` must be a PIL image, got {type(image).__name__}.")
-    for name, value in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
-        _require_int(caller, name, value, 0)
+    _require_ints(caller, 0, left=left, right=right, top=top, bottom=bottom)
     size = (image.width + left + right, image.height + top + bottom)
     canvas = Image.new("RGB", size, fill)
     canvas.paste(image.convert("RGB"), (left, top))
@@ -210,20 +207,13 @@ def expand_caption(caption, *, width: int, height: int, left: int = 0, right: in
         left, right, top, bottom: the margins given to `expand_canvas`.
     """
     caller = "expand_caption"
-    for name, value in (("width", width), ("height", height)):
-        _require_int(caller, name, value, 1)
-    for name, value in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
-        _require_int(caller, name, value, 0)
+    _require_ints(caller, 1, width=width, height=height)
+    _require_ints(caller, 0, left=left, right=right, top=top, bottom=bottom)
     new_width, new_height = width + left + right, height + top + bottom
 
     def moved(bbox: list[int]) -> list[int]:
-        y_min, x_min, y_max, x_max = bbox
-        return [
-            _moved(y_min, top, height, new_height),
-            _moved(x_min, left, width, new_width),
-            _moved(y_max, top, height, new_height),
-            _moved(x_max, left, width, new_width),
-        ]
+        axes = [(top, height, new_height), (left, width, new_width)] * 2  # [y_min, x_min, y_max, x_max]
+        return [_moved(value, *axis) for value, axis in zip(bbox, axes)]
 
     if isinstance(caption, Caption):
         elements = [
@@ -234,12 +224,7 @@ def expand_caption(caption, *, width: int, height: int, left: int = 0, right: in
     data = copy.deepcopy(caption_dict(caption, caller))
     for index, element in enumerate(_elements(data)):
         bbox = element.get("bbox") if isinstance(element, dict) else None
-        if bbox is None:
-            continue
-        if not _valid_bbox(bbox):
-            raise ValueError(
-                f"{caller}: {_element_path(index)}.bbox={bbox!r} is not 4 ints [y_min, x_min, y_max, x_max] in "
-                f"0..{BBOX_MAX} with min <= max; fix the caption (`check_caption` lists the problems)."
-            )
-        element["bbox"] = moved(bbox)
+        if bbox is not None:
+            _check_bbox(caller, index, bbox)
+            element["bbox"] = moved(bbox)
     return json.dumps(data, ensure_ascii=False, separators=JSON_SEPARATORS) if isinstance(caption, str) else data

@@ -5,9 +5,9 @@ A `PackedLayout` is built once per pipeline call and passed to every step: it de
 attention mask (only rows with padding do), packs the image tokens behind the text positions and unpacks the velocity.
 """
 
+import dataclasses
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,7 +127,7 @@ def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
 
 
-@dataclass
+@dataclasses.dataclass
 class PackedLayout:
     """Per-token roles of one branch's sequence, `[text, right-padded | image]` or image tokens only.
 
@@ -143,16 +143,8 @@ class PackedLayout:
     num_text: int = 0
 
     def to(self, device) -> "PackedLayout":
-        def move(tensor):
-            return None if tensor is None else tensor.to(device)
-
-        return PackedLayout(
-            move(self.position_ids),
-            move(self.indicator),
-            move(self.segment_ids),
-            move(self.attention_mask),
-            self.num_text,
-        )
+        tensors = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
 
     def pack(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N_img, C) -> (B, L, C): zeros at the text positions, the image tokens after them."""
@@ -202,9 +194,5 @@ def pack_layout(text_lengths: list[int], grid_h: int, grid_w: int, multiple: int
 
 def image_only_layout(batch: int, grid_h: int, grid_w: int, multiple: int = 1) -> PackedLayout:
     """Layout of the unconditional branch: image tokens only, one segment (behind padding tokens when the image
-    token count is not divisible by `multiple`)."""
-    if (grid_h * grid_w) % multiple:
-        return pack_layout([0] * batch, grid_h, grid_w, multiple)
-    image = image_position_ids(grid_h, grid_w)
-    indicator = torch.full((batch, image.shape[0]), IMAGE_INDICATOR, dtype=torch.long)
-    return PackedLayout(image.expand(batch, -1, -1).clone(), indicator)
+    token count is not divisible by `multiple`): rows of no text."""
+    return pack_layout([0] * batch, grid_h, grid_w, multiple)

@@ -141,28 +141,27 @@ def check_components_fit(vae, text_encoder, transformer, unconditional_transform
             "An Ideogram 4 pipeline cannot run these components: " + "; ".join(wrong) + ". Load them with "
             "diffusers_ideogram4's classes (`Ideogram4Pipeline.from_pretrained` does)."
         )
-    problems = []
-    if text_encoder is not None and transformer is not None:
-        features, expected = text_encoder.feature_dim, transformer.config.llm_features_dim
-        if features != expected:
-            hidden = text_encoder.config.text_config.hidden_size
-            problems.append(
-                f"`text_encoder` gives {features} features per token (13 taps x hidden {hidden}), `transformer` "
-                f"expects llm_features_dim={expected}"
-            )
-    if vae is not None and transformer is not None:
+    if transformer is None:  # what follows compares each component with it
+        return
+    config, problems = transformer.config, []
+    if text_encoder is not None and text_encoder.feature_dim != config.llm_features_dim:
+        hidden = text_encoder.config.text_config.hidden_size
+        problems.append(
+            f"`text_encoder` gives {text_encoder.feature_dim} features per token (13 taps x hidden {hidden}), "
+            f"`transformer` expects llm_features_dim={config.llm_features_dim}"
+        )
+    if vae is not None:
         channels = vae.config.latent_channels * PATCH_SIZE * PATCH_SIZE
-        if channels != transformer.config.in_channels:
+        if channels != config.in_channels:
             problems.append(
                 f"`vae` has {vae.config.latent_channels} latent channels ({channels} per 2x2 token), `transformer` "
-                f"expects in_channels={transformer.config.in_channels}"
+                f"expects in_channels={config.in_channels}"
             )
-    if unconditional_transformer is not None and transformer is not None:
-        if unconditional_transformer.config.in_channels != transformer.config.in_channels:
-            problems.append(
-                f"`unconditional_transformer` has in_channels={unconditional_transformer.config.in_channels}, "
-                f"`transformer` {transformer.config.in_channels}"
-            )
+    if unconditional_transformer is not None and unconditional_transformer.config.in_channels != config.in_channels:
+        problems.append(
+            f"`unconditional_transformer` has in_channels={unconditional_transformer.config.in_channels}, "
+            f"`transformer` {config.in_channels}"
+        )
     if problems:
         raise ValueError(
             "The pipeline's components do not belong to one Ideogram 4 model: " + "; ".join(problems) + ". Load "
@@ -368,9 +367,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                     "non-empty list, tuple or 1-D tensor, first step first (a set has no order)."
                 )
         if num_inference_steps is None:
-            num_inference_steps = (
-                len(guidance_schedule) if guidance_schedule is not None else settings.num_inference_steps
-            )
+            num_inference_steps = settings.num_inference_steps if guidance_schedule is None else len(guidance_schedule)
         require_positive_int("num_inference_steps", num_inference_steps)
         if guidance_schedule is not None:
             schedule = [finite_float(f"guidance_schedule[{i}]", g) for i, g in enumerate(guidance_schedule)]
@@ -404,15 +401,26 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         prompt,
         height,
         width,
+        *,
+        num_inference_steps,
+        guidance_scale,
+        guidance_schedule,
+        mu,
+        std,
+        preset,
         num_images_per_prompt,
+        generator,
         latents,
         output_type,
-        caption_check,
+        attention_kwargs,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-        generator=None,
-        callback_on_step_end=None,
-    ) -> tuple[list[str], tuple[int, int]]:
-        """Validate every argument before any model work; return the prompts as a list and the image token grid."""
+        caption_check,
+        prompt_upsampling=False,
+        prompt_upsampling_kwargs=None,
+    ) -> tuple[list[str], tuple[int, int], list[float], float, float]:
+        """Step 1 of every call: validate every argument before any model work.
+        -> (prompts as a list, image token grid, guidance per step, mu, std)."""
         prompts = string_list(
             "prompt",
             prompt,
@@ -468,7 +476,17 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {unknown}; the callback can receive {self._callback_tensor_inputs}."
             )
-        return prompts, grid
+        guidance, mu, std = self.resolve_sampling(
+            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
+        )
+        if not prompt_upsampling:  # ideas are bounded by the language model's context instead (`expand_prompt`)
+            check_prompt_lengths(prompts, self.tokenizer)  # a length alone proving it too long: before any walk
+        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
+        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
+        check_scheduler(self.scheduler)
+        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
+            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
+        return prompts, grid, guidance, mu, std
 
     def check_latents(self, latents) -> None:
         """Initial noise given by the user: a finite float32 tensor on the CPU or the execution device."""
@@ -513,10 +531,6 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                     f"it was given ({tuple(given.shape)} {given.dtype})."
                 )
         return outputs
-
-    def check_captions(self, prompts: list[str], caption_check: str) -> None:
-        """Structured-caption check of every prompt (SPEC 7): raise, warn or skip."""
-        check_prompts(prompts, mode=caption_check)
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         """Chat-template token ids of every prompt; raises when one is over the 2048-token limit."""
@@ -574,51 +588,36 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
 
     def prepare_call(
         self,
-        prompt,
+        prompts,
+        grid,
         height,
         width,
-        *,
-        num_inference_steps,
-        guidance_scale,
-        guidance_schedule,
-        mu,
-        std,
-        preset,
-        num_images_per_prompt,
         generator,
-        latents,
-        output_type,
+        num_images_per_prompt,
         attention_kwargs,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
         caption_check,
         prompt_upsampling=False,
         prompt_upsampling_kwargs=None,
-    ):
-        """Step 1 of every call: check all arguments, the captions and the token counts (no model work but the
-        expansion of ideas with `prompt_upsampling`), and set the call's attention kwargs.
-        -> (prompts, token grid, guidance per step, mu, std, token ids per prompt, expanded captions or None)."""
-        prompts, grid = self.check_inputs(**arguments_for(self.check_inputs, locals()))
-        guidance, mu, std = self.resolve_sampling(
-            preset, num_inference_steps, guidance_scale, guidance_schedule, mu, std
-        )
-        check_prompt_lengths(prompts, self.tokenizer)  # a length that alone proves a prompt too long: before any walk
-        # Validates attention_kwargs and the scheduler (`set_shift` may have changed it since) before any model work.
-        Ideogram4Transformer2DModel.scale_from_attention_kwargs(attention_kwargs)
-        check_scheduler(self.scheduler)
-        if prompt_upsampling_kwargs is not None and not prompt_upsampling:
-            raise ValueError("`prompt_upsampling_kwargs` was given without `prompt_upsampling=True`; pass both.")
-        captions = None
-        if prompt_upsampling:  # ideas -> captions: the one model work before the caption check
-            prompts = captions = self.upsample_prompts(
-                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
-            )
-        self.check_captions(prompts, caption_check)
-        token_ids = self.tokenize(prompts)
+    ) -> tuple[list[list[int]], list[str] | None]:
+        """The end of step 1, after `check_inputs` and `check_denoise`: set the call's attention kwargs; with
+        `prompt_upsampling` expand the ideas into captions (the one model work of the step); check the captions, the
+        token counts and whether the attention backend can mask the conditional branch's padding (which needs the
+        token counts). -> (token ids per prompt, expanded captions or None)."""
         self._attention_kwargs = attention_kwargs
         self._generator = generator  # seeds a stochastic scheduler's noise too
         self._interrupt = False
-        return prompts, grid, guidance, mu, std, token_ids, captions
+        captions = None
+        if prompt_upsampling:
+            prompts = captions = self.upsample_prompts(
+                prompts, height, width, generator, num_images_per_prompt, prompt_upsampling_kwargs
+            )
+        check_prompts(prompts, mode=caption_check)
+        token_ids = self.tokenize(prompts)
+        text_lengths = [len(ids) for ids in token_ids]
+        text_positions = padded_text_length(text_lengths, grid[0] * grid[1], self.transformer.context_parallel_size)
+        if needs_attention_mask(text_lengths, text_positions):
+            self.transformer.check_attention_mask_support()
+        return token_ids, captions
 
     def encode_prompts(
         self, token_ids: list[list[int]], num_images_per_prompt: int, device: torch.device
@@ -641,17 +640,15 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
         taus[k + 1]."""
         return model_times(num_inference_steps, mu, std, height, width).tolist()
 
-    def check_denoise(self, guidance: list[float], text_lengths: list[int] | None = None, grid=None) -> None:
+    def check_denoise(self, guidance: list[float], grid: tuple[int, int] | None = None) -> None:
         """Checks of the denoising loop made before any model work: a MagCache must count as many calls of its branch
-        as the steps run (`guidance`, one per step); with the prompts' token counts and the token grid, the attention
-        backends must apply the segment mask where a branch's sequence holds padding."""
+        as the steps run (`guidance`, one per step); with the token grid, the attention backends must apply the
+        segment mask where the unconditional branch's sequence holds padding."""
         unconditional_steps = sum(scale != 1.0 for scale in guidance)
         unconditional = self.unconditional_model
         check_cache_steps(
-            {
-                "transformer": (self.transformer, len(guidance)),
-                "the unconditional pass's transformer": (unconditional, unconditional_steps),
-            }
+            ("transformer", self.transformer, len(guidance)),
+            ("the unconditional pass's transformer", unconditional, unconditional_steps),
         )
         config = type(getattr(self.transformer, "_cache_config", None)).__name__
         if unconditional is self.transformer and config == "PyramidAttentionBroadcastConfig":
@@ -661,13 +658,7 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
                 "(FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig keep each branch apart), or "
                 "`pipe.transformer.disable_cache()`."
             )
-        if text_lengths is None:
-            return
-        num_image = grid[0] * grid[1]
-        multiple = self.transformer.context_parallel_size
-        if needs_attention_mask(text_lengths, padded_text_length(text_lengths, num_image, multiple)):
-            self.transformer.check_attention_mask_support()
-        if unconditional_steps and num_image % unconditional.context_parallel_size:
+        if grid is not None and unconditional_steps and (grid[0] * grid[1]) % unconditional.context_parallel_size:
             unconditional.check_attention_mask_support()
 
     def denoise(
@@ -786,13 +777,13 @@ class Ideogram4Pipeline(DiffusionPipeline, Ideogram4UnconditionalLoraMixin, Ideo
             prompt_upsampling_kwargs (`dict`, *optional*): `temperature`, `max_new_tokens` and `limits` for the
                 expansion, as in `expand_prompt`.
         """
-        # 1. Check inputs, captions and token counts: every error is raised before any model work.
+        # 1. Check inputs, then captions and token counts: every error is raised before any model work; with
+        # `prompt_upsampling`, every check that needs no caption is made before the ideas are expanded.
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        _, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            **arguments_for(self.prepare_call, locals())
-        )
-        self.check_denoise(guidance, [len(ids) for ids in token_ids], grid)
+        prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))
+        self.check_denoise(guidance, grid)
+        token_ids, captions = self.prepare_call(**arguments_for(self.prepare_call, locals()))
         device = self._execution_device
 
         # 2. Encode text once per prompt, then repeat for the images of each prompt.

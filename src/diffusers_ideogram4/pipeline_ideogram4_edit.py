@@ -38,12 +38,11 @@ RGB_CHANNELS = 3
 
 
 class EditInputs(NamedTuple):
-    """What `check_edit_inputs` found: the number of images, their size, the size to edit at, and the pixel masks
+    """What `check_edit_inputs` found: the strength, the number of images, the size to edit at, and the pixel masks
     (n, H, W) float32 in [0, 1] at the image's size (None without a mask)."""
 
     strength: float
     num_images: int
-    image_size: tuple[int, int]  # (width, height)
     height: int
     width: int
     masks: np.ndarray | None
@@ -156,15 +155,7 @@ def pixel_masks(mask_image, name: str = "mask_image") -> np.ndarray:
 
 
 def check_edit_inputs(
-    image,
-    mask_image=None,
-    *,
-    strength,
-    height=None,
-    width=None,
-    resize_mode=None,
-    mask_blur=0,
-    padding_mask_crop=None,
+    image, mask_image=None, *, strength, height=None, width=None, resize_mode=None, mask_blur=0, padding_mask_crop=None
 ) -> EditInputs:
     """Every check of an edit's image, mask, size and mask options that needs no model. `height` and `width` default
     to the image's size; without `resize_mode` (or `padding_mask_crop`) the image is never resized, so its size must
@@ -243,7 +234,7 @@ def check_edit_inputs(
             raise ValueError(
                 "`padding_mask_crop` needs a mask with a white (repaint) region to crop around; it is black."
             )
-    return EditInputs(strength, count, (image_width, image_height), height, width, masks)
+    return EditInputs(strength, count, height, width, masks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -302,10 +293,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
     def _check_counts(prompts: list[str], edit: EditInputs) -> None:
         """The check that needs the prompts: one image (and mask) for all prompts, or one per prompt (the prompts
         before any expansion: an idea becomes one caption)."""
-        for name, count in (
-            ("image", edit.num_images),
-            ("mask_image", None if edit.masks is None else len(edit.masks)),
-        ):
+        counts = {"image": edit.num_images, "mask_image": None if edit.masks is None else len(edit.masks)}
+        for name, count in counts.items():
             if count is not None and count not in (1, len(prompts)):
                 raise ValueError(
                     f"`{name}` holds {count} images for {len(prompts)} prompt(s); give one for all prompts or one "
@@ -367,7 +356,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 image-to-image (`strength` picks how much of the schedule runs, `generator` draws only the noise,
                 callback steps count from 0 at the first step that runs).
         """
-        # 1. Check inputs: the image, mask and strength, then all text-to-image checks; no model work before step 3.
+        # 1. Check inputs: the image, mask and strength, then all text-to-image checks, as in text-to-image (no model
+        # work before step 3 but the expansion of ideas, after every check that needs no caption).
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         if mask_image is None and isinstance(self, Ideogram4InpaintPipeline):
@@ -375,24 +365,13 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 "`mask_image` is None: inpainting needs a mask (white = repaint, black = keep). To change the whole "
                 "image, use `Ideogram4Img2ImgPipeline.from_pipe(pipe)`, or pass an all-white mask."
             )
-        edit = check_edit_inputs(
-            image,
-            mask_image,
-            strength=strength,
-            height=height,
-            width=width,
-            resize_mode=resize_mode,
-            mask_blur=mask_blur,
-            padding_mask_crop=padding_mask_crop,
-        )
+        edit = check_edit_inputs(**arguments_for(check_edit_inputs, locals()))
         height, width = edit.height, edit.width
-        if isinstance(prompt, (str, list)):  # other types are refused by prepare_call's checks
-            self._check_counts([prompt] if isinstance(prompt, str) else prompt, edit)
-        prompts, grid, guidance, mu, std, token_ids, captions = self.prepare_call(
-            **arguments_for(self.prepare_call, locals())
-        )
-        num_steps = steps_for_strength(edit.strength, len(guidance))
-        self.check_denoise(guidance[len(guidance) - num_steps :], [len(ids) for ids in token_ids], grid)
+        prompts, grid, guidance, mu, std = self.check_inputs(**arguments_for(self.check_inputs, locals()))
+        self._check_counts(prompts, edit)
+        skipped = len(guidance) - steps_for_strength(edit.strength, len(guidance))  # the first steps, left out
+        self.check_denoise(guidance[skipped:], grid)
+        token_ids, captions = self.prepare_call(**arguments_for(self.prepare_call, locals()))
 
         # 2. Image and mask at the size edited: cropped around the mask and resized only when asked.
         crop = None
@@ -414,9 +393,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 return tensor.expand(batch_size, *tensor.shape[1:])
             return tensor.repeat_interleave(num_images_per_prompt, dim=0)
 
-        # 4. Schedule: the last `num_steps` of the N steps, with their guidance, from the noised image; over the
+        # 4. Schedule: the last N - `skipped` of the N steps, with their guidance, from the noised image; over the
         # whole schedule from the noise itself, text-to-image's start (image-to-image then never reads the image).
-        skipped = len(guidance) - num_steps
         x0 = per_image(self.encode_image(pixels, device)) if skipped or weights is not None else None
         taus = self.schedule(len(guidance), mu, std, height, width)[skipped:]
         guidance = guidance[skipped:]
@@ -432,16 +410,8 @@ class _Ideogram4EditPipeline(Ideogram4Pipeline):
                 return self.blend(latents, x0 if last else self.noised(x0, noise, taus[step + 1]), weights)
 
         # 5. Denoising loop.
-        latents = self.denoise(
-            latents,
-            taus,
-            guidance,
-            text_features,
-            self.prepare_layouts(text_lengths, grid, device),
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            step_hook=step_hook,
-        )
+        layouts = self.prepare_layouts(text_lengths, grid, device)
+        latents = self.denoise(**arguments_for(self.denoise, locals()))
 
         # 6. Decode; with padding_mask_crop, paste the repainted crop into the original image.
         if output_type == "latent":

@@ -138,9 +138,6 @@ class CaptionDecoder(Qwen3VLPreTrainedModel, GenerationMixin):
         self.model = language_model
         self.lm_head = lm_head
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (1, T) -> logits (1, 1, vocab_size) float32 of the last position, and the updated cache."""
         kwargs.pop("logits_to_keep", None)
@@ -181,13 +178,6 @@ class GrammarSampler(LogitsProcessor):
         chosen = torch.full_like(scores, float("-inf"))
         chosen[:, token] = 0.0
         return chosen
-
-
-def _generator_copy(generator: torch.Generator) -> torch.Generator:
-    """A generator in the same state, so that drawing from it leaves the original untouched."""
-    twin = torch.Generator(device=generator.device)
-    twin.set_state(generator.get_state())
-    return twin
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,16 +364,12 @@ class Ideogram4PromptExpansionMixin:
                 f"`expand_prompt`), got {options!r}."
             )
         if isinstance(generator, list):
-            generator = [_generator_copy(generator[i * num_images_per_prompt]) for i in range(len(prompts))]
+            generator = [generator[i * num_images_per_prompt].clone_state() for i in range(len(prompts))]
         elif generator is not None:
-            generator = _generator_copy(generator)
-        arguments = (
-            options.get("temperature", DEFAULT_TEMPERATURE),
-            options.get("max_new_tokens"),
-            options.get("limits"),
-        )
-        self.check_expansion_inputs(prompts, height, width, generator, *arguments)
-        return self.expand_ideas(prompts, height, width, generator, *arguments)
+            generator = generator.clone_state()
+        arguments = {"temperature": DEFAULT_TEMPERATURE, "max_new_tokens": None, "limits": None} | options
+        self.check_expansion_inputs(prompts, height, width, generator, **arguments)
+        return self.expand_ideas(prompts, height, width, generator, **arguments)
 
     def _onload_decoder(self) -> torch.device:
         """Put the text encoder and the head where decoding runs, and return that device.

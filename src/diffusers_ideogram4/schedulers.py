@@ -29,27 +29,20 @@ from .sampler import euler_step
 # ranges in these units, 1000 = noise.
 DIFFUSERS_TIMESTEP_SCALE = 1000
 SUPPORTED_SCHEDULERS = (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
-# The settings each accepted class needs: `set_timesteps(sigmas=...)` keeps the sigmas as given, and the model output is
-# read as a flow (any other value rewrites the sigmas or misreads the velocity).
+# The settings each accepted class needs: `set_timesteps(sigmas=...)` keeps the sigmas as given (`SIGMA_SETTINGS`, the
+# options both classes have), and the model output is read as a flow (any other value rewrites the sigmas or misreads
+# the velocity).
+SIGMA_SETTINGS = {
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+UNIPC_FLOW_SETTINGS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
 REQUIRED_SETTINGS = {
-    FlowMatchEulerDiscreteScheduler: {
-        "use_dynamic_shifting": False,
-        "shift_terminal": None,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "invert_sigmas": False,
-    },
-    UniPCMultistepScheduler: {
-        "use_flow_sigmas": True,
-        "prediction_type": "flow_prediction",
-        "flow_shift": 1.0,
-        "use_dynamic_shifting": False,
-        "shift_terminal": None,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-    },
+    FlowMatchEulerDiscreteScheduler: {**SIGMA_SETTINGS, "invert_sigmas": False},
+    UniPCMultistepScheduler: {**UNIPC_FLOW_SETTINGS, **SIGMA_SETTINGS},
 }
 # Why the usual alternatives cannot run Ideogram 4's schedule.
 REFUSED_SCHEDULERS = {
