@@ -393,31 +393,39 @@ def _parse_text(text: str) -> tuple[object, list]:
     return parsed, found
 
 
+def _walk(root):
+    """Yield (value, path, depth) for every value below `root`, depth first. A container reached twice (shared, or
+    containing itself) is walked once; a consumer that stops early stops the walk."""
+    stack = [(root, (), 1)]
+    seen = set()
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        yield value, path, depth
+        if isinstance(value, dict):
+            stack.extend((child, path + (_path_key(key),), depth + 1) for key, child in value.items())
+        elif isinstance(value, list):
+            stack.extend((child, path + (index,), depth + 1) for index, child in enumerate(value))
+
+
 def _duplicate_paths(parsed: dict, repeated: dict):
     """Yield (path, repeated keys) for each parsed dict that had repeated keys."""
-    stack = [(parsed, ())]
-    while stack and repeated:
-        value, path = stack.pop()
-        if isinstance(value, dict):
-            if id(value) in repeated:
+    if repeated:
+        for value, path, _ in _walk(parsed):
+            if isinstance(value, dict) and id(value) in repeated:
                 yield path, repeated[id(value)][1]
-            stack.extend((child, path + (key,)) for key, child in value.items())
-        elif isinstance(value, list):
-            stack.extend((child, path + (index,)) for index, child in enumerate(value))
 
 
 def _guard(caption: dict) -> list:
     """Depth and size guard before any recursive walk: nesting past MAX_NESTING_DEPTH (or a dict that contains
     itself), and integers too large to print, stop the check with one issue."""
-    stack = [(caption, (), 1)]
-    seen = set()  # containers already walked: shared sub-objects are walked once
-    while stack:
-        value, path, depth = stack.pop()
+    for value, path, depth in _walk(caption):
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
             return [_issue(path, f"integer with {value.bit_length()} bits is out of range", "use 0..1000")]
-        if not isinstance(value, (dict, list)):
-            continue
-        if depth > MAX_NESTING_DEPTH:
+        if isinstance(value, (dict, list)) and depth > MAX_NESTING_DEPTH:
             return [
                 _issue(
                     path[:MAX_NESTING_DEPTH],
@@ -425,13 +433,6 @@ def _guard(caption: dict) -> list:
                     "look for a value that contains itself or a runaway generator",
                 )
             ]
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, dict):
-            stack.extend((child, path + (_path_key(key),), depth + 1) for key, child in value.items())
-        else:
-            stack.extend((child, path + (index,), depth + 1) for index, child in enumerate(value))
     return []
 
 
@@ -443,22 +444,11 @@ def _unencodable(caption: dict) -> list:
     """Every key and string value that UTF-8 cannot encode: lone surrogates, typed literally or decoded from a
     `\\ud800` escape (valid JSON, but the tokenizer cannot take it). Runs after `_guard`: the depth is bounded."""
     found = []
-    stack = [(caption, ())]
-    seen = set()  # containers already walked: a dict may contain itself
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, (dict, list)):
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
+    for value, path, _ in _walk(caption):
         if isinstance(value, dict):
-            for key, child in value.items():
-                child_path = path + (_path_key(key),)
+            for key in value:
                 if isinstance(key, str):
-                    found += _lone_surrogate(key, child_path, "key")
-                stack.append((child, child_path))
-        elif isinstance(value, list):
-            stack.extend((child, path + (index,)) for index, child in enumerate(value))
+                    found += _lone_surrogate(key, path + (key,), "key")
         elif isinstance(value, str):
             found += _lone_surrogate(value, path, "string")
     return found
