@@ -372,3 +372,22 @@ def test_lokr_layout_at_peft_rank_boundary_keeps_w2_full():
         "decompose_both": True,
         "decompose_factor": 8,
     }
+
+
+def test_a_peft_saved_loha_with_its_adapter_config_is_refused_not_loaded_at_another_scale(tmp_path):
+    # PEFT keeps a LoHa's alpha in adapter_config.json (here 16 over rank 4: scale 4); the LyCORIS loader reads alpha
+    # from `.alpha` tensors only, so loading the tensors alone would apply scale 1.
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    config = LoHaConfig(r=4, alpha=16, target_modules=["to_q", "w1"], init_weights=False)
+    get_peft_model(tiny_transformer(seed=3), config).save_pretrained(tmp_path / "peft")
+    pipe = tiny_pipeline()
+    before = velocity(pipe.transformer)
+    refused(
+        pipe,
+        str(tmp_path / "peft" / "adapter_model.safetensors"),
+        r"This LoHa / LoKr adapter comes with PEFT metadata \(adapter_config\.json or `metadata=`: \[.*\]\), which "
+        r"the LyCORIS loader does not apply",
+    )
+    torch.testing.assert_close(velocity(pipe.transformer), before, rtol=0, atol=0)

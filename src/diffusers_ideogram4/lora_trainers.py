@@ -29,6 +29,7 @@ from .lora_formats import (
     BLOCK_MODULES,
     GLOBAL_MODULES,
     ORIGINAL_BLOCK_MODULES,
+    PEFT_CONFIG_NAME,
     by_component,
     config_patterns,
     group_factors,
@@ -327,5 +328,12 @@ def parse_adapter_state_dict(
     """Any adapter file this package reads -> `{component: {module: LoraFactors | LohaFactors | LokrFactors}}`:
     LyCORIS LoHa / LoKr (`parse_lycoris_state_dict`) or LoRA (`lora_formats.parse_lora_state_dict`)."""
     if is_lycoris(state_dict):
+        if metadata:  # PEFT's alpha for LoHa / LoKr lives there; reading only the tensors would load another scale
+            raise ValueError(
+                f"This LoHa / LoKr adapter comes with PEFT metadata ({PEFT_CONFIG_NAME} or `metadata=`: "
+                f"{sorted(metadata)[:6]}), which the LyCORIS loader does not apply: it reads alpha from each module's "
+                "`.alpha` tensor. Nothing was loaded. Store the adapter in LyCORIS form (an `<module>.alpha` tensor "
+                "per module), or apply it with PEFT itself."
+            )
         return parse_lycoris_state_dict(state_dict, target)
     return parse_lora_state_dict(state_dict, metadata, target)
