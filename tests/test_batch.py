@@ -743,3 +743,19 @@ def test_a_batch_in_single_transformer_mode_names_the_unconditional_lora(tmp_pat
     recipe = read_recipe(next((tmp_path / "out").glob("*.png")))
     assert recipe["model"]["unconditional_lora"]["path"] == str(lora)
     assert recipe["model"]["loras"] == []
+
+
+def test_reproduce_checks_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    base = ["generate", CAPTION, "--model", TINY_RANDOM, "--height", "256", "--width", "256", "--steps", "2"]
+    assert run_cli(capsys, *base, "-o", tmp_path / "made.png")[0] == 0
+    import diffusers_ideogram4.testing as testing
+
+    built = []
+    monkeypatch.setattr(testing, "tiny_pipeline", lambda **kw: built.append("pipeline"))
+    code, _, err = run_cli(capsys, "reproduce", tmp_path / "made.png", "-o", tmp_path / "missing" / "again.png")
+    assert code == 2
+    assert err == (
+        f"error: cannot write {tmp_path / 'missing' / 'again.png'}: the folder {tmp_path / 'missing'} does not "
+        "exist; create it first\n"
+    )
+    assert built == []
