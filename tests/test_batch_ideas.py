@@ -339,3 +339,14 @@ def test_an_expansion_that_fails_makes_that_image_fail_only(tmp_path, pipe):
         "ValueError: The caption for `prompt[0]` did not end within `max_new_tokens=3` tokens"
     )
     assert sorted(pngs(tmp_path)) == ["p-0.png"]
+
+
+def test_caption_expand_without_llguidance_is_a_one_line_error(capsys, monkeypatch, no_model):
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    code, out, err = run_cli(capsys, "caption", "expand", IDEA, "--model", TINY_RANDOM)
+    assert code == 2 and out == ""
+    assert err == (
+        "error: caption expand: Prompt expansion constrains decoding with llguidance, which is not installed: "
+        f"{EXPAND_EXTRA}\n"
+    )
+    assert no_model == []
