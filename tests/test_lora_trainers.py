@@ -391,3 +391,15 @@ def test_a_peft_saved_loha_with_its_adapter_config_is_refused_not_loaded_at_anot
         r"the LyCORIS loader does not apply",
     )
     torch.testing.assert_close(velocity(pipe.transformer), before, rtol=0, atol=0)
+
+
+def test_a_module_holding_both_loha_and_lokr_tensors_is_refused():
+    loha = peft_lycoris(LoHaConfig(r=4, alpha=6, target_modules=["to_out.0"]))
+    lokr = peft_lycoris(LoKrConfig(r=2, alpha=3, target_modules=["to_out.0"]))
+    module = next(key for key in loha if key.endswith("hada_w1_a")).rpartition(".")[0]
+    mixed = {**loha, **{key: value for key, value in lokr.items() if key.startswith(module + ".")}}
+    assert any(".lokr_" in key for key in mixed) and len({k.rpartition(".")[0] for k in mixed}) == len(
+        {k.rpartition(".")[0] for k in loha}
+    )
+    with pytest.raises(ValueError, match="the file mixes LoHa and LoKr modules; PEFT holds one adapter kind"):
+        parse_lycoris_state_dict(mixed)
