@@ -141,3 +141,21 @@ def test_expand_reports_bad_input_before_loading_a_model(capsys, monkeypatch, ar
 def test_generate_with_an_idea_says_how_to_expand_it(capsys):
     assert main(["generate", "a cat on a mat", "--model", "tiny-random"]) == 2
     assert '`ideogram4 caption expand "idea" -o caption.json`' in capsys.readouterr().err
+
+
+def test_expand_runs_the_tiny_model_in_the_dtype_asked_for(capsys, monkeypatch):
+    import torch
+
+    from diffusers_ideogram4.prompt_expansion import Ideogram4PromptExpansionMixin
+
+    original, dtypes = Ideogram4PromptExpansionMixin.expand_prompt, []
+
+    def recording(self, *args, **kwargs):
+        dtypes.append((self.text_encoder.dtype, self.prompt_enhancer_head.lm_head.weight.dtype))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ideogram4PromptExpansionMixin, "expand_prompt", recording)
+    assert main(["caption", "expand", "a cat", *EXPAND, "--seed", "0"]) == 0
+    assert main(["caption", "expand", "a cat", *EXPAND, "--seed", "0", "--dtype", "bf16"]) == 0
+    assert dtypes == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    capsys.readouterr()

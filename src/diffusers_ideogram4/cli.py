@@ -12,7 +12,7 @@ from .captions.cli import add_caption_commands, add_expansion_options
 from .commands import exit_code
 from .constants import DEFAULT_IMAGE_SIDE
 from .files import STDIN, check_image_path, check_output_path, read_text, save_image, write_atomically
-from .recipe import DTYPES, SEED_RANGE, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
+from .recipe import DEFAULT_DTYPE, DTYPES, SEED_RANGE, TINY_RANDOM, ModelSpec, expand_idea, seeded_generator
 from .sampler import PRESETS
 
 
@@ -554,12 +554,14 @@ def run_caption_expand(args) -> int:
     if args.model == TINY_RANDOM:
         from .testing import tiny_pipeline
 
-        pipe = tiny_pipeline(seed=args.seed, prompt_enhancer_head=True)
+        pipe = tiny_pipeline(seed=args.seed, prompt_enhancer_head=True)  # built in float32
+        if args.dtype is not None:
+            pipe.to(dtype=getattr(torch, DTYPES[args.dtype]))
         print("Using a tiny model with RANDOM weights: the caption is valid but meaningless.", file=sys.stderr)
     else:
         from .pipeline_ideogram4 import Ideogram4Pipeline
 
-        dtype = getattr(torch, DTYPES[args.dtype])
+        dtype = getattr(torch, DTYPES[args.dtype or DEFAULT_DTYPE])
         try:  # a repo that does not exist or is not cached offline, a folder without the files: one line
             pipe = Ideogram4Pipeline.from_pretrained(
                 args.model or DEFAULT_MODEL,

@@ -90,7 +90,9 @@ def add_caption_commands(subparsers) -> argparse.ArgumentParser:
         "'tiny-random' builds a tiny random model offline (a valid but meaningless caption)",
     )
     expand.add_argument("--head", default=None, help="hub id or folder of the LM head (default: the published one)")
-    expand.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE)
+    expand.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help=f"default {DEFAULT_DTYPE} (fp32 for tiny-random)"
+    )
     expand.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     expand.add_argument("--offload", action="store_true", help="enable_model_cpu_offload")
     expand.set_defaults(func=run_expand)
