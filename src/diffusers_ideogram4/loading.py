@@ -263,6 +263,11 @@ def list_keys(keys) -> str:
     return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + (f" and {more} more" if more > 0 else "")
 
 
+def key_problems(labelled: dict) -> list[str]:
+    """`{label: keys}` -> one `label: names` problem per non-empty group, for `raise_problems`."""
+    return [f"{label}: {list_keys(keys)}" for label, keys in labelled.items() if keys]
+
+
 def raise_problems(headline: str, problems: list[str], error: type[Exception] = CheckpointMismatchError) -> None:
     """Raise one error listing every problem under its headline (nothing to do when there is none)."""
     if problems:
@@ -271,8 +276,7 @@ def raise_problems(headline: str, problems: list[str], error: type[Exception] = 
 
 def raise_key_problems(source, hint: str, missing=(), unexpected=(), mismatched=()) -> None:
     """One CheckpointMismatchError naming every missing, unexpected and mis-shaped key (nothing when there is none)."""
-    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
-    problems = [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
+    problems = key_problems({"missing keys": missing, "unexpected keys": unexpected, "mis-shaped keys": mismatched})
     raise_problems(f"The checkpoint at {source} does not match the model; it was not used. {hint}".rstrip(), problems)
 
 
@@ -299,11 +303,12 @@ def check_fp8_pairs(header: dict[str, tuple[str, tuple[int, ...]]], source: str)
     float8 = {key for key, (dtype, _) in header.items() if dtype.startswith("F8")}
     unscaled = [key for key in float8 if key + "_scale" not in scales]
     orphans = [key for key in scales if key.removesuffix("_scale") not in float8]
-    labelled = (
-        ("float8 weights without their `.weight_scale`", unscaled),
-        ("`.weight_scale` tensors without a float8 weight", orphans),
+    problems = key_problems(
+        {
+            "float8 weights without their `.weight_scale`": unscaled,
+            "`.weight_scale` tensors without a float8 weight": orphans,
+        }
     )
-    problems = [f"{label}: {list_keys(keys)}" for label, keys in labelled if keys]
     raise_problems(f"The fp8 checkpoint at {source} is incomplete or corrupted; nothing was loaded.", problems)
 
 

@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from .fp8 import keeps_stored_dtype
-from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, list_keys, open_safetensors, raise_problems
+from .loading import HUB_DOWNLOAD_KWARGS, REPO_ID, key_problems, list_keys, open_safetensors, raise_problems
 from .lora_formats import (
     COMPONENTS,
     PEFT_DOWN,
@@ -72,7 +72,7 @@ def check_lora_fits(component: str, model: nn.Module, modules: dict[str, LoraFac
     }
     raise_problems(
         "The LoRA does not fit the model (a LoRA for another model or size?); nothing was loaded.",
-        [f"{label}: {list_keys(names)}" for label, names in labelled.items() if names],
+        key_problems(labelled),
         ValueError,
     )
 
@@ -456,11 +456,11 @@ def _check_loaded(component: str, model: nn.Module, modules: dict, adapter_name:
         for name in modules
         if adapter_name not in getattr(model.get_submodule(name), "scaling", {})
     ]
-    if absent or unexpected:
-        raise ValueError(
-            f"PEFT did not load the whole {kind}: modules without it: {list_keys(absent)}; keys it did not take: "
-            f"{list_keys(unexpected)}."
-        )
+    raise_problems(
+        f"PEFT did not load the whole {kind}.",
+        key_problems({"modules without it": absent, "keys it did not take": unexpected}),
+        ValueError,
+    )
 
 
 def _adapter_kind(config) -> str:

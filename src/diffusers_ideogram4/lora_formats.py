@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .constants import FUSED_TO_SPLIT
 from .files import write_atomically
-from .loading import fused_groups, list_keys, open_safetensors, raise_problems, split_names
+from .loading import fused_groups, key_problems, list_keys, open_safetensors, raise_problems, split_names
 
 
 COMPONENTS = ("transformer", "unconditional_transformer")
@@ -263,7 +263,7 @@ def group_factors(state_dict: dict[str, torch.Tensor], parts: dict[str, str], ki
         "keys for modules that are not Linear layers of an Ideogram 4 transformer": unknown_module,
         "factors given twice": repeated,
     }
-    return pieces, [f"{label}: {list_keys(keys)}" for label, keys in labelled.items() if keys]
+    return pieces, key_problems(labelled)
 
 
 def by_component(pieces: dict, target: str | None, factors_of, kind: str) -> dict[str, dict]:
