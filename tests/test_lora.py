@@ -805,3 +805,23 @@ def test_convert_lora_script(tmp_path, capsys):
         velocity(merged_by_hand(tiny_pipeline().transformer, read_lora_file(source)[0])),
         **TOLERANCE,
     )
+
+
+def test_an_in_memory_peft_adapter_needs_its_metadata_like_a_file(tmp_path):
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "w1"], init_lora_weights=False)
+    get_peft_model(tiny_transformer(seed=3), config).save_pretrained(tmp_path / "peft")
+    tensors = read_lora_file(tmp_path / "peft" / "adapter_model.safetensors")[0]
+    refused(
+        tiny_pipeline(),
+        tensors,
+        r"The LoRA state dict holds a PEFT adapter \(`base_model\.model\.` keys\) without `metadata=`, so its "
+        r"`lora_alpha` is unknown",
+    )
+    # With the config as metadata it loads at alpha / r = 4, as from the folder.
+    from_folder, in_memory = tiny_pipeline(), tiny_pipeline()
+    from_folder.load_lora_weights(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    in_memory.load_lora_weights(tensors, metadata=json.loads((tmp_path / "peft" / "adapter_config.json").read_text()))
+    torch.testing.assert_close(velocity(in_memory.transformer), velocity(from_folder.transformer), rtol=0, atol=0)

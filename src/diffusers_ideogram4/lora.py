@@ -123,7 +123,14 @@ class Ideogram4LoraLoaderMixin(LoraBaseMixin):
                 f"Unexpected arguments {unknown}; LoRA loading accepts `weight_name`, `metadata` and {list(HUB_KWARGS)}."
             )
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            return dict(pretrained_model_name_or_path_or_dict), metadata
+            state_dict = dict(pretrained_model_name_or_path_or_dict)
+            if metadata is None and any(key.startswith(PEFT_SAVE_PREFIX) for key in state_dict):
+                raise ValueError(
+                    f"The LoRA state dict holds a PEFT adapter (`{PEFT_SAVE_PREFIX}` keys) without `metadata=`, so its "
+                    "`lora_alpha` is unknown (a file without its adapter_config.json is refused alike). Pass "
+                    "`metadata=` (the LoraConfig as a dict, e.g. `peft_model.peft_config['default'].to_dict()`)."
+                )
+            return state_dict, metadata
         if weight_name is not None and not weight_name.endswith(".safetensors"):
             raise ValueError(f"`weight_name={weight_name!r}`: LoRA weights are read from safetensors files only.")
         path = str(pretrained_model_name_or_path_or_dict)
