@@ -488,3 +488,21 @@ def test_weight_differences_follow_the_dtype_of_each_pass():
     plain = torch.nn.functional.linear(x.bfloat16(), model[0].weight, model[0].bias)
     assert torch.equal(half, plain + difference.bfloat16())
     assert torch.equal(model(x.bfloat16()), plain)  # outside the unconditional pass: nothing added
+
+
+def test_a_weight_difference_given_twice_is_refused():
+    tensors = random_original(seed=15, prefix="diffusion_model.")
+    twice = {
+        **tensors,
+        "diffusion_model.layers.0.ffn_norm1.diff": torch.zeros(128),
+        "unconditional_transformer.layers.0.ffn_norm1.diff": torch.ones(128),
+    }
+    pipe = single()
+    with pytest.raises(ValueError) as error:
+        pipe.load_unconditional_lora(twice)
+    assert str(error.value).splitlines() == [
+        "The LoRA file is malformed; nothing was loaded.",
+        "  - weight differences given twice: unconditional_transformer.layers.0.ffn_norm1.diff (and "
+        "diffusion_model.layers.0.ffn_norm1.diff)",
+    ]
+    assert pipe.get_list_adapters() == {} and pipe.unconditional_adapter is None

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .loading import list_keys, raise_problems
+from .loading import key_problems, list_keys, raise_problems
 from .lora import Ideogram4LoraLoaderMixin, base_layer, check_adapter_weights
 from .lora_formats import BRANCH_PREFIXES, split_prefix
 from .lora_trainers import parse_adapter_state_dict
@@ -132,14 +132,24 @@ class AdapterSwitch:
 
 
 def split_weight_diffs(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict]]:
-    """-> (the LoRA keys, {prefixed module: {"weight" | "bias": (key, tensor)}} of the `.diff` / `.diff_b` keys)."""
-    lora, diffs = {}, defaultdict(dict)
+    """-> (the LoRA keys, {module (prefix removed): {"weight" | "bias": (key, tensor)}} of the `.diff` / `.diff_b`
+    keys). A difference given twice (one module under two prefixes) is refused, naming both keys."""
+    lora, diffs, repeated = {}, defaultdict(dict), []
     for key, tensor in state_dict.items():
         suffix = next((s for s in DIFF_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             lora[key] = tensor
+            continue
+        module, part = split_prefix(key[: -len(suffix)])[1], DIFF_SUFFIXES[suffix]
+        if part in diffs[module]:
+            repeated.append(f"{key} (and {diffs[module][part][0]})")
         else:
-            diffs[key[: -len(suffix)]][DIFF_SUFFIXES[suffix]] = (key, tensor)
+            diffs[module][part] = (key, tensor)
+    raise_problems(
+        "The LoRA file is malformed; nothing was loaded.",
+        key_problems({"weight differences given twice": repeated}),
+        ValueError,
+    )
     return lora, dict(diffs)
 
 
@@ -388,15 +398,13 @@ class Ideogram4UnconditionalLoraMixin(Ideogram4LoraLoaderMixin):
         state_dict, metadata = self._read_lora(
             pretrained_model_name_or_path_or_dict, weight_name=weight_name, **kwargs
         )
-        lora_keys, prefixed_diffs = split_weight_diffs(state_dict)
+        lora_keys, module_diffs = split_weight_diffs(state_dict)
         _check_unconditional_prefixes(state_dict)
         if not lora_keys:
             raise ValueError(
                 "The unconditional LoRA holds no LoRA factors (only weight differences); nothing was loaded."
             )
-        diffs = check_weight_diffs(
-            self.transformer, {split_prefix(name)[1]: parts for name, parts in prefixed_diffs.items()}
-        )
+        diffs = check_weight_diffs(self.transformer, module_diffs)
         target = "unconditional_transformer"
         # the unconditional branch, loaded into the one transformer
         components = {"transformer": parse_adapter_state_dict(lora_keys, metadata, target)[target]}
