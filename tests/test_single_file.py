@@ -473,3 +473,12 @@ def test_pipeline_from_a_folder_and_two_single_files(tmp_path, tiny_pipe):
         ValueError, match=r"`transformer=.*uncond\.safetensors'` holds `model_type='ideogram4_uncond'`"
     ):
         single_file_transformers(transformer=uncond, config="tiny")
+
+
+def test_nan_in_a_single_file_is_the_same_warning_as_in_a_folder(tmp_path):
+    state, _ = original_state(seed=2, dtype=torch.float32)
+    state["layers.0.feed_forward.w1.weight"][0, 0] = float("nan")
+    path = write_safetensors(tmp_path / "model.safetensors", state)
+    with pytest.warns(UserWarning, match=r"NaN or infinite values in layers\.0\.feed_forward\.w1\.weight"):
+        loaded = Ideogram4Transformer2DModel.from_single_file(str(path), config="tiny")
+    assert torch.isnan(loaded.layers[0].feed_forward.w1.weight[0, 0])

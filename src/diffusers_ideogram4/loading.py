@@ -381,7 +381,8 @@ def check_dtypes(found: dict[str, tuple[str, tuple[str, ...]]], source) -> None:
 def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dtype | None, disable_mmap=False):
     """Fill a checked meta model (`check_header`) from safetensors files, every planned key read exactly once.
 
-    Floating tensors are cast to `torch_dtype` (default float32); fp8 weights and their scales keep their dtypes."""
+    Floating tensors are cast to `torch_dtype` (default float32); fp8 weights and their scales keep their dtypes.
+    Scales must be finite and positive; NaN or inf in other weights is a warning (`warn_non_finite`)."""
     targets = {}
     for new_key, (key, rows) in origin.items():
         targets.setdefault(key, []).append((new_key, rows))
@@ -413,6 +414,7 @@ def strict_load(model, origin: dict, files: list[Path], *, torch_dtype: torch.dt
             f"Quantization scales must be finite and positive; these are not: {list_keys(scales)}."
         )
     model.load_state_dict(state_dict, strict=True, assign=True)
+    warn_non_finite(model, files[0] if len(files) == 1 else files[0].parent)
     return model
 
 
@@ -518,7 +520,6 @@ def load_pretrained(
     if isinstance(dtype, str):  # transformers' spellings: "auto" (as stored) or a name such as "bfloat16"
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     model = strict_load(model, origin, files, torch_dtype=dtype, disable_mmap=disable_mmap)
-    warn_non_finite(model, folder)
     if device_map is not None:
         model.to(device_map)
     model.eval()
